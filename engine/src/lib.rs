@@ -1,0 +1,15 @@
+//! Tandem engine: everything that decides and stores, and no servers.
+//!
+//! * [`io`]: the I/O engines (io_uring and std positional I/O) behind one owned-buffer API.
+//! * [`store`]: a replica's local store: sparse data, per-block crc32, activity log, pool
+//!   accounting.
+//! * [`meta`]: the metadata trait the rest of the engine uses, and its sled implementation.
+//! * [`volume`]: the volume manager: validation, lifecycle (create, grow, attach, detach,
+//!   delete) and the attached volume that frontends hand I/O to.
+//! * [`units`]: size parsing and formatting shared by the daemon and the CLI.
+
+pub mod io;
+pub mod meta;
+pub mod store;
+pub mod units;
+pub mod volume;

@@ -1,0 +1,854 @@
+//! The local replica store: one replica of one volume on this node's pool.
+//!
+//! A replica is three files in the pool directory:
+//!
+//! * `<id>.data`: the volume's bytes, a sparse file of the volume's size.
+//! * `<id>.crc`: a crc32 (crc32fast) for every 4 KiB block, little endian, sparse. One 4 KiB
+//!   page of this file covers one 4 MiB *region* of data.
+//! * `<id>.al`: the activity log, the set of *hot* regions whose checksums on disk may be
+//!   stale (see [`activity_log`]).
+//!
+//! Invariants this module keeps:
+//! * A read never returns bytes that fail their checksum; it returns
+//!   [`StoreError::ChecksumMismatch`] naming the volume and the block.
+//! * A write is applied to data and checksum under an exclusive lock on its block range, so
+//!   concurrent overlapping writes cannot interleave inside a block.
+//! * After `kill -9` (or power loss) every flushed write reads back, and no block reports a
+//!   false checksum error: checksums of every region that could have been written since the
+//!   last checkpoint are recomputed from the data at open.
+//! * Allocation is thin: a block takes pool space when it is first written, and a write that
+//!   would need more space than the pool has fails before it touches anything.
+//!
+//! A block whose stored checksum is 0 and whose data is all zeros is a block that was never
+//! written (or was trimmed): the crc file is sparse, so unwritten entries read as 0.
+
+mod activity_log;
+mod range_lock;
+
+use std::collections::BTreeSet;
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+
+use crate::io::IoEngine;
+use activity_log::ActivityLog;
+use range_lock::RangeLock;
+
+/// Checksum granularity. 4 KiB matches the page size and the block size that databases and
+/// filesystems write in, so a normal write needs no read-modify-write.
+pub const BLOCK_SIZE: usize = 4096;
+/// Blocks per region: one 4 KiB page of crc32s.
+pub const BLOCKS_PER_REGION: u64 = (BLOCK_SIZE / 4) as u64;
+/// Activity-log granularity: 4 MiB, the same extent size as DRBD's activity log.
+pub const REGION_SIZE: u64 = BLOCKS_PER_REGION * BLOCK_SIZE as u64;
+/// Most regions that may be hot at once. It bounds the work of recovery after a crash
+/// (256 x 4 MiB = 1 GiB re-read) and the size of an activity-log record (one 4 KiB page).
+pub const AL_MAX_HOT_REGIONS: usize = 256;
+/// Largest single I/O the store accepts (the NBD maximum payload we advertise).
+pub const MAX_IO_BYTES: usize = 32 << 20;
+
+/// Errors of the replica store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("volume {volume}: block {block} (byte offset {offset}) failed its checksum (stored crc32 {expected:#010x}, data has {actual:#010x})")]
+    ChecksumMismatch {
+        volume: String,
+        block: u64,
+        offset: u64,
+        expected: u32,
+        actual: u32,
+    },
+    #[error("volume {volume}: {len} bytes at offset {offset} reach past the end of the volume ({size} bytes)")]
+    OutOfRange {
+        volume: String,
+        offset: u64,
+        len: u64,
+        size: u64,
+    },
+    #[error("volume {volume}: I/O of {len} bytes is larger than the maximum of {max} bytes")]
+    TooLarge {
+        volume: String,
+        len: u64,
+        max: usize,
+    },
+    #[error("pool is full (ENOSPC): volume {volume} needs {needed_bytes} more bytes, the pool has {free_bytes} of {size_bytes} bytes free")]
+    PoolFull {
+        volume: String,
+        needed_bytes: u64,
+        free_bytes: u64,
+        size_bytes: u64,
+    },
+    #[error("volume {volume}: cannot shrink from {from_bytes} to {to_bytes} bytes; volumes only grow")]
+    Shrink {
+        volume: String,
+        from_bytes: u64,
+        to_bytes: u64,
+    },
+    #[error("volume {volume}: {op}: {source}")]
+    Io {
+        volume: String,
+        op: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    #[error("volume {volume}: activity log is corrupt: {reason}")]
+    ActivityLogCorrupt { volume: String, reason: String },
+}
+
+impl StoreError {
+    /// The errno an I/O frontend reports for this error.
+    pub fn errno(&self) -> i32 {
+        match self {
+            StoreError::ChecksumMismatch { .. } => libc::EIO,
+            StoreError::OutOfRange { .. } | StoreError::TooLarge { .. } => libc::EINVAL,
+            StoreError::PoolFull { .. } => libc::ENOSPC,
+            StoreError::Shrink { .. } => libc::EINVAL,
+            StoreError::Io { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
+            StoreError::ActivityLogCorrupt { .. } => libc::EIO,
+        }
+    }
+}
+
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// A node's storage pool: a directory and a capacity that replicas allocate from.
+pub struct Pool {
+    dir: PathBuf,
+    size_bytes: u64,
+    allocated_bytes: AtomicU64,
+    engine: IoEngine,
+}
+
+impl Pool {
+    /// Opens (creating if needed) the pool directory.
+    pub fn open(dir: &Path, size_bytes: u64, engine: IoEngine) -> io::Result<Arc<Pool>> {
+        std::fs::create_dir_all(dir)?;
+        Ok(Arc::new(Pool {
+            dir: dir.to_path_buf(),
+            size_bytes,
+            allocated_bytes: AtomicU64::new(0),
+            engine,
+        }))
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn engine(&self) -> &IoEngine {
+        &self.engine
+    }
+
+    pub fn size_bytes(&self) -> u64 {
+        self.size_bytes
+    }
+
+    pub fn allocated_bytes(&self) -> u64 {
+        self.allocated_bytes.load(Ordering::Relaxed)
+    }
+
+    fn reserve(&self, volume: &str, bytes: u64) -> Result<()> {
+        let mut cur = self.allocated_bytes.load(Ordering::Relaxed);
+        loop {
+            let free = self.size_bytes.saturating_sub(cur);
+            if bytes > free {
+                return Err(StoreError::PoolFull {
+                    volume: volume.to_string(),
+                    needed_bytes: bytes,
+                    free_bytes: free,
+                    size_bytes: self.size_bytes,
+                });
+            }
+            match self.allocated_bytes.compare_exchange_weak(
+                cur,
+                cur + bytes,
+                Ordering::AcqRel,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return Ok(()),
+                Err(actual) => cur = actual,
+            }
+        }
+    }
+
+    fn release(&self, bytes: u64) {
+        self.allocated_bytes.fetch_sub(bytes, Ordering::AcqRel);
+    }
+
+    fn path(&self, id: &str, ext: &str) -> PathBuf {
+        self.dir.join(format!("{id}.{ext}"))
+    }
+
+    /// Opens the replica `id` (creating its files when they do not exist), recovering hot
+    /// regions left by a crash. `name` is the volume name used in error messages.
+    pub async fn open_replica(
+        self: &Arc<Self>,
+        id: &str,
+        name: &str,
+        size_bytes: u64,
+    ) -> Result<Arc<Replica>> {
+        Replica::open(self.clone(), id, name, size_bytes).await
+    }
+
+    /// Removes a replica's files. The replica must be closed; its space returns to the pool.
+    pub fn delete_replica(&self, replica: &Replica) -> io::Result<()> {
+        for ext in ["data", "crc", "al"] {
+            match std::fs::remove_file(self.path(&replica.id, ext)) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+        }
+        self.release(replica.allocated_bytes());
+        replica.allocated_blocks.store(0, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+/// Checksums and allocation bits of one 4 MiB region, created on first use so that a thin
+/// volume costs memory in proportion to what was written.
+struct RegionChunk {
+    crc: Box<[AtomicU32]>,
+    alloc: [AtomicU64; (BLOCKS_PER_REGION / 64) as usize],
+    /// Checksums changed since they were last written to the crc file.
+    dirty: AtomicBool,
+}
+
+impl RegionChunk {
+    fn new() -> Box<RegionChunk> {
+        Box::new(RegionChunk {
+            crc: (0..BLOCKS_PER_REGION).map(|_| AtomicU32::new(0)).collect(),
+            alloc: std::array::from_fn(|_| AtomicU64::new(0)),
+            dirty: AtomicBool::new(false),
+        })
+    }
+
+    fn is_allocated(&self, idx: usize) -> bool {
+        self.alloc[idx / 64].load(Ordering::Acquire) & (1 << (idx % 64)) != 0
+    }
+
+    fn set_allocated(&self, idx: usize, on: bool) {
+        if on {
+            self.alloc[idx / 64].fetch_or(1 << (idx % 64), Ordering::AcqRel);
+        } else {
+            self.alloc[idx / 64].fetch_and(!(1 << (idx % 64)), Ordering::AcqRel);
+        }
+    }
+
+    fn crc_page(&self) -> Vec<u8> {
+        let mut page = Vec::with_capacity(BLOCK_SIZE);
+        for c in self.crc.iter() {
+            page.extend_from_slice(&c.load(Ordering::Acquire).to_le_bytes());
+        }
+        page
+    }
+}
+
+/// Block-address translation and per-block metadata. This is the one place that maps a
+/// volume block to where its bytes and checksum live; snapshot layers will slot in here.
+struct Tables {
+    size_bytes: u64,
+    regions: Vec<OnceLock<Box<RegionChunk>>>,
+}
+
+impl Tables {
+    fn new(size_bytes: u64) -> Tables {
+        let n = size_bytes.div_ceil(REGION_SIZE) as usize;
+        Tables {
+            size_bytes,
+            regions: (0..n).map(|_| OnceLock::new()).collect(),
+        }
+    }
+
+    fn chunk(&self, block: u64) -> Option<&RegionChunk> {
+        self.regions[(block / BLOCKS_PER_REGION) as usize]
+            .get()
+            .map(|b| &**b)
+    }
+
+    fn chunk_or_init(&self, block: u64) -> &RegionChunk {
+        self.regions[(block / BLOCKS_PER_REGION) as usize].get_or_init(RegionChunk::new)
+    }
+
+    fn stored_crc(&self, block: u64) -> u32 {
+        self.chunk(block)
+            .map(|c| c.crc[(block % BLOCKS_PER_REGION) as usize].load(Ordering::Acquire))
+            .unwrap_or(0)
+    }
+
+    fn is_allocated(&self, block: u64) -> bool {
+        self.chunk(block)
+            .map(|c| c.is_allocated((block % BLOCKS_PER_REGION) as usize))
+            .unwrap_or(false)
+    }
+}
+
+/// One replica of one volume in the local pool.
+pub struct Replica {
+    id: String,
+    name: String,
+    pool: Arc<Pool>,
+    engine: IoEngine,
+    data: Arc<File>,
+    crc_file: Arc<File>,
+    tables: tokio::sync::RwLock<Tables>,
+    range_lock: RangeLock,
+    al: ActivityLog,
+    allocated_blocks: AtomicU64,
+    checksum_errors: AtomicU64,
+    recovered_regions: AtomicU64,
+}
+
+fn open_rw(path: &Path) -> io::Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+}
+
+/// Checks a block against its stored checksum. A stored 0 with all-zero data is a block
+/// that was never written.
+fn block_matches(data: &[u8], stored: u32) -> Result<(), u32> {
+    let actual = crc32fast::hash(data);
+    if actual == stored || (stored == 0 && data.iter().all(|b| *b == 0)) {
+        Ok(())
+    } else {
+        Err(actual)
+    }
+}
+
+/// Data extents of a sparse file, as (start, end) byte ranges, via SEEK_DATA/SEEK_HOLE.
+fn data_extents(file: &File, len: u64) -> io::Result<Vec<(u64, u64)>> {
+    let fd = file.as_raw_fd();
+    let mut out = Vec::new();
+    let mut pos: i64 = 0;
+    while (pos as u64) < len {
+        // SAFETY: lseek on our own fd.
+        let start = unsafe { libc::lseek(fd, pos, libc::SEEK_DATA) };
+        if start < 0 {
+            let err = io::Error::last_os_error();
+            if err.raw_os_error() == Some(libc::ENXIO) {
+                break;
+            }
+            return Err(err);
+        }
+        // SAFETY: as above.
+        let end = unsafe { libc::lseek(fd, start, libc::SEEK_HOLE) };
+        if end < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        out.push((start as u64, (end as u64).min(len)));
+        pos = end;
+    }
+    Ok(out)
+}
+
+impl Replica {
+    async fn open(pool: Arc<Pool>, id: &str, name: &str, size_bytes: u64) -> Result<Arc<Replica>> {
+        let io_err = |op: &'static str| {
+            let name = name.to_string();
+            move |source: io::Error| StoreError::Io {
+                volume: name.clone(),
+                op,
+                source,
+            }
+        };
+        let data = open_rw(&pool.path(id, "data")).map_err(io_err("open data file"))?;
+        let crc_file = open_rw(&pool.path(id, "crc")).map_err(io_err("open crc file"))?;
+        let al_file = open_rw(&pool.path(id, "al")).map_err(io_err("open activity log"))?;
+        let cur_len = data.metadata().map_err(io_err("stat data file"))?.len();
+        if cur_len < size_bytes {
+            data.set_len(size_bytes)
+                .map_err(io_err("size data file"))?;
+        }
+        let data = Arc::new(data);
+        let crc_file = Arc::new(crc_file);
+        let engine = pool.engine.clone();
+        let tables = Tables::new(size_bytes);
+
+        // Load persisted checksums: one page per region that has any.
+        let crc_len = crc_file.metadata().map_err(io_err("stat crc file"))?.len();
+        for (start, end) in data_extents(&crc_file, crc_len).map_err(io_err("scan crc file"))? {
+            let first = start / BLOCK_SIZE as u64;
+            let last = end.div_ceil(BLOCK_SIZE as u64);
+            for region in first..last {
+                if region as usize >= tables.regions.len() {
+                    break;
+                }
+                let (res, page) = engine
+                    .read_at(&crc_file, vec![0; BLOCK_SIZE], region * BLOCK_SIZE as u64)
+                    .await;
+                res.map_err(io_err("read crc file"))?;
+                let chunk = tables.regions[region as usize].get_or_init(RegionChunk::new);
+                for (i, c) in page.chunks_exact(4).enumerate() {
+                    chunk.crc[i].store(
+                        u32::from_le_bytes([c[0], c[1], c[2], c[3]]),
+                        Ordering::Relaxed,
+                    );
+                }
+            }
+        }
+
+        // Allocation, from the data file's extents.
+        let mut allocated = 0u64;
+        for (start, end) in data_extents(&data, size_bytes).map_err(io_err("scan data file"))? {
+            let first = start / BLOCK_SIZE as u64;
+            let last = end.div_ceil(BLOCK_SIZE as u64);
+            for block in first..last {
+                let chunk = tables.chunk_or_init(block);
+                let idx = (block % BLOCKS_PER_REGION) as usize;
+                if !chunk.is_allocated(idx) {
+                    chunk.set_allocated(idx, true);
+                    allocated += 1;
+                }
+            }
+        }
+        pool.allocated_bytes
+            .fetch_add(allocated * BLOCK_SIZE as u64, Ordering::AcqRel);
+
+        let region_count = tables.regions.len() as u64;
+        let (al, recovery) = ActivityLog::open(al_file, name)?;
+        let hot: BTreeSet<u64> = match recovery {
+            activity_log::Recovery::Regions(set) => set,
+            activity_log::Recovery::All => (0..region_count).collect(),
+        };
+        let replica = Arc::new(Replica {
+            id: id.to_string(),
+            name: name.to_string(),
+            pool,
+            engine,
+            data,
+            crc_file,
+            tables: tokio::sync::RwLock::new(tables),
+            range_lock: RangeLock::default(),
+            al,
+            allocated_blocks: AtomicU64::new(allocated),
+            checksum_errors: AtomicU64::new(0),
+            recovered_regions: AtomicU64::new(0),
+        });
+        if !hot.is_empty() {
+            replica.recover(hot).await?;
+        }
+        Ok(replica)
+    }
+
+    /// Recomputes the checksums of regions that were hot when the store last stopped. Their
+    /// data may be newer than their checksums on disk (or, for a write in flight at the crash,
+    /// partly old and partly new); the data is what the volume holds, so it wins.
+    async fn recover(&self, hot: BTreeSet<u64>) -> Result<()> {
+        let tables = self.tables.read().await;
+        let mut n = 0u64;
+        for &region in &hot {
+            if region as usize >= tables.regions.len() {
+                continue;
+            }
+            let start = region * REGION_SIZE;
+            let len = REGION_SIZE.min(tables.size_bytes - start) as usize;
+            let (res, buf) = self.engine.read_at(&self.data, vec![0; len], start).await;
+            res.map_err(|source| self.io_err("read data for recovery", source))?;
+            let chunk = tables.regions[region as usize].get_or_init(RegionChunk::new);
+            for (i, block) in buf.chunks(BLOCK_SIZE).enumerate() {
+                let crc = if chunk.is_allocated(i) {
+                    crc32fast::hash(block)
+                } else {
+                    0
+                };
+                chunk.crc[i].store(crc, Ordering::Release);
+            }
+            chunk.dirty.store(true, Ordering::Release);
+            n += 1;
+        }
+        drop(tables);
+        self.recovered_regions.store(n, Ordering::Relaxed);
+        tracing::info!(volume = %self.name, regions = n, "recovered checksums of hot regions after an unclean stop");
+        self.checkpoint().await
+    }
+
+    fn io_err(&self, op: &'static str, source: io::Error) -> StoreError {
+        StoreError::Io {
+            volume: self.name.clone(),
+            op,
+            source,
+        }
+    }
+
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub async fn size_bytes(&self) -> u64 {
+        self.tables.read().await.size_bytes
+    }
+
+    pub fn allocated_bytes(&self) -> u64 {
+        self.allocated_blocks.load(Ordering::Relaxed) * BLOCK_SIZE as u64
+    }
+
+    /// Blocks that failed their checksum on read since open.
+    pub fn checksum_errors(&self) -> u64 {
+        self.checksum_errors.load(Ordering::Relaxed)
+    }
+
+    /// Regions whose checksums were recomputed at open after an unclean stop.
+    pub fn recovered_regions(&self) -> u64 {
+        self.recovered_regions.load(Ordering::Relaxed)
+    }
+
+    pub fn engine(&self) -> &IoEngine {
+        &self.engine
+    }
+
+    fn check_range(&self, tables: &Tables, offset: u64, len: u64) -> Result<()> {
+        if len > MAX_IO_BYTES as u64 {
+            return Err(StoreError::TooLarge {
+                volume: self.name.clone(),
+                len,
+                max: MAX_IO_BYTES,
+            });
+        }
+        if offset.checked_add(len).is_none_or(|end| end > tables.size_bytes) {
+            return Err(StoreError::OutOfRange {
+                volume: self.name.clone(),
+                offset,
+                len,
+                size: tables.size_bytes,
+            });
+        }
+        Ok(())
+    }
+
+    /// Reads `len` bytes at `offset`, verifying every block's checksum.
+    pub async fn read(&self, offset: u64, len: usize) -> Result<Vec<u8>> {
+        let tables = self.tables.read().await;
+        self.check_range(&tables, offset, len as u64)?;
+        if len == 0 {
+            return Ok(Vec::new());
+        }
+        let bs = BLOCK_SIZE as u64;
+        let first = offset / bs;
+        let last = (offset + len as u64).div_ceil(bs);
+        let aligned_off = first * bs;
+        let aligned_len = ((last - first) * bs) as usize;
+        let any_allocated = (first..last).any(|b| tables.is_allocated(b));
+        let mut buf = if any_allocated {
+            let (res, buf) = self
+                .engine
+                .read_at(&self.data, vec![0; aligned_len], aligned_off)
+                .await;
+            res.map_err(|e| self.io_err("read data", e))?;
+            buf
+        } else {
+            vec![0; aligned_len]
+        };
+        for (i, block) in buf.chunks_mut(BLOCK_SIZE).enumerate() {
+            let b = first + i as u64;
+            if !tables.is_allocated(b) {
+                // Never written, or trimmed: zeros, whatever the filesystem holds.
+                block.fill(0);
+                continue;
+            }
+            if block_matches(block, tables.stored_crc(b)).is_ok() {
+                continue;
+            }
+            // A write to this block may have been between its data and its checksum update.
+            // Re-read under the block's lock before calling it corruption.
+            let _guard = self.range_lock.lock(b, b + 1).await;
+            let (res, fresh) = self
+                .engine
+                .read_at(&self.data, vec![0; BLOCK_SIZE], b * bs)
+                .await;
+            res.map_err(|e| self.io_err("read data", e))?;
+            if !tables.is_allocated(b) {
+                block.fill(0);
+                continue;
+            }
+            let stored = tables.stored_crc(b);
+            if let Err(actual) = block_matches(&fresh, stored) {
+                self.checksum_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(volume = %self.name, block = b, expected = stored, actual, "checksum mismatch on read");
+                return Err(StoreError::ChecksumMismatch {
+                    volume: self.name.clone(),
+                    block: b,
+                    offset: b * bs,
+                    expected: stored,
+                    actual,
+                });
+            }
+            block.copy_from_slice(&fresh);
+        }
+        let skip = (offset - aligned_off) as usize;
+        if skip == 0 && aligned_len == len {
+            return Ok(buf);
+        }
+        buf.drain(..skip);
+        buf.truncate(len);
+        Ok(buf)
+    }
+
+    /// Writes `data` at `offset`. With `fua` the write is durable when this returns.
+    pub async fn write(&self, offset: u64, data: Vec<u8>, fua: bool) -> Result<()> {
+        let tables = self.tables.read().await;
+        self.check_range(&tables, offset, data.len() as u64)?;
+        if data.is_empty() {
+            return Ok(());
+        }
+        let bs = BLOCK_SIZE as u64;
+        let first = offset / bs;
+        let last = (offset + data.len() as u64).div_ceil(bs);
+        let _guard = self.range_lock.lock(first, last).await;
+        let _al = self.al_begin(&tables, first, last).await?;
+        self.reserve_blocks(&tables, first, last)?;
+
+        let aligned_off = first * bs;
+        let aligned_len = ((last - first) * bs) as usize;
+        let buf = if aligned_off == offset && aligned_len == data.len() {
+            data
+        } else {
+            // Read-modify-write of the partial head and tail blocks.
+            let mut buf = vec![0u8; aligned_len];
+            let head = (offset - aligned_off) as usize;
+            for b in [first, last - 1] {
+                let i = ((b - first) * bs) as usize;
+                let old = self.read_block_locked(&tables, b).await?;
+                buf[i..i + BLOCK_SIZE].copy_from_slice(&old);
+            }
+            buf[head..head + data.len()].copy_from_slice(&data);
+            buf
+        };
+        self.write_blocks_locked(&tables, first, buf).await?;
+        if fua {
+            self.engine
+                .fdatasync(&self.data)
+                .await
+                .map_err(|e| self.io_err("fdatasync data", e))?;
+        }
+        Ok(())
+    }
+
+    /// Zeroes `len` bytes at `offset`. Whole blocks are deallocated (a hole is punched and
+    /// their space returns to the pool); partial blocks at the edges are written with zeros.
+    pub async fn write_zeroes(&self, offset: u64, len: u64, fua: bool) -> Result<()> {
+        let tables = self.tables.read().await;
+        // Zeroing sends no payload, so it may cover more than one I/O's worth.
+        if offset.checked_add(len).is_none_or(|end| end > tables.size_bytes) {
+            return Err(StoreError::OutOfRange {
+                volume: self.name.clone(),
+                offset,
+                len,
+                size: tables.size_bytes,
+            });
+        }
+        if len == 0 {
+            return Ok(());
+        }
+        let bs = BLOCK_SIZE as u64;
+        let end = offset + len;
+        let full_first = offset.div_ceil(bs);
+        let full_last = end / bs;
+        // Edges that are not whole blocks.
+        let mut edges = Vec::new();
+        if full_first > full_last {
+            edges.push((offset, len));
+        } else {
+            if offset < full_first * bs {
+                edges.push((offset, full_first * bs - offset));
+            }
+            if end > full_last * bs {
+                edges.push((full_last * bs, end - full_last * bs));
+            }
+        }
+        drop(tables);
+        for (off, l) in edges {
+            self.write(off, vec![0; l as usize], false).await?;
+        }
+        if full_first < full_last {
+            let tables = self.tables.read().await;
+            let _guard = self.range_lock.lock(full_first, full_last).await;
+            let _al = self.al_begin(&tables, full_first, full_last).await?;
+            let (start_b, len_b) = (full_first * bs, (full_last - full_first) * bs);
+            // SAFETY: fallocate on our own fd with in-range arguments.
+            let rc = unsafe {
+                libc::fallocate(
+                    self.data.as_raw_fd(),
+                    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                    start_b as i64,
+                    len_b as i64,
+                )
+            };
+            if rc != 0 {
+                return Err(self.io_err("punch hole", io::Error::last_os_error()));
+            }
+            let mut freed = 0u64;
+            for b in full_first..full_last {
+                if let Some(chunk) = tables.chunk(b) {
+                    let idx = (b % BLOCKS_PER_REGION) as usize;
+                    if chunk.is_allocated(idx) {
+                        chunk.set_allocated(idx, false);
+                        freed += 1;
+                    }
+                    chunk.crc[idx].store(0, Ordering::Release);
+                    chunk.dirty.store(true, Ordering::Release);
+                }
+            }
+            self.allocated_blocks.fetch_sub(freed, Ordering::AcqRel);
+            self.pool.release(freed * bs);
+        }
+        if fua {
+            self.flush().await?;
+        }
+        Ok(())
+    }
+
+    /// Makes every completed write durable (fdatasync of the data file). Checksums need no
+    /// sync here: every region written since the last checkpoint is hot in the activity log
+    /// and is recomputed from the (durable) data after a crash.
+    pub async fn flush(&self) -> Result<()> {
+        self.engine
+            .fdatasync(&self.data)
+            .await
+            .map_err(|e| self.io_err("fdatasync data", e))
+    }
+
+    /// Grows the volume. Waits for in-flight I/O to drain.
+    pub async fn resize(&self, new_size_bytes: u64) -> Result<()> {
+        let mut tables = self.tables.write().await;
+        if new_size_bytes < tables.size_bytes {
+            return Err(StoreError::Shrink {
+                volume: self.name.clone(),
+                from_bytes: tables.size_bytes,
+                to_bytes: new_size_bytes,
+            });
+        }
+        if new_size_bytes == tables.size_bytes {
+            return Ok(());
+        }
+        self.data
+            .set_len(new_size_bytes)
+            .map_err(|e| self.io_err("grow data file", e))?;
+        let n = new_size_bytes.div_ceil(REGION_SIZE) as usize;
+        tables.regions.resize_with(n, OnceLock::new);
+        tables.size_bytes = new_size_bytes;
+        Ok(())
+    }
+
+    /// Writes checksums to disk and retires hot regions with no write in flight. After a
+    /// checkpoint, recovery has nothing to recompute for the retired regions.
+    pub async fn checkpoint(&self) -> Result<()> {
+        let tables = self.tables.read().await;
+        self.al.checkpoint(|| self.persist_crcs(&tables)).await
+    }
+
+    /// Clean shutdown: data and checksums durable, activity log empty.
+    pub async fn close(&self) -> Result<()> {
+        self.flush().await?;
+        self.checkpoint().await
+    }
+
+    async fn persist_crcs(&self, tables: &Tables) -> Result<()> {
+        self.engine
+            .fdatasync(&self.data)
+            .await
+            .map_err(|e| self.io_err("fdatasync data", e))?;
+        let mut wrote = false;
+        for (region, slot) in tables.regions.iter().enumerate() {
+            let Some(chunk) = slot.get() else { continue };
+            if !chunk.dirty.swap(false, Ordering::AcqRel) {
+                continue;
+            }
+            let page = chunk.crc_page();
+            let (res, _) = self
+                .engine
+                .write_at(&self.crc_file, page, region as u64 * BLOCK_SIZE as u64)
+                .await;
+            if let Err(e) = res {
+                chunk.dirty.store(true, Ordering::Release);
+                return Err(self.io_err("write crc file", e));
+            }
+            wrote = true;
+        }
+        if wrote {
+            self.engine
+                .fdatasync(&self.crc_file)
+                .await
+                .map_err(|e| self.io_err("fdatasync crc file", e))?;
+        }
+        Ok(())
+    }
+
+    async fn al_begin(
+        &self,
+        tables: &Tables,
+        first: u64,
+        last: u64,
+    ) -> Result<activity_log::AlGuard<'_>> {
+        let r0 = first / BLOCKS_PER_REGION;
+        let r1 = (last - 1) / BLOCKS_PER_REGION;
+        self.al
+            .begin(r0..=r1, || self.persist_crcs(tables))
+            .await
+    }
+
+    fn reserve_blocks(&self, tables: &Tables, first: u64, last: u64) -> Result<()> {
+        let new = (first..last).filter(|&b| !tables.is_allocated(b)).count() as u64;
+        if new == 0 {
+            return Ok(());
+        }
+        self.pool.reserve(&self.name, new * BLOCK_SIZE as u64)?;
+        for b in first..last {
+            tables
+                .chunk_or_init(b)
+                .set_allocated((b % BLOCKS_PER_REGION) as usize, true);
+        }
+        self.allocated_blocks.fetch_add(new, Ordering::AcqRel);
+        Ok(())
+    }
+
+    /// Reads and verifies one block; the caller holds the block's range lock.
+    async fn read_block_locked(&self, tables: &Tables, b: u64) -> Result<Vec<u8>> {
+        let (res, buf) = self
+            .engine
+            .read_at(&self.data, vec![0; BLOCK_SIZE], b * BLOCK_SIZE as u64)
+            .await;
+        res.map_err(|e| self.io_err("read data", e))?;
+        let stored = tables.stored_crc(b);
+        if let Err(actual) = block_matches(&buf, stored) {
+            self.checksum_errors.fetch_add(1, Ordering::Relaxed);
+            return Err(StoreError::ChecksumMismatch {
+                volume: self.name.clone(),
+                block: b,
+                offset: b * BLOCK_SIZE as u64,
+                expected: stored,
+                actual,
+            });
+        }
+        Ok(buf)
+    }
+
+    async fn write_blocks_locked(&self, tables: &Tables, first: u64, buf: Vec<u8>) -> Result<()> {
+        let crcs: Vec<u32> = buf.chunks(BLOCK_SIZE).map(crc32fast::hash).collect();
+        let (res, _buf) = self
+            .engine
+            .write_at(&self.data, buf, first * BLOCK_SIZE as u64)
+            .await;
+        res.map_err(|e| self.io_err("write data", e))?;
+        for (i, crc) in crcs.into_iter().enumerate() {
+            let b = first + i as u64;
+            let chunk = tables.chunk_or_init(b);
+            chunk.crc[(b % BLOCKS_PER_REGION) as usize].store(crc, Ordering::Release);
+            chunk.dirty.store(true, Ordering::Release);
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests;
