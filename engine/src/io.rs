@@ -369,13 +369,9 @@ fn ring_thread(
 
     loop {
         if !wake_armed && !disconnected {
-            let sqe = io_uring::opcode::Read::new(
-                io_uring::types::Fd(eventfd.0),
-                wake_ptr,
-                8,
-            )
-            .build()
-            .user_data(WAKE_TOKEN);
+            let sqe = io_uring::opcode::Read::new(io_uring::types::Fd(eventfd.0), wake_ptr, 8)
+                .build()
+                .user_data(WAKE_TOKEN);
             push_sqe(&mut ring, &sqe);
             wake_armed = true;
         }
@@ -390,7 +386,9 @@ fn ring_thread(
             Err(e) => {
                 tracing::error!(error = %e, "io_uring_enter failed; failing in-flight I/O");
                 for op in slots.drain(..).flatten() {
-                    let _ = op.done.send((Err(io::Error::other("io_uring failed")), op.buf));
+                    let _ = op
+                        .done
+                        .send((Err(io::Error::other("io_uring failed")), op.buf));
                 }
                 return;
             }
@@ -495,7 +493,11 @@ mod tests {
             let (res, past) = engine.read_at(&file, vec![0xAA; 8192], 12_000).await;
             res.unwrap();
             assert_eq!(&past[..2096], &data[7904..], "engine {}", engine.name());
-            assert!(past[2096..].iter().all(|b| *b == 0), "engine {}", engine.name());
+            assert!(
+                past[2096..].iter().all(|b| *b == 0),
+                "engine {}",
+                engine.name()
+            );
         }
     }
 

@@ -162,9 +162,9 @@ impl MetaStore for SledMeta {
     }
 
     fn create_volume(&self, rec: &VolumeRecord) -> Result<()> {
-        let res = self
-            .volumes
-            .compare_and_swap(&rec.name, None as Option<&[u8]>, Some(encode(rec)))?;
+        let res =
+            self.volumes
+                .compare_and_swap(&rec.name, None as Option<&[u8]>, Some(encode(rec)))?;
         if res.is_err() {
             return Err(MetaError::VolumeExists(rec.name.clone()));
         }

@@ -27,7 +27,12 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
 
 /// Formats bytes with the largest binary unit that divides them evenly, else one decimal.
 pub fn format_size(bytes: u64) -> String {
-    const UNITS: [(&str, u64); 4] = [("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)];
+    const UNITS: [(&str, u64); 4] = [
+        ("TiB", 1 << 40),
+        ("GiB", 1 << 30),
+        ("MiB", 1 << 20),
+        ("KiB", 1 << 10),
+    ];
     for (name, unit) in UNITS {
         if bytes >= unit {
             if bytes % unit == 0 {
@@ -53,7 +58,9 @@ mod tests {
         for bad in ["", "GiB", "10XB", "-1G", "1.5G", "99999999999999999999"] {
             assert!(parse_size(bad).is_err(), "{bad} must be refused");
         }
-        assert!(parse_size("99999999999T").unwrap_err().contains("too large"));
+        assert!(parse_size("99999999999T")
+            .unwrap_err()
+            .contains("too large"));
     }
 
     #[test]

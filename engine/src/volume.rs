@@ -288,7 +288,13 @@ impl VolumeManager {
             return Err(VolumeError::AlreadyExists(spec.name));
         }
         let rec = VolumeRecord {
-            id: format!("{:016x}", self.meta.next_id()?),
+            // Unique within the cluster and across clusters in practice: the cluster id's
+            // hash, then a counter that is never reused.
+            id: format!(
+                "{:08x}{:08x}",
+                crc32fast::hash(self.identity.cluster_id.as_bytes()),
+                self.meta.next_id()?
+            ),
             name: spec.name.clone(),
             size_bytes: spec.size_bytes,
             repl,
@@ -392,11 +398,13 @@ impl VolumeManager {
         }
         let replica = self.replicas.lock().await.remove(name);
         if let Some(r) = replica {
-            self.pool.delete_replica(&r).map_err(|source| StoreError::Io {
-                volume: name.to_string(),
-                op: "delete replica files",
-                source,
-            })?;
+            self.pool
+                .delete_replica(&r)
+                .map_err(|source| StoreError::Io {
+                    volume: name.to_string(),
+                    op: "delete replica files",
+                    source,
+                })?;
         }
         self.meta.delete_volume(name)?;
         tracing::info!(volume = %name, "volume deleted");
@@ -582,12 +590,25 @@ mod tests {
             Err(VolumeError::FailedPrecondition(_))
         ));
         assert!(matches!(
-            mgr.update("v1", UpdateSpec { size_bytes: Some(4096), ..Default::default() }).await,
+            mgr.update(
+                "v1",
+                UpdateSpec {
+                    size_bytes: Some(4096),
+                    ..Default::default()
+                }
+            )
+            .await,
             Err(VolumeError::FailedPrecondition(_))
         ));
-        mgr.update("v1", UpdateSpec { size_bytes: Some(2 << 20), ..Default::default() })
-            .await
-            .unwrap();
+        mgr.update(
+            "v1",
+            UpdateSpec {
+                size_bytes: Some(2 << 20),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
         mgr.shutdown().await;
         drop(v);
         drop(mgr);
@@ -598,10 +619,20 @@ mod tests {
         assert_eq!(v.size_bytes().await, 2 << 20);
         assert_eq!(v.read(0, 4096).await.unwrap(), vec![7; 4096]);
         mgr.detach("v1").await.unwrap();
-        assert!(matches!(v.read(0, 4096).await, Err(VolumeError::NotAttached(_))));
+        assert!(matches!(
+            v.read(0, 4096).await,
+            Err(VolumeError::NotAttached(_))
+        ));
         mgr.detach("v1").await.expect("detach is idempotent");
         mgr.delete("v1", false).await.unwrap();
-        assert!(matches!(mgr.inspect("v1").await, Err(VolumeError::NotFound(_))));
-        assert_eq!(mgr.pool().allocated_bytes(), 0, "delete returns space to the pool");
+        assert!(matches!(
+            mgr.inspect("v1").await,
+            Err(VolumeError::NotFound(_))
+        ));
+        assert_eq!(
+            mgr.pool().allocated_bytes(),
+            0,
+            "delete returns space to the pool"
+        );
     }
 }

@@ -1,1 +1,369 @@
+//! Test harness: spawns real `tandemd` processes and drives them with real clients
+//! (`tandemctl`, qemu-io, qemu-img, nbdinfo).
+//!
+//! Binaries come from the cargo target directory next to the test executable; the test
+//! command (`scripts/test.sh`) builds them first. Every wait here is bounded.
 
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// How long a daemon may take to print its addresses.
+pub const START_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a daemon may take to exit after SIGTERM.
+pub const STOP_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Path of a workspace binary (`tandemd`, `tandemctl`).
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    // target/<profile>/deps/<test> -> target/<profile>/<name>
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("test executable lives in target/<profile>/deps");
+    let p = dir.join(name);
+    assert!(
+        p.exists(),
+        "{} not found: build the binaries first (cargo build --workspace --bins), or run scripts/test.sh",
+        p.display()
+    );
+    p
+}
+
+/// Fails the test with a clear message when a required client is missing.
+pub fn require_tool(name: &str) {
+    let found = std::env::var_os("PATH")
+        .map(|paths| std::env::split_paths(&paths).any(|d| d.join(name).is_file()))
+        .unwrap_or(false);
+    assert!(
+        found,
+        "required tool '{name}' is not installed; scripts/test.sh installs it (qemu-utils, libnbd-bin, fio)"
+    );
+}
+
+/// The I/O engine tests run with: `TANDEM_TEST_IO_ENGINE` (uring or std), default uring.
+pub fn io_engine() -> String {
+    std::env::var("TANDEM_TEST_IO_ENGINE").unwrap_or_else(|_| "uring".into())
+}
+
+/// Options for a daemon.
+#[derive(Clone, Debug, Default)]
+pub struct DaemonOpts {
+    pub pool_size: Option<String>,
+    pub io_engine: Option<String>,
+    pub extra_args: Vec<String>,
+}
+
+/// A running tandemd with its own data directory.
+pub struct Daemon {
+    child: Option<Child>,
+    pub data_dir: PathBuf,
+    _tmp: Option<tempfile::TempDir>,
+    pub opts: DaemonOpts,
+    pub admin_addr: String,
+    pub nbd_addr: String,
+    pub metrics_addr: String,
+    pub log_path: PathBuf,
+}
+
+/// What a CLI call printed.
+#[derive(Debug)]
+pub struct CtlOutput {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Daemon {
+    /// Starts a daemon on a fresh temporary data directory, on ephemeral loopback ports.
+    pub fn start(opts: DaemonOpts) -> Daemon {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let data_dir = tmp.path().join("data");
+        let mut d = Daemon {
+            child: None,
+            log_path: tmp.path().join("tandemd.log"),
+            data_dir,
+            _tmp: Some(tmp),
+            opts,
+            admin_addr: String::new(),
+            nbd_addr: String::new(),
+            metrics_addr: String::new(),
+        };
+        d.spawn();
+        d
+    }
+
+    /// (Re)starts the process on the same data directory.
+    pub fn spawn(&mut self) {
+        assert!(self.child.is_none(), "daemon already running");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log_path)
+            .expect("open daemon log");
+        let mut cmd = Command::new(bin("tandemd"));
+        cmd.arg("--data-dir")
+            .arg(&self.data_dir)
+            .args(["--admin-addr", "127.0.0.1:0"])
+            .args(["--nbd-addr", "127.0.0.1:0"])
+            .args(["--metrics-addr", "127.0.0.1:0"])
+            .arg("--io-engine")
+            .arg(self.opts.io_engine.clone().unwrap_or_else(io_engine));
+        if let Some(p) = &self.opts.pool_size {
+            cmd.args(["--pool-size", p]);
+        }
+        cmd.args(&self.opts.extra_args)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(log));
+        let mut child = cmd.spawn().expect("spawn tandemd");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let deadline = Instant::now() + START_TIMEOUT;
+        let (mut admin, mut nbd, mut metrics) = (None, None, None);
+        while metrics.is_none() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = match rx.recv_timeout(left) {
+                Ok(l) => l,
+                Err(_) => {
+                    let _ = child.kill();
+                    panic!(
+                        "tandemd did not become ready; log:\n{}",
+                        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+                    );
+                }
+            };
+            let val = |l: &str| l.split_whitespace().last().unwrap_or_default().to_string();
+            let t = line.trim_start();
+            if t.starts_with("admin API:") {
+                admin = Some(val(t));
+            } else if t.starts_with("NBD:") {
+                // nbd://ADDR/<volume>
+                let uri = val(t);
+                nbd = Some(
+                    uri.trim_start_matches("nbd://")
+                        .trim_end_matches("/<volume>")
+                        .to_string(),
+                );
+            } else if t.starts_with("metrics:") {
+                metrics = Some(
+                    val(t)
+                        .trim_start_matches("http://")
+                        .trim_end_matches("/metrics")
+                        .to_string(),
+                );
+            }
+        }
+        self.admin_addr = admin.expect("admin address printed");
+        self.nbd_addr = nbd.expect("NBD address printed");
+        self.metrics_addr = metrics.expect("metrics address printed");
+        self.child = Some(child);
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    /// SIGKILL, then reap.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait (bounded). Returns the exit code.
+    pub fn terminate(&mut self) -> Option<i32> {
+        let mut c = self.child.take()?;
+        // SAFETY: sending a signal to our own child.
+        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + STOP_TIMEOUT;
+        loop {
+            if let Ok(Some(st)) = c.try_wait() {
+                return st.code();
+            }
+            if Instant::now() > deadline {
+                let _ = c.kill();
+                let _ = c.wait();
+                panic!("tandemd did not stop within {STOP_TIMEOUT:?} of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Whether the process is still running.
+    pub fn is_running(&mut self) -> bool {
+        match self.child.as_mut() {
+            Some(c) => matches!(c.try_wait(), Ok(None)),
+            None => false,
+        }
+    }
+
+    pub fn nbd_uri(&self, volume: &str) -> String {
+        format!("nbd://{}/{volume}", self.nbd_addr)
+    }
+
+    /// Runs tandemctl against this daemon.
+    pub fn ctl(&self, args: &[&str]) -> CtlOutput {
+        let out = run_bounded(
+            Command::new(bin("tandemctl"))
+                .arg("--endpoint")
+                .arg(format!("http://{}", self.admin_addr))
+                .args(args),
+            Duration::from_secs(120),
+        );
+        CtlOutput {
+            code: out.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+
+    /// Runs tandemctl, expects success, returns stdout.
+    pub fn ctl_ok(&self, args: &[&str]) -> String {
+        let o = self.ctl(args);
+        assert_eq!(o.code, 0, "tandemctl {args:?} failed: {}", o.stderr);
+        o.stdout
+    }
+
+    /// Runs `tandemctl -j ...`, expects success, parses JSON.
+    pub fn ctl_json(&self, args: &[&str]) -> serde_json::Value {
+        let mut a = vec!["-j"];
+        a.extend_from_slice(args);
+        let out = self.ctl_ok(&a);
+        serde_json::from_str(&out)
+            .unwrap_or_else(|e| panic!("tandemctl {args:?} printed invalid JSON ({e}): {out}"))
+    }
+
+    /// Creates and attaches a volume, returning its NBD URI.
+    pub fn create_attached(&self, name: &str, size: &str) -> String {
+        self.ctl_ok(&["volume", "create", name, "--size", size]);
+        self.ctl_ok(&["volume", "attach", name]);
+        self.nbd_uri(name)
+    }
+
+    /// The Prometheus text from /metrics.
+    pub fn metrics(&self) -> String {
+        http_get(&self.metrics_addr, "/metrics")
+    }
+
+    /// Value of one metric series (the first line that starts with `series`), or 0.
+    pub fn metric(&self, series: &str) -> f64 {
+        self.metrics()
+            .lines()
+            .find(|l| l.starts_with(series))
+            .and_then(|l| l.split_whitespace().last()?.parse().ok())
+            .unwrap_or(0.0)
+    }
+
+    /// The daemon's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// Path of a volume's data file in the pool (to corrupt it behind the daemon's back).
+    pub fn data_file(&self, volume: &str) -> PathBuf {
+        let v = self.ctl_json(&["volume", "inspect", volume]);
+        let id = v["id"].as_str().expect("volume id");
+        self.data_dir.join("pool").join(format!("{id}.data"))
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// A plain HTTP/1.0 GET on loopback.
+pub fn http_get(addr: &str, path: &str) -> String {
+    let mut s = TcpStream::connect(addr).expect("connect metrics");
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok();
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").expect("send request");
+    let mut body = String::new();
+    s.read_to_string(&mut body).expect("read response");
+    body.split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or(body)
+}
+
+/// Runs a command with a time limit; kills it when the limit passes.
+pub fn run_bounded(cmd: &mut Command, limit: Duration) -> Output {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+    let mut stdout = child.stdout.take().expect("stdout");
+    let mut stderr = child.stderr.take().expect("stderr");
+    let out_t = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = stdout.read_to_end(&mut v);
+        v
+    });
+    let err_t = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = stderr.read_to_end(&mut v);
+        v
+    });
+    let deadline = Instant::now() + limit;
+    let status = loop {
+        if let Ok(Some(st)) = child.try_wait() {
+            break st;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{cmd:?} ran past {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    Output {
+        status,
+        stdout: out_t.join().unwrap_or_default(),
+        stderr: err_t.join().unwrap_or_default(),
+    }
+}
+
+/// Runs qemu-io on an NBD URI with the given `-c` commands.
+pub fn qemu_io(uri: &str, cmds: &[&str]) -> Output {
+    require_tool("qemu-io");
+    let mut c = Command::new("qemu-io");
+    c.args(["-f", "raw"]);
+    for cmd in cmds {
+        c.args(["-c", cmd]);
+    }
+    c.arg(uri);
+    run_bounded(&mut c, Duration::from_secs(300))
+}
+
+/// Runs qemu-io and asserts it succeeded without reporting a failed request or a pattern
+/// mismatch (qemu-io exits 0 even when a request fails, so its output is checked too).
+pub fn qemu_io_ok(uri: &str, cmds: &[&str]) -> String {
+    let out = qemu_io(uri, cmds);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success()
+            && !text.contains("failed")
+            && !text.contains("Pattern verification")
+            && !text.contains("error"),
+        "qemu-io {cmds:?} on {uri} failed:\n{text}"
+    );
+    text
+}

@@ -116,7 +116,10 @@ impl ActivityLog {
         let slots: Vec<_> = buf.chunks(BLOCK_SIZE).filter_map(decode).collect();
         let recovery = if slots.is_empty() {
             if buf.iter().any(|b| *b != 0) {
-                tracing::warn!(volume, "activity log unreadable; recomputing every checksum");
+                tracing::warn!(
+                    volume,
+                    "activity log unreadable; recomputing every checksum"
+                );
                 Recovery::All
             } else {
                 Recovery::Regions(BTreeSet::new())

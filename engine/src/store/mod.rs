@@ -81,7 +81,9 @@ pub enum StoreError {
         free_bytes: u64,
         size_bytes: u64,
     },
-    #[error("volume {volume}: cannot shrink from {from_bytes} to {to_bytes} bytes; volumes only grow")]
+    #[error(
+        "volume {volume}: cannot shrink from {from_bytes} to {to_bytes} bytes; volumes only grow"
+    )]
     Shrink {
         volume: String,
         from_bytes: u64,
@@ -363,8 +365,7 @@ impl Replica {
         let al_file = open_rw(&pool.path(id, "al")).map_err(io_err("open activity log"))?;
         let cur_len = data.metadata().map_err(io_err("stat data file"))?.len();
         if cur_len < size_bytes {
-            data.set_len(size_bytes)
-                .map_err(io_err("size data file"))?;
+            data.set_len(size_bytes).map_err(io_err("size data file"))?;
         }
         let data = Arc::new(data);
         let crc_file = Arc::new(crc_file);
@@ -515,7 +516,10 @@ impl Replica {
                 max: MAX_IO_BYTES,
             });
         }
-        if offset.checked_add(len).is_none_or(|end| end > tables.size_bytes) {
+        if offset
+            .checked_add(len)
+            .is_none_or(|end| end > tables.size_bytes)
+        {
             return Err(StoreError::OutOfRange {
                 volume: self.name.clone(),
                 offset,
@@ -639,7 +643,10 @@ impl Replica {
     pub async fn write_zeroes(&self, offset: u64, len: u64, fua: bool) -> Result<()> {
         let tables = self.tables.read().await;
         // Zeroing sends no payload, so it may cover more than one I/O's worth.
-        if offset.checked_add(len).is_none_or(|end| end > tables.size_bytes) {
+        if offset
+            .checked_add(len)
+            .is_none_or(|end| end > tables.size_bytes)
+        {
             return Err(StoreError::OutOfRange {
                 volume: self.name.clone(),
                 offset,
@@ -792,9 +799,7 @@ impl Replica {
     ) -> Result<activity_log::AlGuard<'_>> {
         let r0 = first / BLOCKS_PER_REGION;
         let r1 = (last - 1) / BLOCKS_PER_REGION;
-        self.al
-            .begin(r0..=r1, || self.persist_crcs(tables))
-            .await
+        self.al.begin(r0..=r1, || self.persist_crcs(tables)).await
     }
 
     fn reserve_blocks(&self, tables: &Tables, first: u64, last: u64) -> Result<()> {

@@ -90,7 +90,9 @@ async fn unclean_stop_recovers_hot_regions_without_false_checksum_errors() {
             let r = open(dir.path(), &engine, 1 << 30, 64 << 20).await;
             r.write(0, pattern(4, 65536), false).await.unwrap();
             r.flush().await.unwrap();
-            r.write(REGION_SIZE * 3, pattern(5, 4096), false).await.unwrap();
+            r.write(REGION_SIZE * 3, pattern(5, 4096), false)
+                .await
+                .unwrap();
             // No close: the checksums in memory are lost, as at kill -9.
         }
         // A write that reached the data file but not the checksums (a crash between the

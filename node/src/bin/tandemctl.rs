@@ -1,1 +1,544 @@
-fn main(){}
+//! tandemctl: the Tandem admin CLI, a thin client of tandemd's admin gRPC API.
+//!
+//! Every command takes `-j/--json`. Human output is aligned tables; errors are one line on
+//! stderr with a non-zero exit code (1 for a refused request, 2 for bad usage, 3 when the
+//! daemon cannot be reached).
+
+use std::collections::BTreeMap;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use comfy_table::{presets::NOTHING, Table};
+use serde::Serialize;
+use tonic::transport::Channel;
+
+use tandem_engine::meta::IoPriority;
+use tandem_engine::units::{format_size, parse_size};
+use tandem_proto::admin as pb;
+use tandem_proto::admin::node_service_client::NodeServiceClient;
+use tandem_proto::admin::volume_service_client::VolumeServiceClient;
+
+#[derive(Parser)]
+#[command(name = "tandemctl", version, about = "Operate Tandem storage")]
+struct Cli {
+    /// Admin API endpoint of tandemd
+    #[arg(
+        long,
+        global = true,
+        env = "TANDEM_ENDPOINT",
+        default_value = "http://127.0.0.1:9010"
+    )]
+    endpoint: String,
+    /// Print JSON instead of tables
+    #[arg(short = 'j', long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Node and pool status
+    Status,
+    /// Manage volumes
+    #[command(subcommand, alias = "v")]
+    Volume(VolumeCmd),
+}
+
+#[derive(Subcommand)]
+enum VolumeCmd {
+    /// Create a volume
+    Create(CreateArgs),
+    /// List volumes
+    #[command(alias = "ls")]
+    List,
+    /// Show one volume in detail
+    Inspect { name: String },
+    /// Change a volume's size (grow only), replication factor or I/O priority
+    Update(UpdateArgs),
+    /// Delete a volume and its data
+    #[command(alias = "rm")]
+    Delete {
+        name: String,
+        /// Detach the volume first if it is attached
+        #[arg(long)]
+        force: bool,
+    },
+    /// Attach a volume on this node and print its NBD URI
+    Attach { name: String },
+    /// Detach a volume (drains and flushes its I/O)
+    Detach { name: String },
+}
+
+#[derive(Args)]
+struct CreateArgs {
+    name: String,
+    /// Size, e.g. 10GiB (units are powers of 1024)
+    #[arg(long, short = 's')]
+    size: String,
+    /// Replication factor (1 to 3)
+    #[arg(long, default_value_t = 1)]
+    repl: u32,
+    /// I/O priority: high, medium or low
+    #[arg(long, default_value = "medium")]
+    io_priority: String,
+    /// Label as key=value; repeatable
+    #[arg(long = "label", short = 'l')]
+    labels: Vec<String>,
+}
+
+#[derive(Args)]
+struct UpdateArgs {
+    name: String,
+    /// New size (must not be smaller than the current size)
+    #[arg(long, short = 's')]
+    size: Option<String>,
+    /// New replication factor
+    #[arg(long)]
+    repl: Option<u32>,
+    /// New I/O priority: high, medium or low
+    #[arg(long)]
+    io_priority: Option<String>,
+}
+
+/// An error to print: a message and an exit code.
+struct Failure {
+    msg: String,
+    code: u8,
+}
+
+impl Failure {
+    fn usage(msg: impl Into<String>) -> Failure {
+        Failure {
+            msg: msg.into(),
+            code: 2,
+        }
+    }
+}
+
+impl From<tonic::Status> for Failure {
+    fn from(s: tonic::Status) -> Failure {
+        let code = if s.code() == tonic::Code::Unavailable {
+            3
+        } else {
+            1
+        };
+        let msg = if s.message().is_empty() {
+            format!("{:?}", s.code())
+        } else {
+            s.message().to_string()
+        };
+        Failure { msg, code }
+    }
+}
+
+#[derive(Serialize)]
+struct VolumeOut {
+    id: String,
+    name: String,
+    size_bytes: u64,
+    size: String,
+    repl: u32,
+    io_priority: String,
+    labels: BTreeMap<String, String>,
+    state: String,
+    attached_node: Option<String>,
+    nbd_uri: Option<String>,
+    generation: u64,
+    allocated_bytes: u64,
+    created_unix_seconds: u64,
+    replicas: Vec<ReplicaOut>,
+}
+
+#[derive(Serialize)]
+struct ReplicaOut {
+    node_id: String,
+    state: String,
+    allocated_bytes: u64,
+}
+
+fn prio_name(v: i32) -> String {
+    match pb::IoPriority::try_from(v) {
+        Ok(pb::IoPriority::Low) => "low",
+        Ok(pb::IoPriority::Medium) => "medium",
+        Ok(pb::IoPriority::High) => "high",
+        _ => "unspecified",
+    }
+    .to_string()
+}
+
+fn prio_to_pb(s: &str) -> Result<pb::IoPriority, Failure> {
+    Ok(match s.parse::<IoPriority>().map_err(Failure::usage)? {
+        IoPriority::Low => pb::IoPriority::Low,
+        IoPriority::Medium => pb::IoPriority::Medium,
+        IoPriority::High => pb::IoPriority::High,
+    })
+}
+
+fn non_empty(s: String) -> Option<String> {
+    (!s.is_empty()).then_some(s)
+}
+
+fn volume_out(v: pb::Volume) -> VolumeOut {
+    VolumeOut {
+        size: format_size(v.size_bytes),
+        io_priority: prio_name(v.io_priority),
+        labels: v.labels.into_iter().collect(),
+        attached_node: non_empty(v.attached_node),
+        nbd_uri: non_empty(v.nbd_uri),
+        replicas: v
+            .replicas
+            .into_iter()
+            .map(|r| ReplicaOut {
+                node_id: r.node_id,
+                state: r.state,
+                allocated_bytes: r.allocated_bytes,
+            })
+            .collect(),
+        id: v.id,
+        name: v.name,
+        size_bytes: v.size_bytes,
+        repl: v.repl,
+        state: v.state,
+        generation: v.generation,
+        allocated_bytes: v.allocated_bytes,
+        created_unix_seconds: v.created_unix_seconds,
+    }
+}
+
+fn table() -> Table {
+    let mut t = Table::new();
+    t.load_preset(NOTHING);
+    t
+}
+
+fn print_json<T: Serialize>(v: &T) {
+    println!(
+        "{}",
+        serde_json::to_string_pretty(v).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
+    );
+}
+
+fn print_volume(v: &VolumeOut) {
+    let mut t = table();
+    let labels = v
+        .labels
+        .iter()
+        .map(|(k, val)| format!("{k}={val}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    for (k, val) in [
+        ("Volume", v.name.clone()),
+        ("ID", v.id.clone()),
+        ("Size", v.size.clone()),
+        ("Allocated", format_size(v.allocated_bytes)),
+        ("Replication factor", v.repl.to_string()),
+        ("I/O priority", v.io_priority.clone()),
+        (
+            "Labels",
+            if labels.is_empty() {
+                "-".into()
+            } else {
+                labels
+            },
+        ),
+        ("State", v.state.clone()),
+        (
+            "Attached on",
+            v.attached_node.clone().unwrap_or_else(|| "-".into()),
+        ),
+        ("NBD URI", v.nbd_uri.clone().unwrap_or_else(|| "-".into())),
+        ("Generation", v.generation.to_string()),
+    ] {
+        t.add_row(vec![format!("{k}:"), val]);
+    }
+    println!("{t}");
+    let mut r = table();
+    r.set_header(vec!["REPLICA NODE", "STATE", "ALLOCATED"]);
+    for rep in &v.replicas {
+        r.add_row(vec![
+            rep.node_id.clone(),
+            rep.state.clone(),
+            format_size(rep.allocated_bytes),
+        ]);
+    }
+    println!("{r}");
+}
+
+async fn connect(endpoint: &str) -> Result<Channel, Failure> {
+    let url = if endpoint.contains("://") {
+        endpoint.to_string()
+    } else {
+        format!("http://{endpoint}")
+    };
+    let ep = Channel::from_shared(url.clone())
+        .map_err(|e| Failure::usage(format!("invalid endpoint '{endpoint}': {e}")))?
+        .connect_timeout(std::time::Duration::from_secs(5))
+        .timeout(std::time::Duration::from_secs(120));
+    ep.connect().await.map_err(|e| {
+        let mut cause = e.to_string();
+        let mut src = std::error::Error::source(&e);
+        while let Some(s) = src {
+            cause = s.to_string();
+            src = s.source();
+        }
+        Failure {
+            msg: format!(
+                "cannot reach tandemd at {url}: {cause} (is tandemd running? set --endpoint or TANDEM_ENDPOINT)"
+            ),
+            code: 3,
+        }
+    })
+}
+
+async fn run(cli: Cli) -> Result<(), Failure> {
+    let ch = connect(&cli.endpoint).await?;
+    let json = cli.json;
+    match cli.cmd {
+        Cmd::Status => {
+            let s = NodeServiceClient::new(ch)
+                .status(pb::StatusRequest {})
+                .await?
+                .into_inner();
+            if json {
+                print_json(&serde_json::json!({
+                    "node_id": s.node_id,
+                    "cluster_id": s.cluster_id,
+                    "version": s.version,
+                    "status": s.status,
+                    "io_engine": s.io_engine,
+                    "data_dir": s.data_dir,
+                    "pool_size_bytes": s.pool_size_bytes,
+                    "pool_allocated_bytes": s.pool_allocated_bytes,
+                    "pool_provisioned_bytes": s.pool_provisioned_bytes,
+                    "volume_count": s.volume_count,
+                    "attached_count": s.attached_count,
+                    "admin_addr": s.admin_addr,
+                    "nbd_addr": s.nbd_addr,
+                    "metrics_addr": s.metrics_addr,
+                    "uptime_seconds": s.uptime_seconds,
+                }));
+                return Ok(());
+            }
+            let mut t = table();
+            for (k, v) in [
+                ("Status", s.status),
+                ("Node ID", s.node_id),
+                ("Cluster ID", s.cluster_id),
+                ("Version", s.version),
+                ("I/O engine", s.io_engine),
+                ("Data dir", s.data_dir),
+                ("Pool size", format_size(s.pool_size_bytes)),
+                ("Pool allocated", format_size(s.pool_allocated_bytes)),
+                ("Provisioned", format_size(s.pool_provisioned_bytes)),
+                (
+                    "Volumes",
+                    format!("{} ({} attached)", s.volume_count, s.attached_count),
+                ),
+                ("Admin API", s.admin_addr),
+                ("NBD", s.nbd_addr),
+                ("Metrics", format!("http://{}/metrics", s.metrics_addr)),
+                ("Uptime", format!("{}s", s.uptime_seconds)),
+            ] {
+                t.add_row(vec![format!("{k}:"), v]);
+            }
+            println!("{t}");
+        }
+        Cmd::Volume(vc) => {
+            let mut c = VolumeServiceClient::new(ch);
+            match vc {
+                VolumeCmd::Create(a) => {
+                    let size_bytes = parse_size(&a.size).map_err(Failure::usage)?;
+                    let mut labels = std::collections::HashMap::new();
+                    for l in &a.labels {
+                        let Some((k, v)) = l.split_once('=') else {
+                            return Err(Failure::usage(format!(
+                                "invalid label '{l}': expected key=value"
+                            )));
+                        };
+                        labels.insert(k.to_string(), v.to_string());
+                    }
+                    let v = c
+                        .create_volume(pb::CreateVolumeRequest {
+                            name: a.name,
+                            size_bytes,
+                            repl: a.repl,
+                            io_priority: prio_to_pb(&a.io_priority)? as i32,
+                            labels,
+                        })
+                        .await?
+                        .into_inner()
+                        .volume
+                        .map(volume_out);
+                    let Some(v) = v else {
+                        return Err(Failure::usage("daemon returned no volume"));
+                    };
+                    if json {
+                        print_json(&v);
+                    } else {
+                        println!("Volume created: {} ({}, id {})", v.name, v.size, v.id);
+                    }
+                }
+                VolumeCmd::List => {
+                    let vols: Vec<VolumeOut> = c
+                        .list_volumes(pb::ListVolumesRequest {})
+                        .await?
+                        .into_inner()
+                        .volumes
+                        .into_iter()
+                        .map(volume_out)
+                        .collect();
+                    if json {
+                        print_json(&vols);
+                        return Ok(());
+                    }
+                    let mut t = table();
+                    t.set_header(vec![
+                        "NAME",
+                        "ID",
+                        "SIZE",
+                        "ALLOCATED",
+                        "HA",
+                        "PRIORITY",
+                        "STATE",
+                        "NODE",
+                    ]);
+                    for v in vols {
+                        t.add_row(vec![
+                            v.name,
+                            v.id,
+                            v.size,
+                            format_size(v.allocated_bytes),
+                            v.repl.to_string(),
+                            v.io_priority,
+                            v.state,
+                            v.attached_node.unwrap_or_else(|| "-".into()),
+                        ]);
+                    }
+                    println!("{t}");
+                }
+                VolumeCmd::Inspect { name } => {
+                    let v = c
+                        .inspect_volume(pb::InspectVolumeRequest { name })
+                        .await?
+                        .into_inner()
+                        .volume
+                        .map(volume_out);
+                    let Some(v) = v else {
+                        return Err(Failure::usage("daemon returned no volume"));
+                    };
+                    if json {
+                        print_json(&v);
+                    } else {
+                        print_volume(&v);
+                    }
+                }
+                VolumeCmd::Update(a) => {
+                    if a.size.is_none() && a.repl.is_none() && a.io_priority.is_none() {
+                        return Err(Failure::usage(
+                            "nothing to update: give --size, --repl or --io-priority",
+                        ));
+                    }
+                    let size_bytes = match &a.size {
+                        Some(s) => parse_size(s).map_err(Failure::usage)?,
+                        None => 0,
+                    };
+                    if a.repl == Some(0) {
+                        return Err(Failure::usage("invalid replication factor 0"));
+                    }
+                    let io_priority = match &a.io_priority {
+                        Some(p) => prio_to_pb(p)? as i32,
+                        None => 0,
+                    };
+                    let v = c
+                        .update_volume(pb::UpdateVolumeRequest {
+                            name: a.name,
+                            size_bytes,
+                            repl: a.repl.unwrap_or(0),
+                            io_priority,
+                        })
+                        .await?
+                        .into_inner()
+                        .volume
+                        .map(volume_out);
+                    let Some(v) = v else {
+                        return Err(Failure::usage("daemon returned no volume"));
+                    };
+                    if json {
+                        print_json(&v);
+                    } else {
+                        println!(
+                            "Volume updated: {} ({}, HA {}, priority {})",
+                            v.name, v.size, v.repl, v.io_priority
+                        );
+                    }
+                }
+                VolumeCmd::Delete { name, force } => {
+                    c.delete_volume(pb::DeleteVolumeRequest {
+                        name: name.clone(),
+                        force,
+                    })
+                    .await?;
+                    if json {
+                        print_json(&serde_json::json!({ "deleted": name }));
+                    } else {
+                        println!("Volume deleted: {name}");
+                    }
+                }
+                VolumeCmd::Attach { name } => {
+                    let r = c
+                        .attach_volume(pb::AttachVolumeRequest { name })
+                        .await?
+                        .into_inner();
+                    let Some(v) = r.volume.map(volume_out) else {
+                        return Err(Failure::usage("daemon returned no volume"));
+                    };
+                    if json {
+                        print_json(&v);
+                    } else {
+                        println!("Volume attached: {} (generation {})", v.name, v.generation);
+                        println!("NBD URI: {}", r.nbd_uri);
+                    }
+                }
+                VolumeCmd::Detach { name } => {
+                    let v = c
+                        .detach_volume(pb::DetachVolumeRequest { name })
+                        .await?
+                        .into_inner()
+                        .volume
+                        .map(volume_out);
+                    let Some(v) = v else {
+                        return Err(Failure::usage("daemon returned no volume"));
+                    };
+                    if json {
+                        print_json(&v);
+                    } else {
+                        println!("Volume detached: {}", v.name);
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("tandemctl: error: start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(f) => {
+            eprintln!("tandemctl: error: {}", f.msg);
+            ExitCode::from(f.code)
+        }
+    }
+}

@@ -1,0 +1,179 @@
+//! tandemd configuration: flags, an optional TOML file, and defaults, in that order of
+//! precedence.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use clap::Parser;
+use serde::Deserialize;
+use tandem_engine::io::IoEngineChoice;
+use tandem_engine::units::parse_size;
+
+pub const DEFAULT_DATA_DIR: &str = "./tandem-data";
+pub const DEFAULT_ADMIN_ADDR: &str = "127.0.0.1:9010";
+pub const DEFAULT_NBD_ADDR: &str = "127.0.0.1:10809";
+pub const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:9011";
+
+/// The Tandem storage daemon.
+#[derive(Debug, Parser, Default)]
+#[command(name = "tandemd", version, about)]
+pub struct Args {
+    /// TOML config file; flags override its values.
+    #[arg(long, short = 'c')]
+    pub config: Option<PathBuf>,
+    /// Data directory (metadata and the storage pool) [default: ./tandem-data]
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Pool capacity, e.g. 100GiB [default: free space of the data directory's filesystem
+    /// at start-up plus what the pool already holds]
+    #[arg(long)]
+    pub pool_size: Option<String>,
+    /// Admin gRPC listen address [default: 127.0.0.1:9010]
+    #[arg(long)]
+    pub admin_addr: Option<String>,
+    /// NBD listen address [default: 127.0.0.1:10809]
+    #[arg(long)]
+    pub nbd_addr: Option<String>,
+    /// Prometheus metrics listen address [default: 127.0.0.1:9011]
+    #[arg(long)]
+    pub metrics_addr: Option<String>,
+    /// I/O engine: uring, std or auto [default: auto]
+    #[arg(long)]
+    pub io_engine: Option<String>,
+    /// Log filter (tracing EnvFilter syntax); RUST_LOG overrides it [default: info]
+    #[arg(long)]
+    pub log: Option<String>,
+}
+
+/// The config file's keys: the same names as the flags, with underscores.
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub data_dir: Option<PathBuf>,
+    pub pool_size: Option<String>,
+    pub admin_addr: Option<String>,
+    pub nbd_addr: Option<String>,
+    pub metrics_addr: Option<String>,
+    pub io_engine: Option<String>,
+    pub log: Option<String>,
+}
+
+/// Resolved configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub data_dir: PathBuf,
+    /// `None` = derive from free space.
+    pub pool_size_bytes: Option<u64>,
+    pub admin_addr: SocketAddr,
+    pub nbd_addr: SocketAddr,
+    pub metrics_addr: SocketAddr,
+    pub io_engine: IoEngineChoice,
+    pub log: String,
+}
+
+fn addr(what: &str, s: &str) -> anyhow::Result<SocketAddr> {
+    s.parse()
+        .with_context(|| format!("invalid {what} '{s}': expected IP:PORT, e.g. 127.0.0.1:9010"))
+}
+
+impl Config {
+    pub fn resolve(args: Args) -> anyhow::Result<Config> {
+        let file = match &args.config {
+            Some(p) => load_file(p)?,
+            None => FileConfig::default(),
+        };
+        let pool_size = args.pool_size.or(file.pool_size);
+        let pool_size_bytes = match pool_size {
+            Some(s) => {
+                let n = parse_size(&s).map_err(anyhow::Error::msg)?;
+                if n == 0 {
+                    bail!("invalid pool size '{s}': it must be greater than 0");
+                }
+                Some(n)
+            }
+            None => None,
+        };
+        let engine = args
+            .io_engine
+            .or(file.io_engine)
+            .unwrap_or_else(|| "auto".into());
+        Ok(Config {
+            data_dir: args
+                .data_dir
+                .or(file.data_dir)
+                .unwrap_or_else(|| DEFAULT_DATA_DIR.into()),
+            pool_size_bytes,
+            admin_addr: addr(
+                "admin address",
+                &args
+                    .admin_addr
+                    .or(file.admin_addr)
+                    .unwrap_or_else(|| DEFAULT_ADMIN_ADDR.into()),
+            )?,
+            nbd_addr: addr(
+                "NBD address",
+                &args
+                    .nbd_addr
+                    .or(file.nbd_addr)
+                    .unwrap_or_else(|| DEFAULT_NBD_ADDR.into()),
+            )?,
+            metrics_addr: addr(
+                "metrics address",
+                &args
+                    .metrics_addr
+                    .or(file.metrics_addr)
+                    .unwrap_or_else(|| DEFAULT_METRICS_ADDR.into()),
+            )?,
+            io_engine: engine.parse().map_err(anyhow::Error::msg)?,
+            log: args.log.or(file.log).unwrap_or_else(|| "info".into()),
+        })
+    }
+}
+
+fn load_file(path: &Path) -> anyhow::Result<FileConfig> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("read config file {}", path.display()))?;
+    toml::from_str(&text).with_context(|| format!("parse config file {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_override_file_and_file_overrides_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("t.toml");
+        std::fs::write(
+            &p,
+            "data_dir = \"/srv/t\"\npool_size = \"2GiB\"\nnbd_addr = \"127.0.0.1:1\"\nio_engine = \"std\"\n",
+        )
+        .unwrap();
+        let c = Config::resolve(Args {
+            config: Some(p.clone()),
+            nbd_addr: Some("127.0.0.1:2".into()),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(c.data_dir, PathBuf::from("/srv/t"));
+        assert_eq!(c.pool_size_bytes, Some(2 << 30));
+        assert_eq!(c.nbd_addr.port(), 2);
+        assert_eq!(c.admin_addr.port(), 9010);
+        assert_eq!(c.io_engine, IoEngineChoice::Std);
+
+        std::fs::write(&p, "bogus_key = 1\n").unwrap();
+        let err = Config::resolve(Args {
+            config: Some(p),
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert!(format!("{err:#}").contains("bogus_key"), "{err:#}");
+        let err = Config::resolve(Args {
+            io_engine: Some("fast".into()),
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert!(err.to_string().contains("unknown I/O engine"));
+    }
+}
