@@ -77,7 +77,7 @@ pub fn validate_size(size_bytes: u64) -> Result<()> {
             "invalid size: a volume needs a size greater than 0".into(),
         ));
     }
-    if size_bytes % BLOCK_SIZE as u64 != 0 {
+    if !size_bytes.is_multiple_of(BLOCK_SIZE as u64) {
         return Err(VolumeError::InvalidArgument(format!(
             "invalid size {size_bytes} bytes: sizes must be a multiple of 4 KiB (4096 bytes)"
         )));

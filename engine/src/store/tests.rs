@@ -195,10 +195,10 @@ async fn concurrent_overlapping_writes_and_reads_never_see_false_checksum_errors
             tasks.push(tokio::spawn(async move {
                 for i in 0..200u32 {
                     let off = ((i * 7 + t as u32 * 13) % 64) as u64 * 1000;
-                    if (i + t as u32) % 3 == 0 {
+                    if (i + t as u32).is_multiple_of(3) {
                         r.read(off, 6000).await.expect("no false checksum error");
                     } else {
-                        r.write(off, vec![t; 6000], i % 50 == 0).await.unwrap();
+                        r.write(off, vec![t; 6000], i.is_multiple_of(50)).await.unwrap();
                     }
                 }
             }));
