@@ -198,7 +198,9 @@ async fn concurrent_overlapping_writes_and_reads_never_see_false_checksum_errors
                     if (i + t as u32).is_multiple_of(3) {
                         r.read(off, 6000).await.expect("no false checksum error");
                     } else {
-                        r.write(off, vec![t; 6000], i.is_multiple_of(50)).await.unwrap();
+                        r.write(off, vec![t; 6000], i.is_multiple_of(50))
+                            .await
+                            .unwrap();
                     }
                 }
             }));
