@@ -1,5 +1,6 @@
 //! Tandem engine: everything that decides and stores, and no servers.
 //!
+//! * [`cluster`]: cluster metadata on raft-rs + sled (state machine, raft ready loop).
 //! * [`io`]: the I/O engines (io_uring and std positional I/O) behind one owned-buffer API.
 //! * [`store`]: a replica's local store: sparse data, per-block crc32, activity log, pool
 //!   accounting.
@@ -7,9 +8,13 @@
 //! * [`volume`]: the volume manager: validation, lifecycle (create, grow, attach, detach,
 //!   delete) and the attached volume that frontends hand I/O to.
 //! * [`units`]: size parsing and formatting shared by the daemon and the CLI.
+//! * [`wire`]: the node-to-node data-path protocol: frames, the token handshake, a
+//!   pipelined client and the server loop.
 
+pub mod cluster;
 pub mod io;
 pub mod meta;
 pub mod store;
 pub mod units;
 pub mod volume;
+pub mod wire;

@@ -102,6 +102,14 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 pub const MAX_INFLIGHT_PER_CONN: usize = 128;
 /// Connections served at once.
 pub const MAX_CONNECTIONS: usize = 1024;
+/// Payload bytes (read replies and write payloads) in flight per connection. Two
+/// maximum-size requests fit; a client that pipelines more waits (TCP backpressure) instead
+/// of making the daemon buffer 128 x 32 MiB.
+pub const MAX_INFLIGHT_BYTES_PER_CONN: usize = 64 << 20;
+/// Payload bytes in flight across all connections: bounds the daemon's buffer memory.
+pub const MAX_INFLIGHT_BYTES: usize = 1 << 30;
+/// Budget unit for the byte semaphores.
+const BUDGET_UNIT: usize = 4096;
 /// How long shutdown waits for in-flight requests before closing connections anyway.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -127,6 +135,7 @@ impl NbdServer {
     /// their in-flight requests (bounded by [`DRAIN_TIMEOUT`]) and returns.
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
         let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+        let global_bytes = Arc::new(Semaphore::new(MAX_INFLIGHT_BYTES / BUDGET_UNIT));
         let mut conns = JoinSet::new();
         loop {
             tokio::select! {
@@ -148,6 +157,7 @@ impl NbdServer {
                         volumes: self.volumes.clone(),
                         metrics: self.metrics.clone(),
                         shutdown: shutdown.clone(),
+                        global_bytes: global_bytes.clone(),
                     };
                     conns.spawn(async move {
                         let _permit = permit;
@@ -191,6 +201,7 @@ struct Connection {
     volumes: Arc<VolumeManager>,
     metrics: Arc<Metrics>,
     shutdown: watch::Receiver<bool>,
+    global_bytes: Arc<Semaphore>,
 }
 
 type Reader = BufReader<tokio::net::tcp::OwnedReadHalf>;
@@ -405,6 +416,7 @@ impl Connection {
     ) -> Result<(), ConnError> {
         let wr = Arc::new(Mutex::new(wr));
         let inflight = Arc::new(Semaphore::new(MAX_INFLIGHT_PER_CONN));
+        let conn_bytes = Arc::new(Semaphore::new(MAX_INFLIGHT_BYTES_PER_CONN / BUDGET_UNIT));
         let broken = Arc::new(AtomicBool::new(false));
         let mut shutdown = self.shutdown.clone();
         let vm = self.metrics.volume(vol.name());
@@ -438,6 +450,19 @@ impl Connection {
             if cmd == CMD_DISC {
                 break Ok(());
             }
+            // Reserve buffer budget before allocating anything for this request.
+            let units = if (cmd == CMD_READ || cmd == CMD_WRITE) && len as usize <= MAX_IO_BYTES {
+                (len as usize).div_ceil(BUDGET_UNIT).max(1) as u32
+            } else {
+                1
+            };
+            let Ok(conn_budget) = conn_bytes.clone().acquire_many_owned(units).await else {
+                break Ok(());
+            };
+            let Ok(global_budget) = self.global_bytes.clone().acquire_many_owned(units).await
+            else {
+                break Ok(());
+            };
             let mut payload = Vec::new();
             if cmd == CMD_WRITE {
                 if len as usize > MAX_IO_BYTES {
@@ -462,6 +487,7 @@ impl Connection {
             let broken = broken.clone();
             tokio::spawn(async move {
                 let _permit = permit;
+                let _budget = (conn_budget, global_budget);
                 let (err, data) = handle_request(&vol, &vm, flags, cmd, offset, len, payload).await;
                 if err == ESHUTDOWN {
                     broken.store(true, Ordering::Release);
@@ -525,10 +551,11 @@ async fn handle_request(
     payload: Vec<u8>,
 ) -> (u32, Option<Vec<u8>>) {
     let fua = flags & CMD_FLAG_FUA != 0;
+    // The spec: once FUA is advertised, the server MUST accept it on every command (even
+    // by ignoring it); qemu sets it on FLUSH. Reads and flushes are already durable-enough.
     let known_flags = match cmd {
-        CMD_WRITE | CMD_TRIM => CMD_FLAG_FUA,
         CMD_WRITE_ZEROES => CMD_FLAG_FUA | CMD_FLAG_NO_HOLE,
-        _ => 0,
+        _ => CMD_FLAG_FUA,
     };
     if flags & !known_flags != 0 {
         return (EINVAL, None);

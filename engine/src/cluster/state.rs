@@ -1,0 +1,658 @@
+//! The replicated cluster state machine: nodes, volumes, replica sets, generations, alerts.
+//!
+//! Every node applies the same committed [`Command`]s in the same order to a
+//! [`ClusterState`], so `apply` must be deterministic: no clocks, no randomness, no I/O.
+//! Commands carry what they need (timestamps are chosen by the proposer).
+//!
+//! Safety rules enforced here, at apply time, so no race between proposers can break them:
+//! * Volume names are unique.
+//! * A volume is attached on at most one node; attaching bumps the generation.
+//! * Replica-state changes carry the generation they were decided at; a change from a
+//!   coordinator whose generation is no longer current is refused (`Fenced`). This is what
+//!   stops a zombie coordinator from ejecting replicas and acking writes.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+
+use crate::meta::IoPriority;
+
+/// Alerts kept in the state; older ones are dropped first.
+pub const MAX_ALERTS: usize = 1000;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum NodeRole {
+    /// Raft voter with storage.
+    Voter,
+    /// Raft learner with storage: follows the log, does not vote.
+    Learner,
+    /// Raft voter without storage (a tie-breaker for a third site).
+    Witness,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeRecord {
+    pub id: u64,
+    pub name: String,
+    pub admin_addr: String,
+    pub data_addr: String,
+    pub domain: String,
+    pub zone: String,
+    pub rack: String,
+    pub role: NodeRole,
+    pub pool_size_bytes: u64,
+    pub joined_unix_seconds: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ReplicaState {
+    InSync,
+    Resyncing,
+    OutOfSync,
+}
+
+impl std::fmt::Display for ReplicaState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ReplicaState::InSync => "in-sync",
+            ReplicaState::Resyncing => "resyncing",
+            ReplicaState::OutOfSync => "out-of-sync",
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReplicaRecord {
+    pub node: u64,
+    pub state: ReplicaState,
+    /// Generation at which the state was last set.
+    pub generation: u64,
+    /// Resync progress (bytes done, bytes total) while resyncing.
+    #[serde(default)]
+    pub resync_done_bytes: u64,
+    #[serde(default)]
+    pub resync_total_bytes: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VolumeRecord {
+    pub id: String,
+    pub name: String,
+    pub size_bytes: u64,
+    pub repl: u32,
+    pub io_priority: IoPriority,
+    pub labels: BTreeMap<String, String>,
+    pub created_unix_seconds: u64,
+    pub generation: u64,
+    pub attached_node: Option<u64>,
+    pub replicas: Vec<ReplicaRecord>,
+    /// The coordinator's activity log: regions that may differ between replicas if the
+    /// coordinator dies. Reconciled by the next attach.
+    #[serde(default)]
+    pub hot_regions: BTreeSet<u64>,
+}
+
+impl VolumeRecord {
+    /// The volume id as the data path carries it.
+    pub fn wire_id(&self) -> u64 {
+        u64::from_str_radix(&self.id, 16).unwrap_or(0)
+    }
+
+    pub fn replica(&self, node: u64) -> Option<&ReplicaRecord> {
+        self.replicas.iter().find(|r| r.node == node)
+    }
+
+    pub fn in_sync_nodes(&self) -> Vec<u64> {
+        self.replicas
+            .iter()
+            .filter(|r| r.state == ReplicaState::InSync)
+            .map(|r| r.node)
+            .collect()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Alert {
+    pub id: u64,
+    pub unix_seconds: u64,
+    pub severity: String,
+    pub kind: String,
+    pub resource: String,
+    pub message: String,
+}
+
+/// A state-machine command. Proposers fill in every value (ids come from the state).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Command {
+    /// Registers a node; its id is allocated at apply time and returned.
+    AddNode {
+        node: NodeRecord,
+    },
+    /// Updates a node's addresses (after a restart with new ports).
+    UpdateNodeAddrs {
+        id: u64,
+        admin_addr: String,
+        data_addr: String,
+    },
+    RemoveNode {
+        id: u64,
+    },
+    CreateVolume {
+        volume: VolumeRecord,
+    },
+    UpdateVolume {
+        name: String,
+        size_bytes: Option<u64>,
+        repl: Option<u32>,
+        io_priority: Option<IoPriority>,
+    },
+    DeleteVolume {
+        name: String,
+    },
+    /// Attaches `name` on `node`, bumping the generation. `takeover` allows moving an
+    /// attachment from another node (failover, when that node is gone).
+    Attach {
+        name: String,
+        node: u64,
+        takeover: bool,
+    },
+    Detach {
+        name: String,
+        node: u64,
+        generation: u64,
+    },
+    /// Sets one replica's state, decided by the coordinator at `generation`.
+    SetReplicaState {
+        name: String,
+        node: u64,
+        state: ReplicaState,
+        generation: u64,
+    },
+    /// Adds or removes replicas (RF change), decided at `generation` (0 when detached).
+    SetReplicas {
+        name: String,
+        replicas: Vec<ReplicaRecord>,
+        repl: u32,
+        generation: u64,
+    },
+    SetResyncProgress {
+        name: String,
+        node: u64,
+        generation: u64,
+        done_bytes: u64,
+        total_bytes: u64,
+    },
+    /// Coordinator activity-log transaction.
+    HotRegions {
+        name: String,
+        generation: u64,
+        add: Vec<u64>,
+        remove: Vec<u64>,
+    },
+    RaiseAlert {
+        unix_seconds: u64,
+        severity: String,
+        kind: String,
+        resource: String,
+        message: String,
+    },
+}
+
+/// Why a command was refused. The variants map onto gRPC codes in one place.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, thiserror::Error)]
+pub enum ApplyError {
+    #[error("volume '{0}' already exists")]
+    VolumeExists(String),
+    #[error("volume '{0}' not found")]
+    VolumeNotFound(String),
+    #[error("node {0} not found")]
+    NodeNotFound(u64),
+    #[error("{0}")]
+    FailedPrecondition(String),
+    #[error("volume '{name}' is at generation {current}; a decision made at generation {stale} is refused (fenced)")]
+    Fenced {
+        name: String,
+        current: u64,
+        stale: u64,
+    },
+}
+
+/// What a successful command returns.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum ApplyOutput {
+    None,
+    NodeId(u64),
+    Generation(u64),
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ClusterState {
+    pub cluster_id: String,
+    pub nodes: BTreeMap<u64, NodeRecord>,
+    pub volumes: BTreeMap<String, VolumeRecord>,
+    pub alerts: Vec<Alert>,
+    pub next_node_id: u64,
+    pub next_volume_seq: u64,
+    pub next_alert_id: u64,
+}
+
+impl ClusterState {
+    pub fn new(cluster_id: &str) -> ClusterState {
+        ClusterState {
+            cluster_id: cluster_id.to_string(),
+            next_node_id: 1,
+            next_volume_seq: 1,
+            next_alert_id: 1,
+            ..Default::default()
+        }
+    }
+
+    fn volume_mut(&mut self, name: &str) -> Result<&mut VolumeRecord, ApplyError> {
+        self.volumes
+            .get_mut(name)
+            .ok_or_else(|| ApplyError::VolumeNotFound(name.to_string()))
+    }
+
+    /// Applies one committed command.
+    pub fn apply(&mut self, cmd: &Command) -> Result<ApplyOutput, ApplyError> {
+        match cmd {
+            Command::AddNode { node } => {
+                // Re-joining under the same name keeps the id (idempotent join).
+                if let Some(existing) = self.nodes.values().find(|n| n.name == node.name) {
+                    return Ok(ApplyOutput::NodeId(existing.id));
+                }
+                let id = if node.id != 0 && !self.nodes.contains_key(&node.id) {
+                    node.id
+                } else {
+                    self.next_node_id
+                };
+                self.next_node_id = self.next_node_id.max(id + 1);
+                let mut rec = node.clone();
+                rec.id = id;
+                self.nodes.insert(id, rec);
+                Ok(ApplyOutput::NodeId(id))
+            }
+            Command::UpdateNodeAddrs {
+                id,
+                admin_addr,
+                data_addr,
+            } => {
+                let n = self
+                    .nodes
+                    .get_mut(id)
+                    .ok_or(ApplyError::NodeNotFound(*id))?;
+                n.admin_addr = admin_addr.clone();
+                n.data_addr = data_addr.clone();
+                Ok(ApplyOutput::None)
+            }
+            Command::RemoveNode { id } => {
+                self.nodes.remove(id).ok_or(ApplyError::NodeNotFound(*id))?;
+                Ok(ApplyOutput::None)
+            }
+            Command::CreateVolume { volume } => {
+                if self.volumes.contains_key(&volume.name) {
+                    return Err(ApplyError::VolumeExists(volume.name.clone()));
+                }
+                for r in &volume.replicas {
+                    if !self.nodes.contains_key(&r.node) {
+                        return Err(ApplyError::NodeNotFound(r.node));
+                    }
+                }
+                self.next_volume_seq += 1;
+                self.volumes.insert(volume.name.clone(), volume.clone());
+                Ok(ApplyOutput::None)
+            }
+            Command::UpdateVolume {
+                name,
+                size_bytes,
+                repl,
+                io_priority,
+            } => {
+                let v = self.volume_mut(name)?;
+                if let Some(s) = size_bytes {
+                    if *s < v.size_bytes {
+                        return Err(ApplyError::FailedPrecondition(format!(
+                            "volume '{name}' is {} bytes; cannot shrink it to {s} bytes (volumes only grow)",
+                            v.size_bytes
+                        )));
+                    }
+                    v.size_bytes = *s;
+                }
+                if let Some(r) = repl {
+                    v.repl = *r;
+                }
+                if let Some(p) = io_priority {
+                    v.io_priority = *p;
+                }
+                Ok(ApplyOutput::None)
+            }
+            Command::DeleteVolume { name } => {
+                let v = self
+                    .volumes
+                    .get(name)
+                    .ok_or_else(|| ApplyError::VolumeNotFound(name.clone()))?;
+                if let Some(node) = v.attached_node {
+                    return Err(ApplyError::FailedPrecondition(format!(
+                        "volume '{name}' is attached on node {node}; detach it first"
+                    )));
+                }
+                self.volumes.remove(name);
+                Ok(ApplyOutput::None)
+            }
+            Command::Attach {
+                name,
+                node,
+                takeover,
+            } => {
+                if !self.nodes.contains_key(node) {
+                    return Err(ApplyError::NodeNotFound(*node));
+                }
+                let v = self.volume_mut(name)?;
+                match v.attached_node {
+                    Some(other) if other != *node && !takeover => {
+                        return Err(ApplyError::FailedPrecondition(format!(
+                            "volume '{name}' is attached on node {other}; detach it there first"
+                        )));
+                    }
+                    _ => {}
+                }
+                if v.in_sync_nodes().is_empty() {
+                    return Err(ApplyError::FailedPrecondition(format!(
+                        "volume '{name}' has no in-sync replica; it cannot be attached without losing data"
+                    )));
+                }
+                v.generation += 1;
+                v.attached_node = Some(*node);
+                Ok(ApplyOutput::Generation(v.generation))
+            }
+            Command::Detach {
+                name,
+                node,
+                generation,
+            } => {
+                let v = self.volume_mut(name)?;
+                if v.attached_node != Some(*node) {
+                    return Ok(ApplyOutput::None);
+                }
+                if v.generation != *generation {
+                    return Err(ApplyError::Fenced {
+                        name: name.clone(),
+                        current: v.generation,
+                        stale: *generation,
+                    });
+                }
+                v.attached_node = None;
+                Ok(ApplyOutput::None)
+            }
+            Command::SetReplicaState {
+                name,
+                node,
+                state,
+                generation,
+            } => {
+                let v = self.volume_mut(name)?;
+                if v.generation != *generation {
+                    return Err(ApplyError::Fenced {
+                        name: name.clone(),
+                        current: v.generation,
+                        stale: *generation,
+                    });
+                }
+                let in_sync_left = v
+                    .replicas
+                    .iter()
+                    .filter(|r| r.node != *node && r.state == ReplicaState::InSync)
+                    .count();
+                let r = v
+                    .replicas
+                    .iter_mut()
+                    .find(|r| r.node == *node)
+                    .ok_or(ApplyError::NodeNotFound(*node))?;
+                if *state != ReplicaState::InSync
+                    && r.state == ReplicaState::InSync
+                    && in_sync_left == 0
+                {
+                    return Err(ApplyError::FailedPrecondition(format!(
+                        "replica on node {node} is the last in-sync replica of '{name}'"
+                    )));
+                }
+                r.state = *state;
+                r.generation = *generation;
+                if *state != ReplicaState::Resyncing {
+                    r.resync_done_bytes = 0;
+                    r.resync_total_bytes = 0;
+                }
+                Ok(ApplyOutput::None)
+            }
+            Command::SetReplicas {
+                name,
+                replicas,
+                repl,
+                generation,
+            } => {
+                for r in replicas {
+                    if !self.nodes.contains_key(&r.node) {
+                        return Err(ApplyError::NodeNotFound(r.node));
+                    }
+                }
+                let v = self.volume_mut(name)?;
+                if v.generation != *generation {
+                    return Err(ApplyError::Fenced {
+                        name: name.clone(),
+                        current: v.generation,
+                        stale: *generation,
+                    });
+                }
+                if !replicas.iter().any(|r| r.state == ReplicaState::InSync) {
+                    return Err(ApplyError::FailedPrecondition(format!(
+                        "volume '{name}' must keep at least one in-sync replica"
+                    )));
+                }
+                v.replicas = replicas.clone();
+                v.repl = *repl;
+                Ok(ApplyOutput::None)
+            }
+            Command::SetResyncProgress {
+                name,
+                node,
+                generation,
+                done_bytes,
+                total_bytes,
+            } => {
+                let v = self.volume_mut(name)?;
+                if v.generation != *generation {
+                    return Err(ApplyError::Fenced {
+                        name: name.clone(),
+                        current: v.generation,
+                        stale: *generation,
+                    });
+                }
+                if let Some(r) = v.replicas.iter_mut().find(|r| r.node == *node) {
+                    r.resync_done_bytes = *done_bytes;
+                    r.resync_total_bytes = *total_bytes;
+                }
+                Ok(ApplyOutput::None)
+            }
+            Command::HotRegions {
+                name,
+                generation,
+                add,
+                remove,
+            } => {
+                let v = self.volume_mut(name)?;
+                if v.generation != *generation {
+                    return Err(ApplyError::Fenced {
+                        name: name.clone(),
+                        current: v.generation,
+                        stale: *generation,
+                    });
+                }
+                for r in remove {
+                    v.hot_regions.remove(r);
+                }
+                v.hot_regions.extend(add.iter().copied());
+                Ok(ApplyOutput::None)
+            }
+            Command::RaiseAlert {
+                unix_seconds,
+                severity,
+                kind,
+                resource,
+                message,
+            } => {
+                let id = self.next_alert_id;
+                self.next_alert_id += 1;
+                self.alerts.push(Alert {
+                    id,
+                    unix_seconds: *unix_seconds,
+                    severity: severity.clone(),
+                    kind: kind.clone(),
+                    resource: resource.clone(),
+                    message: message.clone(),
+                });
+                if self.alerts.len() > MAX_ALERTS {
+                    let drop = self.alerts.len() - MAX_ALERTS;
+                    self.alerts.drain(..drop);
+                }
+                Ok(ApplyOutput::None)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(name: &str) -> NodeRecord {
+        NodeRecord {
+            id: 0,
+            name: name.into(),
+            admin_addr: "127.0.0.1:1".into(),
+            data_addr: "127.0.0.1:2".into(),
+            domain: "d".into(),
+            zone: "z".into(),
+            rack: "r".into(),
+            role: NodeRole::Voter,
+            pool_size_bytes: 1 << 30,
+            joined_unix_seconds: 0,
+        }
+    }
+
+    fn volume(name: &str, nodes: &[u64]) -> VolumeRecord {
+        VolumeRecord {
+            id: "0000000100000001".into(),
+            name: name.into(),
+            size_bytes: 1 << 20,
+            repl: nodes.len() as u32,
+            io_priority: IoPriority::Medium,
+            labels: BTreeMap::new(),
+            created_unix_seconds: 0,
+            generation: 0,
+            attached_node: None,
+            replicas: nodes
+                .iter()
+                .map(|&n| ReplicaRecord {
+                    node: n,
+                    state: ReplicaState::InSync,
+                    generation: 0,
+                    resync_done_bytes: 0,
+                    resync_total_bytes: 0,
+                })
+                .collect(),
+            hot_regions: BTreeSet::new(),
+        }
+    }
+
+    #[test]
+    fn join_is_idempotent_by_name_and_ids_are_never_reused() {
+        let mut s = ClusterState::new("c");
+        let a = s.apply(&Command::AddNode { node: node("a") }).unwrap();
+        let b = s.apply(&Command::AddNode { node: node("b") }).unwrap();
+        assert_eq!(a, ApplyOutput::NodeId(1));
+        assert_eq!(b, ApplyOutput::NodeId(2));
+        assert_eq!(s.apply(&Command::AddNode { node: node("a") }).unwrap(), a);
+        s.apply(&Command::RemoveNode { id: 2 }).unwrap();
+        assert_eq!(
+            s.apply(&Command::AddNode { node: node("c") }).unwrap(),
+            ApplyOutput::NodeId(3)
+        );
+    }
+
+    /// A zombie coordinator (old generation) must not be able to change replica states.
+    #[test]
+    fn stale_generation_is_fenced_and_attach_moves_only_with_takeover() {
+        let mut s = ClusterState::new("c");
+        for n in ["a", "b", "c"] {
+            s.apply(&Command::AddNode { node: node(n) }).unwrap();
+        }
+        s.apply(&Command::CreateVolume {
+            volume: volume("v", &[1, 2, 3]),
+        })
+        .unwrap();
+        let g1 = s
+            .apply(&Command::Attach {
+                name: "v".into(),
+                node: 1,
+                takeover: false,
+            })
+            .unwrap();
+        assert_eq!(g1, ApplyOutput::Generation(1));
+        assert!(matches!(
+            s.apply(&Command::Attach {
+                name: "v".into(),
+                node: 2,
+                takeover: false
+            }),
+            Err(ApplyError::FailedPrecondition(_))
+        ));
+        let g2 = s
+            .apply(&Command::Attach {
+                name: "v".into(),
+                node: 2,
+                takeover: true,
+            })
+            .unwrap();
+        assert_eq!(g2, ApplyOutput::Generation(2));
+        let stale = s.apply(&Command::SetReplicaState {
+            name: "v".into(),
+            node: 3,
+            state: ReplicaState::OutOfSync,
+            generation: 1,
+        });
+        assert!(matches!(
+            stale,
+            Err(ApplyError::Fenced {
+                current: 2,
+                stale: 1,
+                ..
+            })
+        ));
+        s.apply(&Command::SetReplicaState {
+            name: "v".into(),
+            node: 3,
+            state: ReplicaState::OutOfSync,
+            generation: 2,
+        })
+        .unwrap();
+        s.apply(&Command::SetReplicaState {
+            name: "v".into(),
+            node: 2,
+            state: ReplicaState::OutOfSync,
+            generation: 2,
+        })
+        .unwrap();
+        // The last in-sync replica cannot be ejected.
+        assert!(matches!(
+            s.apply(&Command::SetReplicaState {
+                name: "v".into(),
+                node: 1,
+                state: ReplicaState::OutOfSync,
+                generation: 2,
+            }),
+            Err(ApplyError::FailedPrecondition(_))
+        ));
+    }
+}
