@@ -2,6 +2,7 @@
 //!
 //! * [`cluster`]: cluster metadata on raft-rs + sled (state machine, raft ready loop).
 //! * [`io`]: the I/O engines (io_uring and std positional I/O) behind one owned-buffer API.
+//! * [`placement`]: topology-aware replica placement.
 //! * [`store`]: a replica's local store: sparse data, per-block crc32, activity log, pool
 //!   accounting.
 //! * [`meta`]: the metadata trait the rest of the engine uses, and its sled implementation.
@@ -14,6 +15,7 @@
 pub mod cluster;
 pub mod io;
 pub mod meta;
+pub mod placement;
 pub mod store;
 pub mod units;
 pub mod volume;

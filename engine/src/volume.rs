@@ -1,18 +1,26 @@
-//! The volume manager: validates requests, keeps metadata and replicas in step, and hands
-//! frontends an [`AttachedVolume`] to send I/O to.
+//! The volume manager: validates requests, turns them into committed cluster-metadata
+//! changes, keeps this node's replicas in step with the metadata, and hands frontends an
+//! [`AttachedVolume`] to send I/O to.
 //!
 //! Invariants:
-//! * A volume's metadata record exists before its replica files, and is removed after them,
-//!   so a crash between the two leaves at worst orphaned files, never a record without data.
-//! * I/O reaches a replica only through an [`AttachedVolume`]. Detach closes its gate and
+//! * Every decision (create, placement, attach, detach, delete) is a committed raft entry
+//!   before it takes effect; this node only acts on what it has applied.
+//! * I/O reaches replicas only through an [`AttachedVolume`]. Detach closes its gate and
 //!   waits for in-flight I/O, then flushes, so nothing is in flight once detach returns.
-//! * Every attach bumps the generation in the metadata before I/O is served.
+//! * Every attach bumps the generation before I/O is served.
+//! * Local replica files exist for exactly the volumes whose replica set names this node;
+//!   the reconciler creates, grows and removes them as the metadata changes.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use crate::meta::{IoPriority, MetaError, MetaStore, NodeIdentity, VolumeRecord};
+use crate::cluster::{
+    ApplyError, ApplyOutput, ClusterError, ClusterHandle, ClusterState, Command, ReplicaRecord,
+    ReplicaState, VolumeRecord,
+};
+use crate::meta::IoPriority;
+use crate::placement::{place, PlacementRequest};
 use crate::store::{Pool, Replica, StoreError, BLOCK_SIZE};
 
 /// Largest volume: 64 TiB. Checksum tables for a fully written volume of this size take
@@ -22,6 +30,8 @@ pub const MAX_VOLUME_BYTES: u64 = 64 << 40;
 pub const MAX_NAME_LEN: usize = 128;
 /// Highest replication factor accepted (as in Portworx).
 pub const MAX_REPL: u32 = 3;
+/// How often the reconciler re-checks local replicas even without metadata changes.
+pub const RECONCILE_INTERVAL: Duration = Duration::from_secs(2);
 
 #[derive(Debug, thiserror::Error)]
 pub enum VolumeError {
@@ -37,15 +47,17 @@ pub enum VolumeError {
     NotAttached(String),
     #[error(transparent)]
     Store(#[from] StoreError),
-    #[error(transparent)]
-    Meta(MetaError),
+    #[error("{0}")]
+    Unavailable(String),
 }
 
-impl From<MetaError> for VolumeError {
-    fn from(e: MetaError) -> Self {
+impl From<ClusterError> for VolumeError {
+    fn from(e: ClusterError) -> Self {
         match e {
-            MetaError::VolumeExists(name) => VolumeError::AlreadyExists(name),
-            other => VolumeError::Meta(other),
+            ClusterError::Apply(ApplyError::VolumeExists(n)) => VolumeError::AlreadyExists(n),
+            ClusterError::Apply(ApplyError::VolumeNotFound(n)) => VolumeError::NotFound(n),
+            ClusterError::Apply(other) => VolumeError::FailedPrecondition(other.to_string()),
+            ClusterError::Unavailable(m) => VolumeError::Unavailable(m),
         }
     }
 }
@@ -99,6 +111,10 @@ pub struct CreateSpec {
     pub repl: u32,
     pub io_priority: IoPriority,
     pub labels: BTreeMap<String, String>,
+    /// Placement restrictions (node names or ids, zones, domains).
+    pub nodes: Vec<String>,
+    pub zones: Vec<String>,
+    pub domains: Vec<String>,
 }
 
 /// What a caller asks to change; `None` leaves a field alone.
@@ -113,14 +129,21 @@ pub struct UpdateSpec {
 #[derive(Debug, Clone)]
 pub struct VolumeInfo {
     pub record: VolumeRecord,
+    /// Allocated bytes of this node's replica (0 when it holds none).
     pub allocated_bytes: u64,
     pub checksum_errors: u64,
+}
+
+/// Where an attached volume's I/O goes.
+enum Backend {
+    /// RF 1 with the replica on this node: straight to the store.
+    Local(Arc<Replica>),
 }
 
 /// A volume attached on this node: the coordinator that frontends send I/O to.
 pub struct AttachedVolume {
     record: VolumeRecord,
-    replica: Arc<Replica>,
+    backend: Backend,
     /// `true` while open. I/O holds a read guard; detach takes the write guard, which waits
     /// for every in-flight request.
     gate: tokio::sync::RwLock<bool>,
@@ -136,11 +159,15 @@ impl AttachedVolume {
     }
 
     pub async fn size_bytes(&self) -> u64 {
-        self.replica.size_bytes().await
+        match &self.backend {
+            Backend::Local(r) => r.size_bytes().await,
+        }
     }
 
     pub fn checksum_errors(&self) -> u64 {
-        self.replica.checksum_errors()
+        match &self.backend {
+            Backend::Local(r) => r.checksum_errors(),
+        }
     }
 
     fn detached(&self) -> VolumeError {
@@ -152,7 +179,9 @@ impl AttachedVolume {
         if !*open {
             return Err(self.detached());
         }
-        Ok(self.replica.read(offset, len).await?)
+        match &self.backend {
+            Backend::Local(r) => Ok(r.read(offset, len).await?),
+        }
     }
 
     pub async fn write(&self, offset: u64, data: Vec<u8>, fua: bool) -> Result<()> {
@@ -160,7 +189,9 @@ impl AttachedVolume {
         if !*open {
             return Err(self.detached());
         }
-        Ok(self.replica.write(offset, data, fua).await?)
+        match &self.backend {
+            Backend::Local(r) => Ok(r.write(offset, data, fua).await?),
+        }
     }
 
     pub async fn write_zeroes(&self, offset: u64, len: u64, fua: bool) -> Result<()> {
@@ -168,7 +199,9 @@ impl AttachedVolume {
         if !*open {
             return Err(self.detached());
         }
-        Ok(self.replica.write_zeroes(offset, len, fua).await?)
+        match &self.backend {
+            Backend::Local(r) => Ok(r.write_zeroes(offset, len, fua).await?),
+        }
     }
 
     pub async fn flush(&self) -> Result<()> {
@@ -176,7 +209,9 @@ impl AttachedVolume {
         if !*open {
             return Err(self.detached());
         }
-        Ok(self.replica.flush().await?)
+        match &self.backend {
+            Backend::Local(r) => Ok(r.flush().await?),
+        }
     }
 
     /// Closes the gate, waits for in-flight I/O and makes everything durable.
@@ -186,7 +221,9 @@ impl AttachedVolume {
             return Ok(());
         }
         *open = false;
-        self.replica.close().await?;
+        match &self.backend {
+            Backend::Local(r) => r.close().await?,
+        }
         Ok(())
     }
 
@@ -195,16 +232,15 @@ impl AttachedVolume {
     }
 }
 
-/// Owns every volume of this node.
+/// Owns this node's volumes: its replicas and its attachments.
 pub struct VolumeManager {
-    meta: Arc<dyn MetaStore>,
+    cluster: Arc<ClusterHandle>,
     pool: Arc<Pool>,
-    identity: NodeIdentity,
-    /// Storage nodes in the cluster. One until the cluster layer exists.
-    storage_nodes: u32,
+    node_id: u64,
+    /// Local replicas by volume id (names may be reused after a delete; ids never are).
     replicas: tokio::sync::Mutex<HashMap<String, Arc<Replica>>>,
     attached: std::sync::RwLock<HashMap<String, Arc<AttachedVolume>>>,
-    /// Serializes control operations so validation and effect cannot race.
+    /// Serializes control operations on this node so validation and effect cannot race.
     ops: tokio::sync::Mutex<()>,
 }
 
@@ -216,34 +252,45 @@ fn now_unix() -> u64 {
 }
 
 impl VolumeManager {
-    /// Opens every volume's replica (recovering after a crash) and re-attaches the volumes
-    /// that were attached on this node, each at a new generation.
-    pub async fn open(meta: Arc<dyn MetaStore>, pool: Arc<Pool>) -> Result<Arc<VolumeManager>> {
-        let identity = meta.identity()?;
+    /// Opens this node's replicas (recovering after a crash), re-attaches the volumes that
+    /// were attached here (each at a new generation) and starts the reconciler.
+    pub async fn open(cluster: Arc<ClusterHandle>, pool: Arc<Pool>) -> Result<Arc<VolumeManager>> {
         let mgr = Arc::new(VolumeManager {
-            meta,
+            node_id: cluster.node_id(),
+            cluster,
             pool,
-            identity,
-            storage_nodes: 1,
             replicas: tokio::sync::Mutex::new(HashMap::new()),
             attached: std::sync::RwLock::new(HashMap::new()),
             ops: tokio::sync::Mutex::new(()),
         });
-        for rec in mgr.meta.list_volumes()? {
-            let replica = mgr
-                .pool
-                .open_replica(&rec.id, &rec.name, rec.size_bytes)
-                .await?;
-            mgr.replicas.lock().await.insert(rec.name.clone(), replica);
-            if rec.attached_node.as_deref() == Some(mgr.identity.node_id.as_str()) {
-                mgr.attach_locked(&rec.name).await?;
+        mgr.reconcile().await;
+        let state = mgr.cluster.state();
+        for v in state.volumes.values() {
+            if v.attached_node == Some(mgr.node_id) {
+                let _op = mgr.ops.lock().await;
+                if let Err(e) = mgr.attach_locked(&v.name, false).await {
+                    tracing::error!(volume = %v.name, error = %e, "re-attach at start-up failed");
+                }
             }
         }
+        let weak = Arc::downgrade(&mgr);
+        let mut applied = mgr.cluster.raft().applied_watch();
+        tokio::spawn(async move {
+            loop {
+                let _ = tokio::time::timeout(RECONCILE_INTERVAL, applied.changed()).await;
+                let Some(mgr) = weak.upgrade() else { return };
+                mgr.reconcile().await;
+            }
+        });
         Ok(mgr)
     }
 
-    pub fn identity(&self) -> &NodeIdentity {
-        &self.identity
+    pub fn node_id(&self) -> u64 {
+        self.node_id
+    }
+
+    pub fn cluster(&self) -> &Arc<ClusterHandle> {
+        &self.cluster
     }
 
     pub fn pool(&self) -> &Arc<Pool> {
@@ -251,31 +298,97 @@ impl VolumeManager {
     }
 
     fn record(&self, name: &str) -> Result<VolumeRecord> {
-        self.meta
-            .get_volume(name)?
+        self.cluster
+            .state()
+            .volumes
+            .get(name)
+            .cloned()
             .ok_or_else(|| VolumeError::NotFound(name.to_string()))
     }
 
-    fn check_repl(&self, repl: u32) -> Result<()> {
-        if repl == 0 || repl > MAX_REPL {
-            return Err(VolumeError::InvalidArgument(format!(
-                "invalid replication factor {repl}: it must be between 1 and {MAX_REPL}"
-            )));
+    /// Brings local replica files in line with the metadata: opens (creating if needed)
+    /// the replicas this node holds, grows them, and removes those it no longer holds.
+    pub async fn reconcile(&self) {
+        let state = self.cluster.state();
+        let mut mine: HashMap<String, &VolumeRecord> = HashMap::new();
+        for v in state.volumes.values() {
+            if v.replica(self.node_id).is_some() {
+                mine.insert(v.id.clone(), v);
+            }
         }
-        if repl > self.storage_nodes {
-            return Err(VolumeError::FailedPrecondition(format!(
-                "replication factor {repl} needs {repl} storage nodes, but this cluster has {} (node {}); every replica must be on a different node",
-                self.storage_nodes, self.identity.node_id
-            )));
+        let mut replicas = self.replicas.lock().await;
+        for (id, v) in &mine {
+            match replicas.get(id) {
+                Some(r) => {
+                    if r.size_bytes().await < v.size_bytes {
+                        if let Err(e) = r.resize(v.size_bytes).await {
+                            tracing::error!(volume = %v.name, error = %e, "growing the local replica failed");
+                        }
+                    }
+                }
+                None => match self.pool.open_replica(id, &v.name, v.size_bytes).await {
+                    Ok(r) => {
+                        replicas.insert(id.clone(), r);
+                    }
+                    Err(e) => {
+                        tracing::error!(volume = %v.name, error = %e, "opening the local replica failed")
+                    }
+                },
+            }
         }
-        Ok(())
+        let attached_ids: Vec<String> = self
+            .attached
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .map(|a| a.record.id.clone())
+            .collect();
+        let stale: Vec<String> = replicas
+            .keys()
+            .filter(|id| !mine.contains_key(*id) && !attached_ids.contains(id))
+            .cloned()
+            .collect();
+        for id in stale {
+            if let Some(r) = replicas.remove(&id) {
+                let _ = r.close().await;
+                match self.pool.delete_replica(&r) {
+                    Ok(()) => tracing::info!(volume = %r.name(), "local replica removed"),
+                    Err(e) => {
+                        tracing::error!(volume = %r.name(), error = %e, "removing replica files failed")
+                    }
+                }
+            }
+        }
+    }
+
+    /// The local replica of a volume, opening it when the metadata says this node holds one.
+    pub async fn local_replica(&self, v: &VolumeRecord) -> Option<Arc<Replica>> {
+        v.replica(self.node_id)?;
+        let mut replicas = self.replicas.lock().await;
+        if let Some(r) = replicas.get(&v.id) {
+            return Some(r.clone());
+        }
+        match self.pool.open_replica(&v.id, &v.name, v.size_bytes).await {
+            Ok(r) => {
+                replicas.insert(v.id.clone(), r.clone());
+                Some(r)
+            }
+            Err(e) => {
+                tracing::error!(volume = %v.name, error = %e, "opening the local replica failed");
+                None
+            }
+        }
     }
 
     pub async fn create(&self, spec: CreateSpec) -> Result<VolumeInfo> {
         validate_name(&spec.name)?;
         validate_size(spec.size_bytes)?;
         let repl = if spec.repl == 0 { 1 } else { spec.repl };
-        self.check_repl(repl)?;
+        if repl > MAX_REPL {
+            return Err(VolumeError::InvalidArgument(format!(
+                "invalid replication factor {repl}: it must be between 1 and {MAX_REPL}"
+            )));
+        }
         for (k, v) in &spec.labels {
             if k.is_empty() || k.len() > 253 || v.len() > 253 || k.contains('=') {
                 return Err(VolumeError::InvalidArgument(format!(
@@ -284,17 +397,25 @@ impl VolumeManager {
             }
         }
         let _op = self.ops.lock().await;
-        if self.meta.get_volume(&spec.name)?.is_some() {
+        let state = self.cluster.state();
+        if state.volumes.contains_key(&spec.name) {
             return Err(VolumeError::AlreadyExists(spec.name));
         }
+        let nodes = place(
+            &state,
+            &PlacementRequest {
+                repl,
+                size_bytes: spec.size_bytes,
+                nodes: spec.nodes.clone(),
+                zones: spec.zones.clone(),
+                domains: spec.domains.clone(),
+                existing: Vec::new(),
+                unreachable: self.cluster.status().inactive,
+            },
+        )
+        .map_err(|e| VolumeError::FailedPrecondition(e.0))?;
         let rec = VolumeRecord {
-            // Unique within the cluster and across clusters in practice: the cluster id's
-            // hash, then a counter that is never reused.
-            id: format!(
-                "{:08x}{:08x}",
-                crc32fast::hash(self.identity.cluster_id.as_bytes()),
-                self.meta.next_id()?
-            ),
+            id: String::new(),
             name: spec.name.clone(),
             size_bytes: spec.size_bytes,
             repl,
@@ -303,34 +424,33 @@ impl VolumeManager {
             created_unix_seconds: now_unix(),
             generation: 0,
             attached_node: None,
+            replicas: nodes
+                .iter()
+                .map(|&node| ReplicaRecord {
+                    node,
+                    state: ReplicaState::InSync,
+                    generation: 0,
+                    resync_done_bytes: 0,
+                    resync_total_bytes: 0,
+                })
+                .collect(),
+            hot_regions: Default::default(),
         };
-        self.meta.create_volume(&rec)?;
-        let replica = match self
-            .pool
-            .open_replica(&rec.id, &rec.name, rec.size_bytes)
-            .await
-        {
-            Ok(r) => r,
-            Err(e) => {
-                // Roll back the record so the name is free again.
-                let _ = self.meta.delete_volume(&rec.name);
-                return Err(e.into());
-            }
-        };
-        self.replicas
-            .lock()
-            .await
-            .insert(rec.name.clone(), replica.clone());
-        tracing::info!(volume = %rec.name, id = %rec.id, size_bytes = rec.size_bytes, "volume created");
+        self.cluster
+            .propose(Command::CreateVolume { volume: rec })
+            .await?;
+        let rec = self.record(&spec.name)?;
+        let local = self.local_replica(&rec).await;
+        tracing::info!(volume = %rec.name, id = %rec.id, size_bytes = rec.size_bytes, ?nodes, "volume created");
         Ok(VolumeInfo {
-            allocated_bytes: replica.allocated_bytes(),
+            allocated_bytes: local.map_or(0, |r| r.allocated_bytes()),
             checksum_errors: 0,
             record: rec,
         })
     }
 
     async fn info(&self, record: VolumeRecord) -> VolumeInfo {
-        let replica = self.replicas.lock().await.get(&record.name).cloned();
+        let replica = self.replicas.lock().await.get(&record.id).cloned();
         VolumeInfo {
             allocated_bytes: replica.as_ref().map_or(0, |r| r.allocated_bytes()),
             checksum_errors: replica.as_ref().map_or(0, |r| r.checksum_errors()),
@@ -340,8 +460,8 @@ impl VolumeManager {
 
     pub async fn list(&self) -> Result<Vec<VolumeInfo>> {
         let mut out = Vec::new();
-        for rec in self.meta.list_volumes()? {
-            out.push(self.info(rec).await);
+        for rec in self.cluster.state().volumes.values() {
+            out.push(self.info(rec.clone()).await);
         }
         Ok(out)
     }
@@ -353,7 +473,7 @@ impl VolumeManager {
 
     pub async fn update(&self, name: &str, spec: UpdateSpec) -> Result<VolumeInfo> {
         let _op = self.ops.lock().await;
-        let mut rec = self.record(name)?;
+        let rec = self.record(name)?;
         if let Some(size) = spec.size_bytes {
             validate_size(size)?;
             if size < rec.size_bytes {
@@ -364,84 +484,152 @@ impl VolumeManager {
             }
         }
         if let Some(repl) = spec.repl {
-            self.check_repl(repl)?;
-        }
-        if let Some(size) = spec.size_bytes {
-            if size > rec.size_bytes {
-                let replica = self.replicas.lock().await.get(name).cloned();
-                if let Some(r) = replica {
-                    r.resize(size).await?;
-                }
-                rec.size_bytes = size;
+            if repl == 0 || repl > MAX_REPL {
+                return Err(VolumeError::InvalidArgument(format!(
+                    "invalid replication factor {repl}: it must be between 1 and {MAX_REPL}"
+                )));
+            }
+            if repl != rec.repl {
+                self.change_repl(&rec, repl).await?;
             }
         }
-        if let Some(repl) = spec.repl {
-            rec.repl = repl;
+        if spec.size_bytes.is_some_and(|s| s > rec.size_bytes) || spec.io_priority.is_some() {
+            self.cluster
+                .propose(Command::UpdateVolume {
+                    name: name.to_string(),
+                    size_bytes: spec.size_bytes.filter(|s| *s > rec.size_bytes),
+                    repl: None,
+                    io_priority: spec.io_priority,
+                })
+                .await?;
         }
-        if let Some(p) = spec.io_priority {
-            rec.io_priority = p;
+        self.reconcile().await;
+        self.inspect(name).await
+    }
+
+    /// Raises or lowers the replication factor: new replicas join out-of-sync (the
+    /// coordinator resyncs them); removed replicas are the least useful ones (out-of-sync
+    /// first, never the last in-sync one).
+    async fn change_repl(&self, rec: &VolumeRecord, repl: u32) -> Result<()> {
+        let state = self.cluster.state();
+        let mut replicas = rec.replicas.clone();
+        if repl as usize > replicas.len() {
+            let existing: Vec<u64> = replicas.iter().map(|r| r.node).collect();
+            let nodes = place(
+                &state,
+                &PlacementRequest {
+                    repl,
+                    size_bytes: rec.size_bytes,
+                    existing: existing.clone(),
+                    unreachable: self.cluster.status().inactive,
+                    ..Default::default()
+                },
+            )
+            .map_err(|e| VolumeError::FailedPrecondition(e.0))?;
+            for node in nodes.into_iter().filter(|n| !existing.contains(n)) {
+                replicas.push(ReplicaRecord {
+                    node,
+                    state: ReplicaState::OutOfSync,
+                    generation: rec.generation,
+                    resync_done_bytes: 0,
+                    resync_total_bytes: 0,
+                });
+            }
+        } else {
+            // Drop out-of-sync replicas first, then ones not on the attach node.
+            replicas.sort_by_key(|r| {
+                (
+                    r.state == ReplicaState::InSync,
+                    Some(r.node) == rec.attached_node,
+                )
+            });
+            while replicas.len() > repl as usize {
+                replicas.remove(0);
+            }
         }
-        self.meta.put_volume(&rec)?;
-        Ok(self.info(rec).await)
+        self.cluster
+            .propose(Command::SetReplicas {
+                name: rec.name.clone(),
+                replicas,
+                repl,
+                generation: rec.generation,
+            })
+            .await?;
+        Ok(())
     }
 
     pub async fn delete(&self, name: &str, force: bool) -> Result<()> {
         let _op = self.ops.lock().await;
         let rec = self.record(name)?;
-        if let Some(node) = &rec.attached_node {
+        if let Some(node) = rec.attached_node {
             if !force {
                 return Err(VolumeError::FailedPrecondition(format!(
-                    "volume '{name}' is attached on node {node}; detach it first, or delete with --force"
+                    "volume '{name}' is attached on node {}; detach it first, or delete with --force",
+                    self.node_name(&self.cluster.state(), node)
                 )));
             }
-            self.detach_locked(name).await?;
+            if node == self.node_id {
+                self.detach_locked(name).await?;
+            } else {
+                return Err(VolumeError::FailedPrecondition(format!(
+                    "volume '{name}' is attached on node {}; detach it there first",
+                    self.node_name(&self.cluster.state(), node)
+                )));
+            }
         }
-        let replica = self.replicas.lock().await.remove(name);
-        if let Some(r) = replica {
-            self.pool
-                .delete_replica(&r)
-                .map_err(|source| StoreError::Io {
-                    volume: name.to_string(),
-                    op: "delete replica files",
-                    source,
-                })?;
-        }
-        self.meta.delete_volume(name)?;
+        self.cluster
+            .propose(Command::DeleteVolume {
+                name: name.to_string(),
+            })
+            .await?;
+        self.reconcile().await;
         tracing::info!(volume = %name, "volume deleted");
         Ok(())
     }
 
-    /// Attaches a volume here. Attaching an already attached volume is a no-op.
-    pub async fn attach(&self, name: &str) -> Result<Arc<AttachedVolume>> {
-        let _op = self.ops.lock().await;
-        self.attach_locked(name).await
+    pub fn node_name(&self, state: &ClusterState, id: u64) -> String {
+        state
+            .nodes
+            .get(&id)
+            .map(|n| n.name.clone())
+            .unwrap_or_else(|| format!("#{id}"))
     }
 
-    async fn attach_locked(&self, name: &str) -> Result<Arc<AttachedVolume>> {
+    /// Attaches a volume here. Attaching a volume already attached here is a no-op.
+    /// `takeover` moves an attachment from another node (failover after that node is lost).
+    pub async fn attach(&self, name: &str, takeover: bool) -> Result<Arc<AttachedVolume>> {
+        let _op = self.ops.lock().await;
+        self.attach_locked(name, takeover).await
+    }
+
+    async fn attach_locked(&self, name: &str, takeover: bool) -> Result<Arc<AttachedVolume>> {
         if let Some(v) = self.attached_get(name) {
             return Ok(v);
         }
-        let mut rec = self.record(name)?;
-        if let Some(node) = &rec.attached_node {
-            if node != &self.identity.node_id {
-                return Err(VolumeError::FailedPrecondition(format!(
-                    "volume '{name}' is attached on node {node}; detach it there first"
-                )));
-            }
+        let rec = self.record(name)?;
+        if rec.repl > 1 || rec.replica(self.node_id).is_none() {
+            return Err(VolumeError::FailedPrecondition(format!(
+                "volume '{name}' has replicas on other nodes; serving it needs the replication coordinator, which this build does not include yet"
+            )));
         }
-        let replica = self
-            .replicas
-            .lock()
-            .await
-            .get(name)
-            .cloned()
-            .ok_or_else(|| VolumeError::NotFound(name.to_string()))?;
-        rec.generation += 1;
-        rec.attached_node = Some(self.identity.node_id.clone());
-        self.meta.put_volume(&rec)?;
+        let out = self
+            .cluster
+            .propose(Command::Attach {
+                name: name.to_string(),
+                node: self.node_id,
+                takeover,
+            })
+            .await?;
+        let rec = self.record(name)?;
+        if let ApplyOutput::Generation(g) = out {
+            debug_assert_eq!(g, rec.generation);
+        }
+        let replica = self.local_replica(&rec).await.ok_or_else(|| {
+            VolumeError::Unavailable(format!("the local replica of '{name}' cannot be opened"))
+        })?;
         let vol = Arc::new(AttachedVolume {
             record: rec,
-            replica,
+            backend: Backend::Local(replica),
             gate: tokio::sync::RwLock::new(true),
         });
         self.attached
@@ -461,19 +649,31 @@ impl VolumeManager {
     }
 
     async fn detach_locked(&self, name: &str) -> Result<()> {
-        let mut rec = self.record(name)?;
+        let rec = self.record(name)?;
         let vol = self
             .attached
             .write()
             .unwrap_or_else(|e| e.into_inner())
             .remove(name);
-        if let Some(v) = vol {
+        if let Some(v) = &vol {
             v.close().await?;
         }
-        if rec.attached_node.is_some() {
-            rec.attached_node = None;
-            self.meta.put_volume(&rec)?;
+        if rec.attached_node == Some(self.node_id) {
+            self.cluster
+                .propose(Command::Detach {
+                    name: name.to_string(),
+                    node: self.node_id,
+                    generation: rec.generation,
+                })
+                .await?;
             tracing::info!(volume = %name, "volume detached");
+        } else if let Some(node) = rec.attached_node {
+            if vol.is_none() {
+                return Err(VolumeError::FailedPrecondition(format!(
+                    "volume '{name}' is attached on node {}; detach it there",
+                    self.node_name(&self.cluster.state(), node)
+                )));
+            }
         }
         Ok(())
     }
@@ -510,11 +710,6 @@ impl VolumeManager {
         v
     }
 
-    /// Sum of the sizes of all volumes (thin provisioning lets this exceed the pool).
-    pub fn provisioned_bytes(&self) -> Result<u64> {
-        Ok(self.meta.list_volumes()?.iter().map(|r| r.size_bytes).sum())
-    }
-
     /// Clean shutdown: drains and flushes every attached volume and checkpoints every
     /// replica. Attachments stay recorded, so a restart serves the same volumes.
     pub async fn shutdown(&self) {
@@ -530,9 +725,9 @@ impl VolumeManager {
                 tracing::error!(volume = %name, error = %e, "closing volume at shutdown failed");
             }
         }
-        for (name, r) in self.replicas.lock().await.iter() {
+        for r in self.replicas.lock().await.values() {
             if let Err(e) = r.close().await {
-                tracing::error!(volume = %name, error = %e, "checkpointing replica at shutdown failed");
+                tracing::error!(volume = %r.name(), error = %e, "checkpointing replica at shutdown failed");
             }
         }
     }
@@ -541,13 +736,63 @@ impl VolumeManager {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cluster::{
+        ApplyError, Bootstrap, ForwardError, Forwarder, NodeRecord, NodeRole, Proposal, RaftNode,
+        RaftTransport,
+    };
     use crate::io::IoEngine;
-    use crate::meta::SledMeta;
 
-    async fn manager(dir: &std::path::Path, pool_bytes: u64) -> Arc<VolumeManager> {
-        let meta = Arc::new(SledMeta::open(&dir.join("meta")).unwrap());
-        let pool = Pool::open(&dir.join("pool"), pool_bytes, IoEngine::Std).unwrap();
-        VolumeManager::open(meta, pool).await.unwrap()
+    struct NoPeers;
+    impl RaftTransport for NoPeers {
+        fn send(&self, _: Vec<raft::eraftpb::Message>) {}
+    }
+    #[async_trait::async_trait]
+    impl Forwarder for NoPeers {
+        async fn forward(
+            &self,
+            _: &str,
+            _: &Proposal,
+        ) -> Result<(Result<ApplyOutput, ApplyError>, u64), ForwardError> {
+            Err(ForwardError::NotDelivered("single node".into()))
+        }
+    }
+
+    async fn manager(dir: &std::path::Path, new: bool) -> Arc<VolumeManager> {
+        let db = sled::open(dir.join("meta")).unwrap();
+        let b = if new {
+            Bootstrap::NewCluster
+        } else {
+            Bootstrap::Restart
+        };
+        let raft = RaftNode::start(1, &db, b, Arc::new(NoPeers)).unwrap();
+        let cluster = ClusterHandle::new(raft, Arc::new(NoPeers));
+        if new {
+            cluster
+                .propose(Command::Init {
+                    cluster_id: "c1".into(),
+                })
+                .await
+                .unwrap();
+            cluster
+                .propose(Command::AddNode {
+                    node: NodeRecord {
+                        id: 1,
+                        name: "node-1".into(),
+                        admin_addr: String::new(),
+                        data_addr: String::new(),
+                        domain: "default".into(),
+                        zone: "default".into(),
+                        rack: "default".into(),
+                        role: NodeRole::Voter,
+                        pool_size_bytes: 1 << 30,
+                        joined_unix_seconds: 0,
+                    },
+                })
+                .await
+                .unwrap();
+        }
+        let pool = Pool::open(&dir.join("pool"), 1 << 30, IoEngine::Std).unwrap();
+        VolumeManager::open(cluster, pool).await.unwrap()
     }
 
     fn spec(name: &str, size: u64) -> CreateSpec {
@@ -558,10 +803,10 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn lifecycle_validates_and_survives_reopen() {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn lifecycle_validates_and_survives_restart() {
         let dir = tempfile::tempdir().unwrap();
-        let mgr = manager(dir.path(), 1 << 30).await;
+        let mgr = manager(dir.path(), true).await;
         mgr.create(spec("v1", 1 << 20)).await.unwrap();
         assert!(matches!(
             mgr.create(spec("v1", 1 << 20)).await,
@@ -582,7 +827,7 @@ mod tests {
             matches!(&err, VolumeError::FailedPrecondition(m) if m.contains("needs 2 storage nodes")),
             "{err}"
         );
-        let v = mgr.attach("v1").await.unwrap();
+        let v = mgr.attach("v1", false).await.unwrap();
         assert_eq!(v.generation(), 1);
         v.write(0, vec![7; 4096], true).await.unwrap();
         assert!(matches!(
@@ -610,10 +855,11 @@ mod tests {
         .await
         .unwrap();
         mgr.shutdown().await;
+        mgr.cluster().raft().stop();
         drop(v);
         drop(mgr);
 
-        let mgr = manager(dir.path(), 1 << 30).await;
+        let mgr = manager(dir.path(), false).await;
         let v = mgr.attached("v1").expect("attachment survives restart");
         assert_eq!(v.generation(), 2, "re-attach bumps the generation");
         assert_eq!(v.size_bytes().await, 2 << 20);

@@ -1,15 +1,20 @@
 //! The admin gRPC API (`tandem.v1`): what `tandemctl` talks to.
 //!
-//! Engine errors map to gRPC statuses in one place, [`status`].
+//! Engine errors map to gRPC statuses in one place, [`status`]. The server starts before
+//! the node has joined its cluster (peers must reach it); until the volumes are open, every
+//! admin call answers UNAVAILABLE.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use tonic::{Request, Response, Status};
 
+use tandem_engine::cluster::{ClusterState, NodeRole, VolumeRecord};
 use tandem_engine::meta::IoPriority;
+use tandem_engine::placement::provisioned_by_node;
 use tandem_engine::volume::{CreateSpec, UpdateSpec, VolumeError, VolumeInfo, VolumeManager};
 use tandem_proto::admin as pb;
+use tandem_proto::admin::cluster_service_server::ClusterService;
 use tandem_proto::admin::node_service_server::NodeService;
 use tandem_proto::admin::volume_service_server::VolumeService;
 
@@ -20,26 +25,41 @@ pub struct NodeInfo {
     pub admin_addr: String,
     pub nbd_addr: String,
     pub metrics_addr: String,
+    pub data_addr: String,
     pub started: Instant,
+    pub token: String,
 }
 
 pub struct AdminApi {
-    volumes: Arc<VolumeManager>,
+    volumes: OnceLock<Arc<VolumeManager>>,
     info: NodeInfo,
 }
 
 impl AdminApi {
-    pub fn new(volumes: Arc<VolumeManager>, info: NodeInfo) -> AdminApi {
-        AdminApi { volumes, info }
+    pub fn new(info: NodeInfo) -> AdminApi {
+        AdminApi {
+            volumes: OnceLock::new(),
+            info,
+        }
+    }
+
+    pub fn bind(&self, volumes: Arc<VolumeManager>) {
+        let _ = self.volumes.set(volumes);
+    }
+
+    fn vm(&self) -> Result<&Arc<VolumeManager>, Status> {
+        self.volumes
+            .get()
+            .ok_or_else(|| Status::unavailable("tandemd is starting; retry in a moment"))
     }
 
     fn nbd_uri(&self, name: &str) -> String {
         format!("nbd://{}/{name}", self.info.nbd_addr)
     }
 
-    fn to_pb(&self, v: &VolumeInfo) -> pb::Volume {
+    fn to_pb(&self, vm: &VolumeManager, state: &ClusterState, v: &VolumeInfo) -> pb::Volume {
         let r = &v.record;
-        let attached = r.attached_node.clone().unwrap_or_default();
+        let attached_here = r.attached_node == Some(vm.node_id());
         pb::Volume {
             id: r.id.clone(),
             name: r.name.clone(),
@@ -48,30 +68,54 @@ impl AdminApi {
             io_priority: prio_to_pb(r.io_priority) as i32,
             labels: r.labels.clone().into_iter().collect(),
             generation: r.generation,
-            nbd_uri: if attached.is_empty() {
-                String::new()
-            } else {
+            nbd_uri: if attached_here {
                 self.nbd_uri(&r.name)
+            } else {
+                String::new()
             },
-            attached_node: attached.clone(),
+            attached_node: r
+                .attached_node
+                .map(|n| vm.node_name(state, n))
+                .unwrap_or_default(),
             allocated_bytes: v.allocated_bytes,
             created_unix_seconds: r.created_unix_seconds,
-            replicas: vec![pb::Replica {
-                node_id: self.volumes.identity().node_id.clone(),
-                state: if v.checksum_errors > 0 {
-                    "in-sync (checksum errors)".into()
-                } else {
-                    "in-sync".into()
-                },
-                allocated_bytes: v.allocated_bytes,
-            }],
-            state: if attached.is_empty() {
-                "detached".into()
-            } else {
+            replicas: replicas_pb(vm, state, r, v),
+            state: if r.attached_node.is_some() {
                 "attached".into()
+            } else {
+                "detached".into()
             },
         }
     }
+}
+
+fn replicas_pb(
+    vm: &VolumeManager,
+    state: &ClusterState,
+    r: &VolumeRecord,
+    v: &VolumeInfo,
+) -> Vec<pb::Replica> {
+    r.replicas
+        .iter()
+        .map(|rep| {
+            let mut s = rep.state.to_string();
+            if rep.resync_total_bytes > 0 {
+                s = format!(
+                    "{s} ({}%)",
+                    rep.resync_done_bytes * 100 / rep.resync_total_bytes.max(1)
+                );
+            }
+            pb::Replica {
+                node_id: vm.node_name(state, rep.node),
+                state: s,
+                allocated_bytes: if rep.node == vm.node_id() {
+                    v.allocated_bytes
+                } else {
+                    0
+                },
+            }
+        })
+        .collect()
 }
 
 fn prio_to_pb(p: IoPriority) -> pb::IoPriority {
@@ -104,11 +148,12 @@ pub fn status(e: VolumeError) -> Status {
         VolumeError::FailedPrecondition(_) | VolumeError::NotAttached(_) => {
             Status::failed_precondition(e.to_string())
         }
+        VolumeError::Unavailable(_) => Status::unavailable(e.to_string()),
         VolumeError::Store(StoreError::PoolFull { .. }) => {
             Status::resource_exhausted(e.to_string())
         }
         VolumeError::Store(StoreError::Shrink { .. }) => Status::failed_precondition(e.to_string()),
-        VolumeError::Store(_) | VolumeError::Meta(_) => {
+        VolumeError::Store(_) => {
             tracing::error!(error = %e, "admin request failed");
             Status::internal(e.to_string())
         }
@@ -121,21 +166,25 @@ impl NodeService for AdminApi {
         &self,
         _req: Request<pb::StatusRequest>,
     ) -> Result<Response<pb::StatusResponse>, Status> {
-        let vols = self.volumes.list().await.map_err(status)?;
-        let id = self.volumes.identity();
-        let pool = self.volumes.pool();
+        let vm = self.vm()?;
+        let vols = vm.list().await.map_err(status)?;
+        let state = vm.cluster().state();
+        let pool = vm.pool();
         Ok(Response::new(pb::StatusResponse {
-            node_id: id.node_id.clone(),
-            cluster_id: id.cluster_id.clone(),
+            node_id: vm.node_name(&state, vm.node_id()),
+            cluster_id: state.cluster_id.clone(),
             version: env!("CARGO_PKG_VERSION").to_string(),
             status: "online".into(),
             io_engine: pool.engine().name().into(),
             data_dir: self.info.data_dir.clone(),
             pool_size_bytes: pool.size_bytes(),
             pool_allocated_bytes: pool.allocated_bytes(),
-            pool_provisioned_bytes: vols.iter().map(|v| v.record.size_bytes).sum(),
+            pool_provisioned_bytes: provisioned_by_node(&state)
+                .get(&vm.node_id())
+                .copied()
+                .unwrap_or(0),
             volume_count: vols.len() as u32,
-            attached_count: self.volumes.attached_names().len() as u32,
+            attached_count: vm.attached_names().len() as u32,
             admin_addr: self.info.admin_addr.clone(),
             nbd_addr: self.info.nbd_addr.clone(),
             metrics_addr: self.info.metrics_addr.clone(),
@@ -150,6 +199,7 @@ impl VolumeService for AdminApi {
         &self,
         req: Request<pb::CreateVolumeRequest>,
     ) -> Result<Response<pb::VolumeResponse>, Status> {
+        let vm = self.vm()?;
         let r = req.into_inner();
         let spec = CreateSpec {
             name: r.name,
@@ -157,10 +207,13 @@ impl VolumeService for AdminApi {
             repl: r.repl,
             io_priority: prio_from_pb(r.io_priority)?.unwrap_or_default(),
             labels: r.labels.into_iter().collect(),
+            nodes: r.nodes,
+            zones: r.zones,
+            domains: r.domains,
         };
-        let v = self.volumes.create(spec).await.map_err(status)?;
+        let v = vm.create(spec).await.map_err(status)?;
         Ok(Response::new(pb::VolumeResponse {
-            volume: Some(self.to_pb(&v)),
+            volume: Some(self.to_pb(vm, &vm.cluster().state(), &v)),
         }))
     }
 
@@ -168,9 +221,11 @@ impl VolumeService for AdminApi {
         &self,
         _req: Request<pb::ListVolumesRequest>,
     ) -> Result<Response<pb::ListVolumesResponse>, Status> {
-        let vols = self.volumes.list().await.map_err(status)?;
+        let vm = self.vm()?;
+        let vols = vm.list().await.map_err(status)?;
+        let state = vm.cluster().state();
         Ok(Response::new(pb::ListVolumesResponse {
-            volumes: vols.iter().map(|v| self.to_pb(v)).collect(),
+            volumes: vols.iter().map(|v| self.to_pb(vm, &state, v)).collect(),
         }))
     }
 
@@ -178,13 +233,10 @@ impl VolumeService for AdminApi {
         &self,
         req: Request<pb::InspectVolumeRequest>,
     ) -> Result<Response<pb::VolumeResponse>, Status> {
-        let v = self
-            .volumes
-            .inspect(&req.into_inner().name)
-            .await
-            .map_err(status)?;
+        let vm = self.vm()?;
+        let v = vm.inspect(&req.into_inner().name).await.map_err(status)?;
         Ok(Response::new(pb::VolumeResponse {
-            volume: Some(self.to_pb(&v)),
+            volume: Some(self.to_pb(vm, &vm.cluster().state(), &v)),
         }))
     }
 
@@ -192,15 +244,16 @@ impl VolumeService for AdminApi {
         &self,
         req: Request<pb::UpdateVolumeRequest>,
     ) -> Result<Response<pb::VolumeResponse>, Status> {
+        let vm = self.vm()?;
         let r = req.into_inner();
         let spec = UpdateSpec {
             size_bytes: (r.size_bytes != 0).then_some(r.size_bytes),
             repl: (r.repl != 0).then_some(r.repl),
             io_priority: prio_from_pb(r.io_priority)?,
         };
-        let v = self.volumes.update(&r.name, spec).await.map_err(status)?;
+        let v = vm.update(&r.name, spec).await.map_err(status)?;
         Ok(Response::new(pb::VolumeResponse {
-            volume: Some(self.to_pb(&v)),
+            volume: Some(self.to_pb(vm, &vm.cluster().state(), &v)),
         }))
     }
 
@@ -208,11 +261,9 @@ impl VolumeService for AdminApi {
         &self,
         req: Request<pb::DeleteVolumeRequest>,
     ) -> Result<Response<pb::DeleteVolumeResponse>, Status> {
+        let vm = self.vm()?;
         let r = req.into_inner();
-        self.volumes
-            .delete(&r.name, r.force)
-            .await
-            .map_err(status)?;
+        vm.delete(&r.name, r.force).await.map_err(status)?;
         Ok(Response::new(pb::DeleteVolumeResponse {}))
     }
 
@@ -220,12 +271,13 @@ impl VolumeService for AdminApi {
         &self,
         req: Request<pb::AttachVolumeRequest>,
     ) -> Result<Response<pb::AttachVolumeResponse>, Status> {
-        let name = req.into_inner().name;
-        self.volumes.attach(&name).await.map_err(status)?;
-        let v = self.volumes.inspect(&name).await.map_err(status)?;
+        let vm = self.vm()?;
+        let r = req.into_inner();
+        vm.attach(&r.name, r.force).await.map_err(status)?;
+        let v = vm.inspect(&r.name).await.map_err(status)?;
         Ok(Response::new(pb::AttachVolumeResponse {
-            volume: Some(self.to_pb(&v)),
-            nbd_uri: self.nbd_uri(&name),
+            volume: Some(self.to_pb(vm, &vm.cluster().state(), &v)),
+            nbd_uri: self.nbd_uri(&r.name),
         }))
     }
 
@@ -233,13 +285,126 @@ impl VolumeService for AdminApi {
         &self,
         req: Request<pb::DetachVolumeRequest>,
     ) -> Result<Response<pb::VolumeResponse>, Status> {
-        let v = self
-            .volumes
-            .detach(&req.into_inner().name)
-            .await
-            .map_err(status)?;
+        let vm = self.vm()?;
+        let v = vm.detach(&req.into_inner().name).await.map_err(status)?;
         Ok(Response::new(pb::VolumeResponse {
-            volume: Some(self.to_pb(&v)),
+            volume: Some(self.to_pb(vm, &vm.cluster().state(), &v)),
+        }))
+    }
+}
+
+fn role_name(r: NodeRole) -> &'static str {
+    match r {
+        NodeRole::Voter => "voter",
+        NodeRole::Learner => "learner",
+        NodeRole::Witness => "witness",
+    }
+}
+
+impl AdminApi {
+    fn nodes_pb(&self, vm: &VolumeManager) -> Vec<pb::NodeInfo> {
+        let cluster = vm.cluster();
+        let state = cluster.state();
+        let status = cluster.status();
+        let provisioned = provisioned_by_node(&state);
+        state
+            .nodes
+            .values()
+            .map(|n| {
+                let health = if n.id == vm.node_id() {
+                    "online".to_string()
+                } else {
+                    match cluster.raft().peer_activity(n.id) {
+                        Some(true) => "online".into(),
+                        Some(false) => "unreachable".into(),
+                        None => "unknown".into(),
+                    }
+                };
+                pb::NodeInfo {
+                    id: n.id,
+                    name: n.name.clone(),
+                    role: role_name(n.role).into(),
+                    admin_addr: n.admin_addr.clone(),
+                    data_addr: n.data_addr.clone(),
+                    domain: n.domain.clone(),
+                    zone: n.zone.clone(),
+                    rack: n.rack.clone(),
+                    pool_size_bytes: n.pool_size_bytes,
+                    provisioned_bytes: provisioned.get(&n.id).copied().unwrap_or(0),
+                    health,
+                    is_leader: status.leader_id == n.id,
+                    raft_voter: status.voters.contains(&n.id),
+                }
+            })
+            .collect()
+    }
+}
+
+#[tonic::async_trait]
+impl ClusterService for AdminApi {
+    async fn list_nodes(
+        &self,
+        _req: Request<pb::ListNodesRequest>,
+    ) -> Result<Response<pb::ListNodesResponse>, Status> {
+        let vm = self.vm()?;
+        Ok(Response::new(pb::ListNodesResponse {
+            nodes: self.nodes_pb(vm),
+        }))
+    }
+
+    async fn inspect_cluster(
+        &self,
+        _req: Request<pb::InspectClusterRequest>,
+    ) -> Result<Response<pb::InspectClusterResponse>, Status> {
+        let vm = self.vm()?;
+        let cluster = vm.cluster();
+        let st = cluster.status();
+        let state = cluster.state();
+        Ok(Response::new(pb::InspectClusterResponse {
+            cluster_id: state.cluster_id.clone(),
+            leader_id: st.leader_id,
+            term: st.term,
+            commit_index: st.commit,
+            applied_index: st.applied,
+            local_node_id: vm.node_id(),
+            voters: st.voters.clone(),
+            learners: st.learners.clone(),
+            nodes: self.nodes_pb(vm),
+            volume_count: state.volumes.len() as u32,
+        }))
+    }
+
+    async fn show_token(
+        &self,
+        _req: Request<pb::ShowTokenRequest>,
+    ) -> Result<Response<pb::ShowTokenResponse>, Status> {
+        let vm = self.vm()?;
+        Ok(Response::new(pb::ShowTokenResponse {
+            cluster_id: vm.cluster().state().cluster_id.clone(),
+            token: self.info.token.clone(),
+        }))
+    }
+
+    async fn list_alerts(
+        &self,
+        _req: Request<pb::ListAlertsRequest>,
+    ) -> Result<Response<pb::ListAlertsResponse>, Status> {
+        let vm = self.vm()?;
+        Ok(Response::new(pb::ListAlertsResponse {
+            alerts: vm
+                .cluster()
+                .state()
+                .alerts
+                .iter()
+                .map(|a| pb::AlertInfo {
+                    id: a.id,
+                    unix_seconds: a.unix_seconds,
+                    severity: a.severity.clone(),
+                    kind: a.kind.clone(),
+                    resource: a.resource.clone(),
+                    message: a.message.clone(),
+                })
+                .collect(),
         }))
     }
 }

@@ -14,6 +14,8 @@ pub const DEFAULT_DATA_DIR: &str = "./tandem-data";
 pub const DEFAULT_ADMIN_ADDR: &str = "127.0.0.1:9010";
 pub const DEFAULT_NBD_ADDR: &str = "127.0.0.1:10809";
 pub const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:9011";
+pub const DEFAULT_DATA_ADDR: &str = "127.0.0.1:9020";
+pub const DEFAULT_TOPOLOGY: &str = "default";
 
 /// The Tandem storage daemon.
 #[derive(Debug, Parser, Default)]
@@ -44,6 +46,36 @@ pub struct Args {
     /// Log filter (tracing EnvFilter syntax); RUST_LOG overrides it [default: info]
     #[arg(long)]
     pub log: Option<String>,
+    /// Data-path (node-to-node replication) listen address [default: 127.0.0.1:9020]
+    #[arg(long)]
+    pub data_addr: Option<String>,
+    /// Admin address peers dial [default: the admin listen address]
+    #[arg(long)]
+    pub advertise_admin_addr: Option<String>,
+    /// Data-path address peers dial [default: the data listen address]
+    #[arg(long)]
+    pub advertise_data_addr: Option<String>,
+    /// Join the cluster of the member whose admin API is at this address
+    #[arg(long)]
+    pub join: Option<String>,
+    /// Cluster join token (printed by the first node; `tandemctl cluster token show`)
+    #[arg(long, env = "TANDEM_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Cluster domain (site) of this node [default: default]
+    #[arg(long)]
+    pub domain: Option<String>,
+    /// Zone of this node [default: default]
+    #[arg(long)]
+    pub zone: Option<String>,
+    /// Rack of this node [default: default]
+    #[arg(long)]
+    pub rack: Option<String>,
+    /// Make this node a raft voter (metadata replica) even beyond the first three
+    #[arg(long)]
+    pub kvdb: bool,
+    /// Node name [default: generated, e.g. node-3f2a...]
+    #[arg(long)]
+    pub name: Option<String>,
 }
 
 /// The config file's keys: the same names as the flags, with underscores.
@@ -57,6 +89,16 @@ pub struct FileConfig {
     pub metrics_addr: Option<String>,
     pub io_engine: Option<String>,
     pub log: Option<String>,
+    pub data_addr: Option<String>,
+    pub advertise_admin_addr: Option<String>,
+    pub advertise_data_addr: Option<String>,
+    pub join: Option<String>,
+    pub token: Option<String>,
+    pub domain: Option<String>,
+    pub zone: Option<String>,
+    pub rack: Option<String>,
+    pub kvdb: Option<bool>,
+    pub name: Option<String>,
 }
 
 /// Resolved configuration.
@@ -70,6 +112,16 @@ pub struct Config {
     pub metrics_addr: SocketAddr,
     pub io_engine: IoEngineChoice,
     pub log: String,
+    pub data_addr: SocketAddr,
+    pub advertise_admin_addr: Option<String>,
+    pub advertise_data_addr: Option<String>,
+    pub join: Option<String>,
+    pub token: Option<String>,
+    pub domain: String,
+    pub zone: String,
+    pub rack: String,
+    pub kvdb: bool,
+    pub name: Option<String>,
 }
 
 fn addr(what: &str, s: &str) -> anyhow::Result<SocketAddr> {
@@ -94,6 +146,9 @@ impl Config {
             }
             None => None,
         };
+        if args.join.is_some() && args.token.is_none() && file.token.is_none() {
+            bail!("--join needs --token: the cluster's join token (`tandemctl cluster token show` on a member)");
+        }
         let engine = args
             .io_engine
             .or(file.io_engine)
@@ -127,6 +182,31 @@ impl Config {
             )?,
             io_engine: engine.parse().map_err(anyhow::Error::msg)?,
             log: args.log.or(file.log).unwrap_or_else(|| "info".into()),
+            data_addr: addr(
+                "data-path address",
+                &args
+                    .data_addr
+                    .or(file.data_addr)
+                    .unwrap_or_else(|| DEFAULT_DATA_ADDR.into()),
+            )?,
+            advertise_admin_addr: args.advertise_admin_addr.or(file.advertise_admin_addr),
+            advertise_data_addr: args.advertise_data_addr.or(file.advertise_data_addr),
+            join: args.join.or(file.join),
+            token: args.token.or(file.token),
+            domain: args
+                .domain
+                .or(file.domain)
+                .unwrap_or_else(|| DEFAULT_TOPOLOGY.into()),
+            zone: args
+                .zone
+                .or(file.zone)
+                .unwrap_or_else(|| DEFAULT_TOPOLOGY.into()),
+            rack: args
+                .rack
+                .or(file.rack)
+                .unwrap_or_else(|| DEFAULT_TOPOLOGY.into()),
+            kvdb: args.kvdb || file.kvdb.unwrap_or(false),
+            name: args.name.or(file.name),
         })
     }
 }

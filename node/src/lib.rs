@@ -5,9 +5,12 @@
 //! * [`admin`]: the admin gRPC API.
 //! * [`nbd`]: the NBD frontend.
 //! * [`metrics`]: Prometheus metrics.
+//! * [`peer`]: node-to-node gRPC: raft transport, join, forwarded proposals.
 
 pub mod admin;
 pub mod config;
 pub mod daemon;
 pub mod metrics;
 pub mod nbd;
+pub mod peer;
+pub mod replica;

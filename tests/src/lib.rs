@@ -59,6 +59,8 @@ pub struct DaemonOpts {
 /// A running tandemd with its own data directory.
 pub struct Daemon {
     child: Option<Child>,
+    /// Listen ports, chosen once so that restarts keep their addresses (peers dial them).
+    ports: [u16; 4],
     pub data_dir: PathBuf,
     _tmp: Option<tempfile::TempDir>,
     pub opts: DaemonOpts,
@@ -83,6 +85,7 @@ impl Daemon {
         let data_dir = tmp.path().join("data");
         let mut d = Daemon {
             child: None,
+            ports: free_ports(),
             log_path: tmp.path().join("tandemd.log"),
             data_dir,
             _tmp: Some(tmp),
@@ -104,11 +107,13 @@ impl Daemon {
             .open(&self.log_path)
             .expect("open daemon log");
         let mut cmd = Command::new(bin("tandemd"));
+        let [admin, nbd, metrics, data] = self.ports;
         cmd.arg("--data-dir")
             .arg(&self.data_dir)
-            .args(["--admin-addr", "127.0.0.1:0"])
-            .args(["--nbd-addr", "127.0.0.1:0"])
-            .args(["--metrics-addr", "127.0.0.1:0"])
+            .args(["--admin-addr", &format!("127.0.0.1:{admin}")])
+            .args(["--nbd-addr", &format!("127.0.0.1:{nbd}")])
+            .args(["--metrics-addr", &format!("127.0.0.1:{metrics}")])
+            .args(["--data-addr", &format!("127.0.0.1:{data}")])
             .arg("--io-engine")
             .arg(self.opts.io_engine.clone().unwrap_or_else(io_engine));
         if let Some(p) = &self.opts.pool_size {
@@ -284,6 +289,20 @@ impl Drop for Daemon {
     fn drop(&mut self) {
         self.kill9();
     }
+}
+
+/// Four distinct free loopback ports. The listeners are held until all four are chosen, so
+/// they differ; another process could still take one before tandemd binds it, which the
+/// start-up error would show.
+pub fn free_ports() -> [u16; 4] {
+    let ls: Vec<std::net::TcpListener> = (0..4)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port"))
+        .collect();
+    let p: Vec<u16> = ls
+        .iter()
+        .map(|l| l.local_addr().expect("local addr").port())
+        .collect();
+    [p[0], p[1], p[2], p[3]]
 }
 
 /// A plain HTTP/1.0 GET on loopback.

@@ -10,9 +10,11 @@
 //! Transport (raft messages inside gRPC, authenticated before decoding) lives in the node
 //! crate behind [`raft_node::RaftTransport`].
 
+pub mod handle;
 pub mod raft_node;
 pub mod state;
 
+pub use handle::{ClusterError, ClusterHandle, ForwardError, Forwarder, Proposal};
 pub use raft_node::{Bootstrap, RaftError, RaftNode, RaftStatus, RaftTransport};
 pub use state::{
     Alert, ApplyError, ApplyOutput, ClusterState, Command, NodeRecord, NodeRole, ReplicaRecord,

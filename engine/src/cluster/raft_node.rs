@@ -79,6 +79,11 @@ pub struct RaftStatus {
     pub role: String,
     pub voters: Vec<u64>,
     pub learners: Vec<u64>,
+    /// Peers the leader heard from within the last election timeout (leader only; on a
+    /// follower, just the leader).
+    pub active: Vec<u64>,
+    /// Peers known but not recently heard from (leader only).
+    pub inactive: Vec<u64>,
 }
 
 /// A committed proposal's envelope: who proposed it, so the proposer can be told the result.
@@ -225,6 +230,10 @@ impl Storage for RaftStore {
     }
 }
 
+fn conf_state_of_voters(v: &[u64]) -> &[u64] {
+    v
+}
+
 fn conf_state_of(mem: &MemStorage) -> ConfState {
     mem.initial_state()
         .map(|s| s.conf_state)
@@ -348,6 +357,7 @@ impl RaftNode {
             ..Default::default()
         };
         cfg.validate().map_err(|e| RaftError::Raft(e.to_string()))?;
+        let snap_voters = conf_state_of(&mem).voters;
         let snap = Arc::new(RwLock::new(SnapSource::default()));
         let store = RaftStore {
             mem: mem.clone(),
@@ -390,7 +400,9 @@ impl RaftNode {
             applied_rx,
             thread: std::sync::Mutex::new(Some(thread)),
         });
-        if matches!(bootstrap, Bootstrap::NewCluster) {
+        // A sole voter need not wait out an election timeout to lead again.
+        let sole_voter = conf_state_of_voters(&snap_voters) == [id];
+        if matches!(bootstrap, Bootstrap::NewCluster) || sole_voter {
             node.send(Msg::Campaign);
         }
         Ok(node)
@@ -422,6 +434,24 @@ impl RaftNode {
 
     pub fn applied(&self) -> u64 {
         *self.applied_rx.borrow()
+    }
+
+    /// Whether a peer is reachable as far as this node can tell: `Some(true)` if heard from
+    /// recently, `Some(false)` if known unreachable (only the leader knows), `None` otherwise.
+    pub fn peer_activity(&self, id: u64) -> Option<bool> {
+        let s = self.status();
+        if s.active.contains(&id) {
+            Some(true)
+        } else if s.inactive.contains(&id) {
+            Some(false)
+        } else {
+            None
+        }
+    }
+
+    /// Changes whenever this node applies entries.
+    pub fn applied_watch(&self) -> watch::Receiver<u64> {
+        self.applied_rx.clone()
     }
 
     /// Hands a message received from a peer to raft.
@@ -671,6 +701,9 @@ impl Worker {
         if ents.is_empty() {
             return;
         }
+        // Proposers are answered only after the new state is visible, so they read their
+        // own writes.
+        let mut done = Vec::new();
         for e in ents {
             let index = e.index;
             match e.get_entry_type() {
@@ -684,9 +717,10 @@ impl Worker {
                                 };
                                 if env.proposer == self.id {
                                     if let Some((r, _)) = self.waiters.remove(&env.seq) {
-                                        let _ = r.send(
+                                        done.push((
+                                            r,
                                             res.map(|o| (o, index)).map_err(RaftError::Apply),
-                                        );
+                                        ));
                                     }
                                 }
                             }
@@ -716,7 +750,7 @@ impl Worker {
                     if let Ok(env) = serde_json::from_slice::<Envelope>(&e.context) {
                         if env.proposer == self.id {
                             if let Some((r, _)) = self.waiters.remove(&env.seq) {
-                                let _ = r.send(Ok((ApplyOutput::None, index)));
+                                done.push((r, Ok((ApplyOutput::None, index))));
                             }
                         }
                     }
@@ -731,6 +765,10 @@ impl Worker {
             self.fatal("state machine", e);
         }
         *self.shared.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(self.state.clone());
+        let _ = self.applied_tx.send(self.applied);
+        for (r, res) in done {
+            let _ = r.send(res);
+        }
         self.maybe_compact();
         self.refresh_snap_source();
     }
@@ -869,5 +907,21 @@ impl Worker {
         s.role = format!("{:?}", r.state).to_lowercase();
         s.voters = cs.voters.clone();
         s.learners = cs.learners.clone();
+        s.active.clear();
+        s.inactive.clear();
+        if r.state == StateRole::Leader {
+            for (id, pr) in r.prs().iter() {
+                if *id == self.id {
+                    continue;
+                }
+                if pr.recent_active {
+                    s.active.push(*id);
+                } else {
+                    s.inactive.push(*id);
+                }
+            }
+        } else if r.leader_id != 0 {
+            s.active.push(r.leader_id);
+        }
     }
 }

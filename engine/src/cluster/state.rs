@@ -126,6 +126,10 @@ pub struct Alert {
 /// A state-machine command. Proposers fill in every value (ids come from the state).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Command {
+    /// Names the cluster; the first command of a new cluster. Later ones are ignored.
+    Init {
+        cluster_id: String,
+    },
     /// Registers a node; its id is allocated at apply time and returned.
     AddNode {
         node: NodeRecord,
@@ -258,6 +262,15 @@ impl ClusterState {
     /// Applies one committed command.
     pub fn apply(&mut self, cmd: &Command) -> Result<ApplyOutput, ApplyError> {
         match cmd {
+            Command::Init { cluster_id } => {
+                if self.cluster_id.is_empty() {
+                    self.cluster_id = cluster_id.clone();
+                }
+                if self.next_node_id == 0 {
+                    self.next_node_id = 1;
+                }
+                Ok(ApplyOutput::None)
+            }
             Command::AddNode { node } => {
                 // Re-joining under the same name keeps the id (idempotent join).
                 if let Some(existing) = self.nodes.values().find(|n| n.name == node.name) {
@@ -300,8 +313,16 @@ impl ClusterState {
                         return Err(ApplyError::NodeNotFound(r.node));
                     }
                 }
+                // The id is assigned here, so concurrent creators can never collide: the
+                // cluster id's hash, then a sequence number that is never reused.
+                let mut v = volume.clone();
+                v.id = format!(
+                    "{:08x}{:08x}",
+                    crc32fast::hash(self.cluster_id.as_bytes()),
+                    self.next_volume_seq
+                );
                 self.next_volume_seq += 1;
-                self.volumes.insert(volume.name.clone(), volume.clone());
+                self.volumes.insert(v.name.clone(), v);
                 Ok(ApplyOutput::None)
             }
             Command::UpdateVolume {

@@ -324,6 +324,13 @@ fn block_matches(data: &[u8], stored: u32) -> Result<(), u32> {
     }
 }
 
+/// The crc32 of a 4 KiB block of zeros: what [`Replica::checksums`] reports for a block
+/// that was never written, so it compares equal to a written block of zeros.
+pub fn zero_block_crc() -> u32 {
+    static CRC: OnceLock<u32> = OnceLock::new();
+    *CRC.get_or_init(|| crc32fast::hash(&[0u8; BLOCK_SIZE]))
+}
+
 /// Data extents of a sparse file, as (start, end) byte ranges, via SEEK_DATA/SEEK_HOLE.
 fn data_extents(file: &File, len: u64) -> io::Result<Vec<(u64, u64)>> {
     let fd = file.as_raw_fd();
@@ -596,6 +603,73 @@ impl Replica {
         buf.drain(..skip);
         buf.truncate(len);
         Ok(buf)
+    }
+
+    /// The crc32 of every 4 KiB block covering `[offset, offset + len)`, one per block in
+    /// order, computed from the bytes the store holds: what replication compares to decide
+    /// whether two replicas hold the same data (resync, verify, reconciliation).
+    ///
+    /// * A never-written (or trimmed) block reports [`zero_block_crc`], the crc32 of a zero
+    ///   block, so it compares equal to a block that was written with zeros elsewhere.
+    /// * A block whose bytes fail their stored checksum (after a re-check under the block's
+    ///   lock, as in [`Replica::read`]) is counted in [`Replica::checksum_errors`] and logged,
+    ///   and reports the crc32 of its bytes as they are. Those differ from a good replica's,
+    ///   so a comparison finds the block and copies a good version over it; the corrupt
+    ///   bytes themselves are never returned.
+    ///
+    /// At most [`MAX_IO_BYTES`] per call. Reads data only where blocks are allocated.
+    pub async fn checksums(&self, offset: u64, len: u64) -> Result<Vec<u32>> {
+        let tables = self.tables.read().await;
+        self.check_range(&tables, offset, len)?;
+        if len == 0 {
+            return Ok(Vec::new());
+        }
+        let bs = BLOCK_SIZE as u64;
+        let first = offset / bs;
+        let last = (offset + len).div_ceil(bs);
+        let zero = zero_block_crc();
+        if !(first..last).any(|b| tables.is_allocated(b)) {
+            return Ok(vec![zero; (last - first) as usize]);
+        }
+        let (res, buf) = self
+            .engine
+            .read_at(
+                &self.data,
+                vec![0; ((last - first) * bs) as usize],
+                first * bs,
+            )
+            .await;
+        res.map_err(|e| self.io_err("read data", e))?;
+        let mut out = Vec::with_capacity((last - first) as usize);
+        for (i, block) in buf.chunks(BLOCK_SIZE).enumerate() {
+            let b = first + i as u64;
+            if !tables.is_allocated(b) {
+                out.push(zero);
+                continue;
+            }
+            if block_matches(block, tables.stored_crc(b)).is_ok() {
+                out.push(crc32fast::hash(block));
+                continue;
+            }
+            // As in `read`: a concurrent write may sit between its data and its checksum.
+            let _guard = self.range_lock.lock(b, b + 1).await;
+            let (res, fresh) = self
+                .engine
+                .read_at(&self.data, vec![0; BLOCK_SIZE], b * bs)
+                .await;
+            res.map_err(|e| self.io_err("read data", e))?;
+            if !tables.is_allocated(b) {
+                out.push(zero);
+                continue;
+            }
+            let stored = tables.stored_crc(b);
+            if let Err(actual) = block_matches(&fresh, stored) {
+                self.checksum_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(volume = %self.name, block = b, expected = stored, actual, "checksum mismatch while computing replica checksums");
+            }
+            out.push(crc32fast::hash(&fresh));
+        }
+        Ok(out)
     }
 
     /// Writes `data` at `offset`. With `fua` the write is durable when this returns.

@@ -15,6 +15,7 @@ use tonic::transport::Channel;
 use tandem_engine::meta::IoPriority;
 use tandem_engine::units::{format_size, parse_size};
 use tandem_proto::admin as pb;
+use tandem_proto::admin::cluster_service_client::ClusterServiceClient;
 use tandem_proto::admin::node_service_client::NodeServiceClient;
 use tandem_proto::admin::volume_service_client::VolumeServiceClient;
 
@@ -43,6 +44,35 @@ enum Cmd {
     /// Manage volumes
     #[command(subcommand, alias = "v")]
     Volume(VolumeCmd),
+    /// Inspect the cluster
+    #[command(subcommand)]
+    Cluster(ClusterCmd),
+    /// Show alerts
+    #[command(subcommand)]
+    Alerts(AlertsCmd),
+}
+
+#[derive(Subcommand)]
+enum ClusterCmd {
+    /// Nodes with role, addresses, topology, capacity and health
+    List,
+    /// Raft status and nodes
+    Inspect,
+    /// The join token
+    #[command(subcommand)]
+    Token(TokenCmd),
+}
+
+#[derive(Subcommand)]
+enum TokenCmd {
+    /// Print the cluster id and join token
+    Show,
+}
+
+#[derive(Subcommand)]
+enum AlertsCmd {
+    /// List alerts, oldest first
+    Show,
 }
 
 #[derive(Subcommand)]
@@ -65,7 +95,12 @@ enum VolumeCmd {
         force: bool,
     },
     /// Attach a volume on this node and print its NBD URI
-    Attach { name: String },
+    Attach {
+        name: String,
+        /// Take the attachment over from another node (failover after losing that node)
+        #[arg(long)]
+        force: bool,
+    },
     /// Detach a volume (drains and flushes its I/O)
     Detach { name: String },
 }
@@ -85,6 +120,15 @@ struct CreateArgs {
     /// Label as key=value; repeatable
     #[arg(long = "label", short = 'l')]
     labels: Vec<String>,
+    /// Place replicas only on these nodes (names or ids, comma separated)
+    #[arg(long, value_delimiter = ',')]
+    nodes: Vec<String>,
+    /// Place replicas only in these zones (comma separated)
+    #[arg(long, value_delimiter = ',')]
+    zones: Vec<String>,
+    /// Keep the volume inside these cluster domains (comma separated)
+    #[arg(long, value_delimiter = ',')]
+    domains: Vec<String>,
 }
 
 #[derive(Args)]
@@ -344,6 +388,8 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             }
             println!("{t}");
         }
+        Cmd::Cluster(cc) => run_cluster(ch, json, cc).await?,
+        Cmd::Alerts(AlertsCmd::Show) => run_alerts(ch, json).await?,
         Cmd::Volume(vc) => {
             let mut c = VolumeServiceClient::new(ch);
             match vc {
@@ -365,6 +411,9 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                             repl: a.repl,
                             io_priority: prio_to_pb(&a.io_priority)? as i32,
                             labels,
+                            nodes: a.nodes,
+                            zones: a.zones,
+                            domains: a.domains,
                         })
                         .await?
                         .into_inner()
@@ -485,9 +534,9 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                         println!("Volume deleted: {name}");
                     }
                 }
-                VolumeCmd::Attach { name } => {
+                VolumeCmd::Attach { name, force } => {
                     let r = c
-                        .attach_volume(pb::AttachVolumeRequest { name })
+                        .attach_volume(pb::AttachVolumeRequest { name, force })
                         .await?
                         .into_inner();
                     let Some(v) = r.volume.map(volume_out) else {
@@ -519,6 +568,184 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             }
         }
     }
+    Ok(())
+}
+
+#[derive(Serialize)]
+struct NodeOut {
+    id: u64,
+    name: String,
+    role: String,
+    leader: bool,
+    raft_voter: bool,
+    health: String,
+    domain: String,
+    zone: String,
+    rack: String,
+    admin_addr: String,
+    data_addr: String,
+    pool_size_bytes: u64,
+    provisioned_bytes: u64,
+}
+
+fn node_out(n: pb::NodeInfo) -> NodeOut {
+    NodeOut {
+        id: n.id,
+        name: n.name,
+        role: n.role,
+        leader: n.is_leader,
+        raft_voter: n.raft_voter,
+        health: n.health,
+        domain: n.domain,
+        zone: n.zone,
+        rack: n.rack,
+        admin_addr: n.admin_addr,
+        data_addr: n.data_addr,
+        pool_size_bytes: n.pool_size_bytes,
+        provisioned_bytes: n.provisioned_bytes,
+    }
+}
+
+fn print_nodes(nodes: &[NodeOut]) {
+    let mut t = table();
+    t.set_header(vec![
+        "ID",
+        "NAME",
+        "ROLE",
+        "HEALTH",
+        "DOMAIN",
+        "ZONE",
+        "RACK",
+        "ADMIN",
+        "DATA",
+        "POOL",
+        "PROVISIONED",
+    ]);
+    for n in nodes {
+        t.add_row(vec![
+            n.id.to_string(),
+            n.name.clone(),
+            if n.leader {
+                format!("{} (leader)", n.role)
+            } else {
+                n.role.clone()
+            },
+            n.health.clone(),
+            n.domain.clone(),
+            n.zone.clone(),
+            n.rack.clone(),
+            n.admin_addr.clone(),
+            n.data_addr.clone(),
+            format_size(n.pool_size_bytes),
+            format_size(n.provisioned_bytes),
+        ]);
+    }
+    println!("{t}");
+}
+
+async fn run_cluster(ch: Channel, json: bool, cmd: ClusterCmd) -> Result<(), Failure> {
+    let mut c = ClusterServiceClient::new(ch);
+    match cmd {
+        ClusterCmd::List => {
+            let nodes: Vec<NodeOut> = c
+                .list_nodes(pb::ListNodesRequest {})
+                .await?
+                .into_inner()
+                .nodes
+                .into_iter()
+                .map(node_out)
+                .collect();
+            if json {
+                print_json(&nodes);
+            } else {
+                print_nodes(&nodes);
+            }
+        }
+        ClusterCmd::Inspect => {
+            let r = c
+                .inspect_cluster(pb::InspectClusterRequest {})
+                .await?
+                .into_inner();
+            let nodes: Vec<NodeOut> = r.nodes.into_iter().map(node_out).collect();
+            if json {
+                print_json(&serde_json::json!({
+                    "cluster_id": r.cluster_id,
+                    "leader_id": r.leader_id,
+                    "term": r.term,
+                    "commit_index": r.commit_index,
+                    "applied_index": r.applied_index,
+                    "local_node_id": r.local_node_id,
+                    "voters": r.voters,
+                    "learners": r.learners,
+                    "volume_count": r.volume_count,
+                    "nodes": nodes,
+                }));
+                return Ok(());
+            }
+            let mut t = table();
+            for (k, v) in [
+                ("Cluster ID", r.cluster_id.clone()),
+                ("Leader", r.leader_id.to_string()),
+                ("Term", r.term.to_string()),
+                ("Commit index", r.commit_index.to_string()),
+                ("Applied index", r.applied_index.to_string()),
+                ("This node", r.local_node_id.to_string()),
+                ("Voters", format!("{:?}", r.voters)),
+                ("Learners", format!("{:?}", r.learners)),
+                ("Volumes", r.volume_count.to_string()),
+            ] {
+                t.add_row(vec![format!("{k}:"), v]);
+            }
+            println!("{t}");
+            print_nodes(&nodes);
+        }
+        ClusterCmd::Token(TokenCmd::Show) => {
+            let r = c.show_token(pb::ShowTokenRequest {}).await?.into_inner();
+            if json {
+                print_json(&serde_json::json!({"cluster_id": r.cluster_id, "token": r.token}));
+            } else {
+                println!("Cluster ID: {}", r.cluster_id);
+                println!("Join token: {}", r.token);
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn run_alerts(ch: Channel, json: bool) -> Result<(), Failure> {
+    let alerts = ClusterServiceClient::new(ch)
+        .list_alerts(pb::ListAlertsRequest {})
+        .await?
+        .into_inner()
+        .alerts;
+    if json {
+        let v: Vec<_> = alerts
+            .iter()
+            .map(|a| {
+                serde_json::json!({
+                    "id": a.id, "unix_seconds": a.unix_seconds, "severity": a.severity,
+                    "kind": a.kind, "resource": a.resource, "message": a.message,
+                })
+            })
+            .collect();
+        print_json(&v);
+        return Ok(());
+    }
+    let mut t = table();
+    t.set_header(vec![
+        "ID", "TIME", "SEVERITY", "KIND", "RESOURCE", "MESSAGE",
+    ]);
+    for a in alerts {
+        t.add_row(vec![
+            a.id.to_string(),
+            a.unix_seconds.to_string(),
+            a.severity,
+            a.kind,
+            a.resource,
+            a.message,
+        ]);
+    }
+    println!("{t}");
     Ok(())
 }
 

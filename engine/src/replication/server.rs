@@ -1,0 +1,339 @@
+//! The replica side of the data path: [`ReplicaServer`] answers the frames a coordinator
+//! sends for this node's replicas.
+//!
+//! Invariants:
+//! * **Generation fencing.** A frame whose generation is lower than the volume's current
+//!   one (the generation in this node's metadata, or a higher one a coordinator has already
+//!   opened this replica at) is refused with `ESTALE` and never touches the replica. A
+//!   frame from the future (this node's metadata lags the attach) is held for at most
+//!   [`GENERATION_WAIT`] and then refused with `EAGAIN`. A frame at the current generation
+//!   from a node other than the attached one is refused with `EPERM`.
+//! * **An `Open` is a barrier.** It waits (at most [`OPEN_DRAIN_TIMEOUT`], else `EBUSY`)
+//!   for every I/O frame admitted before it to finish, then raises the replica's fence to
+//!   its generation. After a new coordinator's `Open`, nothing an older coordinator sent
+//!   can still land.
+//! * The coordinator on this node reaches its local replica through the same server
+//!   ([`ReplicaServer::handle`] called in-process), so a zombie coordinator's local writes
+//!   are fenced exactly like its remote ones.
+//!
+//! Frames (requests on the wire, errno in the reply status):
+//!
+//! | kind          | request                         | reply payload                         |
+//! |---------------|---------------------------------|---------------------------------------|
+//! | `Open`        | volume, generation              | [`OpenInfo`] (24 bytes)               |
+//! | `Read`        | offset, length                  | `length` bytes, verified by the store |
+//! | `Write`       | offset, length, payload, FUA    | empty                                 |
+//! | `WriteZeroes` | offset, length, FUA             | empty                                 |
+//! | `Flush`       |                                 | empty                                 |
+//! | `Checksums`   | offset, length (<= 32 MiB)      | crc32 (BE) per 4 KiB block covered    |
+//!
+//! Other kinds are answered `EOPNOTSUPP`; an unknown volume, or a volume with no replica on
+//! this node, `ENOENT`; store errors map through [`crate::store::StoreError::errno`].
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Instant;
+
+use bytes::{BufMut, Bytes, BytesMut};
+
+use super::{MetaProposer, GENERATION_POLL, GENERATION_WAIT, OPEN_DRAIN_TIMEOUT};
+use crate::store::{Replica, BLOCK_SIZE, MAX_IO_BYTES};
+use crate::wire::frame::{STATUS_OK, FLAG_FUA};
+use crate::wire::{Frame, FrameHandler, Kind};
+
+/// The node's local replicas, by the volume's wire id (`VolumeRecord::wire_id`).
+pub trait LocalReplicas: Send + Sync + 'static {
+    fn get(&self, volume_wire_id: u64) -> Option<Arc<Replica>>;
+}
+
+/// What an `Open` reply says about the replica.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OpenInfo {
+    /// The replica's size; the coordinator refuses a replica smaller than the volume.
+    pub size_bytes: u64,
+    /// Changes whenever the replica was (re)opened on its node. A coordinator that sees a
+    /// new instance cannot trust the writes it believes the replica already had.
+    pub instance: u64,
+    /// Regions the store recomputed at its last open (non-zero after an unclean stop:
+    /// writes it acked but had not flushed may be gone).
+    pub recovered_regions: u64,
+}
+
+impl OpenInfo {
+    pub const ENCODED_LEN: usize = 24;
+
+    pub fn encode(&self) -> Bytes {
+        let mut b = BytesMut::with_capacity(Self::ENCODED_LEN);
+        b.put_u64(self.size_bytes);
+        b.put_u64(self.instance);
+        b.put_u64(self.recovered_regions);
+        b.freeze()
+    }
+
+    pub fn decode(p: &[u8]) -> Option<OpenInfo> {
+        if p.len() != Self::ENCODED_LEN {
+            return None;
+        }
+        let u = |i: usize| {
+            let mut a = [0u8; 8];
+            a.copy_from_slice(&p[i..i + 8]);
+            u64::from_be_bytes(a)
+        };
+        Some(OpenInfo {
+            size_bytes: u(0),
+            instance: u(8),
+            recovered_regions: u(16),
+        })
+    }
+}
+
+/// Per-volume fence state on this node.
+struct VolumeFence {
+    /// I/O frames hold it shared while they run; `Open` takes it exclusively.
+    io: tokio::sync::RwLock<()>,
+    /// Highest generation a coordinator has opened this replica at.
+    opened_generation: AtomicU64,
+    /// Identity of the replica object behind the current instance number.
+    instance: Mutex<(Weak<Replica>, u64)>,
+}
+
+/// Serves the wire frames of this node's replicas. See the module doc.
+pub struct ReplicaServer {
+    node_id: u64,
+    meta: Arc<dyn MetaProposer>,
+    replicas: Arc<dyn LocalReplicas>,
+    fences: Mutex<HashMap<u64, Arc<VolumeFence>>>,
+}
+
+impl std::fmt::Debug for ReplicaServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReplicaServer")
+            .field("node_id", &self.node_id)
+            .finish()
+    }
+}
+
+type Refusal = i32;
+
+impl ReplicaServer {
+    pub fn new(
+        node_id: u64,
+        meta: Arc<dyn MetaProposer>,
+        replicas: Arc<dyn LocalReplicas>,
+    ) -> Arc<ReplicaServer> {
+        Arc::new(ReplicaServer {
+            node_id,
+            meta,
+            replicas,
+            fences: Mutex::new(HashMap::new()),
+        })
+    }
+
+    pub fn node_id(&self) -> u64 {
+        self.node_id
+    }
+
+    /// The local replica of `volume_wire_id`, if this node has one.
+    pub fn replica(&self, volume_wire_id: u64) -> Option<Arc<Replica>> {
+        self.replicas.get(volume_wire_id)
+    }
+
+    /// Highest generation a coordinator opened the local replica of `volume_wire_id` at.
+    pub fn opened_generation(&self, volume_wire_id: u64) -> u64 {
+        self.fence(volume_wire_id)
+            .opened_generation
+            .load(Ordering::Acquire)
+    }
+
+    fn fence(&self, wire_id: u64) -> Arc<VolumeFence> {
+        let mut fences = self.fences.lock().unwrap_or_else(|e| e.into_inner());
+        fences
+            .entry(wire_id)
+            .or_insert_with(|| {
+                Arc::new(VolumeFence {
+                    io: tokio::sync::RwLock::new(()),
+                    opened_generation: AtomicU64::new(0),
+                    instance: Mutex::new((Weak::new(), 0)),
+                })
+            })
+            .clone()
+    }
+
+    /// Finds the volume and checks the frame's generation (see the module doc), waiting up
+    /// to [`GENERATION_WAIT`] for the local metadata to catch up with a newer one.
+    async fn admit(&self, peer: u64, req: &Frame, fence: &VolumeFence) -> Result<(), Refusal> {
+        let deadline = Instant::now() + GENERATION_WAIT;
+        loop {
+            let state = self.meta.state();
+            let Some(vol) = state
+                .volumes
+                .values()
+                .find(|v| v.wire_id() == req.volume_id)
+            else {
+                return Err(libc::ENOENT);
+            };
+            if vol.replica(self.node_id).is_none() {
+                return Err(libc::ENOENT);
+            }
+            let current = vol
+                .generation
+                .max(fence.opened_generation.load(Ordering::Acquire));
+            if req.generation < current {
+                return Err(libc::ESTALE);
+            }
+            if req.generation > vol.generation {
+                if Instant::now() >= deadline {
+                    return Err(libc::EAGAIN);
+                }
+                tokio::time::sleep(GENERATION_POLL).await;
+                continue;
+            }
+            if vol.attached_node.is_some_and(|n| n != peer) {
+                return Err(libc::EPERM);
+            }
+            return Ok(());
+        }
+    }
+
+    async fn serve(&self, peer: u64, req: &Frame) -> Result<Bytes, Refusal> {
+        if !matches!(
+            req.kind,
+            Kind::Open | Kind::Read | Kind::Write | Kind::WriteZeroes | Kind::Flush | Kind::Checksums
+        ) {
+            return Err(libc::EOPNOTSUPP);
+        }
+        let replica = self.replicas.get(req.volume_id).ok_or(libc::ENOENT)?;
+        let fence = self.fence(req.volume_id);
+        self.admit(peer, req, &fence).await?;
+
+        if req.kind == Kind::Open {
+            let _drained = tokio::time::timeout(OPEN_DRAIN_TIMEOUT, fence.io.write())
+                .await
+                .map_err(|_| libc::EBUSY)?;
+            let prev = fence
+                .opened_generation
+                .fetch_max(req.generation, Ordering::AcqRel);
+            if prev > req.generation {
+                return Err(libc::ESTALE);
+            }
+            let instance = {
+                let mut inst = fence.instance.lock().unwrap_or_else(|e| e.into_inner());
+                let same = inst.0.upgrade().is_some_and(|r| Arc::ptr_eq(&r, &replica));
+                if !same {
+                    let mut n = [0u8; 8];
+                    // A clock-derived fallback is still different from the last one.
+                    let fresh = match getrandom::fill(&mut n) {
+                        Ok(()) => u64::from_ne_bytes(n),
+                        Err(_) => super::unix_seconds() ^ inst.1.wrapping_add(1),
+                    };
+                    *inst = (Arc::downgrade(&replica), fresh);
+                }
+                inst.1
+            };
+            return Ok(OpenInfo {
+                size_bytes: replica.size_bytes().await,
+                instance,
+                recovered_regions: replica.recovered_regions(),
+            }
+            .encode());
+        }
+
+        let _admitted = fence.io.read().await;
+        // An Open may have raised the fence while this frame waited for the lock.
+        if req.generation < fence.opened_generation.load(Ordering::Acquire) {
+            return Err(libc::ESTALE);
+        }
+        let fua = req.flags & FLAG_FUA != 0;
+        let errno = |e: crate::store::StoreError| e.errno();
+        match req.kind {
+            Kind::Read => {
+                let data = replica
+                    .read(req.offset, req.length as usize)
+                    .await
+                    .map_err(errno)?;
+                Ok(Bytes::from(data))
+            }
+            Kind::Write => {
+                if req.payload.len() != req.length as usize {
+                    return Err(libc::EINVAL);
+                }
+                replica
+                    .write(req.offset, req.payload.to_vec(), fua)
+                    .await
+                    .map_err(errno)?;
+                Ok(Bytes::new())
+            }
+            Kind::WriteZeroes => {
+                if !req.payload.is_empty() {
+                    return Err(libc::EINVAL);
+                }
+                replica
+                    .write_zeroes(req.offset, req.length as u64, fua)
+                    .await
+                    .map_err(errno)?;
+                Ok(Bytes::new())
+            }
+            Kind::Flush => {
+                replica.flush().await.map_err(errno)?;
+                Ok(Bytes::new())
+            }
+            Kind::Checksums => {
+                if req.length as usize > MAX_IO_BYTES {
+                    return Err(libc::EINVAL);
+                }
+                let crcs = replica
+                    .checksums(req.offset, req.length as u64)
+                    .await
+                    .map_err(errno)?;
+                let mut b = BytesMut::with_capacity(crcs.len() * 4);
+                for c in crcs {
+                    b.put_u32(c);
+                }
+                Ok(b.freeze())
+            }
+            _ => Err(libc::EOPNOTSUPP),
+        }
+    }
+}
+
+/// Decodes a `Checksums` reply for `[offset, offset + len)`: one crc32 per block covered.
+pub(crate) fn decode_checksums(offset: u64, len: u64, payload: &[u8]) -> Option<Vec<u32>> {
+    let bs = BLOCK_SIZE as u64;
+    let blocks = if len == 0 {
+        0
+    } else {
+        (offset + len).div_ceil(bs) - offset / bs
+    };
+    if payload.len() as u64 != blocks * 4 {
+        return None;
+    }
+    Some(
+        payload
+            .chunks_exact(4)
+            .map(|c| u32::from_be_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
+    )
+}
+
+#[async_trait::async_trait]
+impl FrameHandler for ReplicaServer {
+    async fn handle(&self, peer_node_id: u64, req: Frame) -> Frame {
+        match self.serve(peer_node_id, &req).await {
+            Ok(payload) => Frame::reply_to(&req, STATUS_OK, payload),
+            Err(errno) => {
+                if errno != libc::ESTALE {
+                    tracing::debug!(
+                        peer_node_id,
+                        kind = ?req.kind,
+                        volume_id = req.volume_id,
+                        generation = req.generation,
+                        errno,
+                        "replica request refused or failed"
+                    );
+                }
+                Frame::reply_to(&req, errno as u32, Bytes::new())
+            }
+        }
+    }
+}

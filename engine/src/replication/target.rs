@@ -1,0 +1,180 @@
+//! How the coordinator reaches one replica: the local one through the node's
+//! [`ReplicaServer`] in-process, a remote one through a [`WireClient`]. Both speak the same
+//! frames and pass the same generation fence, so the coordinator has one code path and a
+//! zombie coordinator is fenced on its own node too.
+//!
+//! Invariant: every call ends within its timeout. A local call runs in its own task, so
+//! a timeout (or a dropped caller) never cancels a store write half-way; its outcome is
+//! then unknown, as for a remote call whose reply never came.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use super::server::{decode_checksums, OpenInfo, ReplicaServer};
+use crate::wire::frame::FLAG_FUA;
+use crate::wire::{Frame, FrameHandler, Kind, WireClient};
+
+/// Why one replica did not do what it was asked.
+#[derive(Debug, Clone, thiserror::Error)]
+pub(super) enum TargetError {
+    #[error("replica answered errno {0} ({})", std::io::Error::from_raw_os_error(*.0))]
+    Status(i32),
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+    #[error("{0}")]
+    Transport(String),
+    #[error("malformed reply: {0}")]
+    BadReply(String),
+    #[error("not connected")]
+    NotConnected,
+}
+
+impl TargetError {
+    pub(super) fn errno(&self) -> i32 {
+        match self {
+            TargetError::Status(e) => *e,
+            _ => libc::EIO,
+        }
+    }
+
+    /// EIO from the replica: its store found a block that fails its checksum (or its disk
+    /// failed the read). Another copy may be good.
+    pub(super) fn is_bad_data(&self) -> bool {
+        matches!(self, TargetError::Status(e) if *e == libc::EIO)
+    }
+
+    pub(super) fn is_no_space(&self) -> bool {
+        matches!(self, TargetError::Status(e) if *e == libc::ENOSPC)
+    }
+}
+
+/// One replica as the coordinator sees it.
+#[derive(Clone)]
+pub(super) enum Target {
+    /// The replica on the coordinator's own node: `server.handle(coordinator_node, frame)`.
+    Local {
+        server: Arc<ReplicaServer>,
+        coordinator_node: u64,
+    },
+    Remote(Arc<WireClient>),
+}
+
+/// Volume-wide values every request carries.
+#[derive(Clone, Copy)]
+pub(super) struct Ctx {
+    pub(super) wire_id: u64,
+    pub(super) generation: u64,
+    pub(super) timeout: Duration,
+}
+
+impl Target {
+    pub(super) fn is_local(&self) -> bool {
+        matches!(self, Target::Local { .. })
+    }
+
+    /// Whether the connection is known dead.
+    pub(super) fn is_closed(&self) -> bool {
+        match self {
+            Target::Local { .. } => false,
+            Target::Remote(c) => c.is_closed(),
+        }
+    }
+
+    async fn call(&self, frame: Frame, timeout: Duration) -> Result<Frame, TargetError> {
+        let reply = match self {
+            Target::Local {
+                server,
+                coordinator_node,
+            } => {
+                let (server, node) = (server.clone(), *coordinator_node);
+                let task = tokio::spawn(async move { server.handle(node, frame).await });
+                match tokio::time::timeout(timeout, task).await {
+                    Err(_) => return Err(TargetError::Timeout(timeout)),
+                    Ok(Err(e)) => return Err(TargetError::Transport(format!("local task: {e}"))),
+                    Ok(Ok(reply)) => reply,
+                }
+            }
+            Target::Remote(client) => match tokio::time::timeout(timeout, client.call(frame)).await
+            {
+                Err(_) => return Err(TargetError::Timeout(timeout)),
+                Ok(Err(e)) => return Err(TargetError::Transport(e.to_string())),
+                Ok(Ok(reply)) => reply,
+            },
+        };
+        if reply.kind != Kind::Reply {
+            return Err(TargetError::BadReply(format!("{:?} frame", reply.kind)));
+        }
+        if reply.status != 0 {
+            return Err(TargetError::Status(reply.status as i32));
+        }
+        Ok(reply)
+    }
+
+    /// Opens the replica at `ctx.generation`. The replica side may wait for its metadata
+    /// and for older I/O to drain, so this allows more than one I/O timeout.
+    pub(super) async fn open(&self, ctx: Ctx) -> Result<OpenInfo, TargetError> {
+        let f = Frame::request(Kind::Open, ctx.wire_id, ctx.generation, 0, 0, Bytes::new());
+        let reply = self
+            .call(f, ctx.timeout + super::GENERATION_WAIT + super::OPEN_DRAIN_TIMEOUT)
+            .await?;
+        OpenInfo::decode(&reply.payload)
+            .ok_or_else(|| TargetError::BadReply(format!("open: {} bytes", reply.payload.len())))
+    }
+
+    pub(super) async fn read(&self, ctx: Ctx, offset: u64, len: usize) -> Result<Vec<u8>, TargetError> {
+        let f = Frame::request(Kind::Read, ctx.wire_id, ctx.generation, offset, len as u32, Bytes::new());
+        let reply = self.call(f, ctx.timeout).await?;
+        if reply.payload.len() != len {
+            return Err(TargetError::BadReply(format!(
+                "read of {len} bytes answered with {}",
+                reply.payload.len()
+            )));
+        }
+        Ok(Vec::from(reply.payload))
+    }
+
+    pub(super) async fn write(
+        &self,
+        ctx: Ctx,
+        offset: u64,
+        data: Bytes,
+        fua: bool,
+    ) -> Result<(), TargetError> {
+        let len = data.len() as u32;
+        let f = Frame::request(Kind::Write, ctx.wire_id, ctx.generation, offset, len, data)
+            .with_flags(if fua { FLAG_FUA } else { 0 });
+        self.call(f, ctx.timeout).await.map(|_| ())
+    }
+
+    pub(super) async fn write_zeroes(
+        &self,
+        ctx: Ctx,
+        offset: u64,
+        len: u32,
+        fua: bool,
+    ) -> Result<(), TargetError> {
+        let f = Frame::request(Kind::WriteZeroes, ctx.wire_id, ctx.generation, offset, len, Bytes::new())
+            .with_flags(if fua { FLAG_FUA } else { 0 });
+        self.call(f, ctx.timeout).await.map(|_| ())
+    }
+
+    pub(super) async fn flush(&self, ctx: Ctx) -> Result<(), TargetError> {
+        let f = Frame::request(Kind::Flush, ctx.wire_id, ctx.generation, 0, 0, Bytes::new());
+        self.call(f, ctx.timeout).await.map(|_| ())
+    }
+
+    /// crc32 per 4 KiB block of `[offset, offset + len)` (see `Replica::checksums`).
+    pub(super) async fn checksums(
+        &self,
+        ctx: Ctx,
+        offset: u64,
+        len: u64,
+    ) -> Result<Vec<u32>, TargetError> {
+        let f = Frame::request(Kind::Checksums, ctx.wire_id, ctx.generation, offset, len as u32, Bytes::new());
+        let reply = self.call(f, ctx.timeout).await?;
+        decode_checksums(offset, len, &reply.payload)
+            .ok_or_else(|| TargetError::BadReply(format!("checksums: {} bytes", reply.payload.len())))
+    }
+}
