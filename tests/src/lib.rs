@@ -98,6 +98,52 @@ impl Daemon {
         d
     }
 
+    /// Starts a daemon that is expected to fail start-up; returns its log once it exited.
+    pub fn start_expect_failure(opts: DaemonOpts) -> String {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let [admin, nbd, metrics, data] = free_ports();
+        let out = run_bounded(
+            Command::new(bin("tandemd"))
+                .arg("--data-dir")
+                .arg(tmp.path().join("data"))
+                .args(["--admin-addr", &format!("127.0.0.1:{admin}")])
+                .args(["--nbd-addr", &format!("127.0.0.1:{nbd}")])
+                .args(["--metrics-addr", &format!("127.0.0.1:{metrics}")])
+                .args(["--data-addr", &format!("127.0.0.1:{data}")])
+                .args(&opts.extra_args),
+            START_TIMEOUT,
+        );
+        assert!(!out.status.success(), "tandemd was expected to fail");
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    }
+
+    /// The cluster join token this daemon printed (its `tandemctl cluster token show`).
+    pub fn token(&self) -> String {
+        self.ctl_json(&["cluster", "token", "show"])["token"]
+            .as_str()
+            .expect("token")
+            .to_string()
+    }
+
+    /// Starts a daemon that joins `seed`'s cluster, with extra flags.
+    pub fn join(seed: &Daemon, extra: &[&str]) -> Daemon {
+        let mut args = vec![
+            "--join".to_string(),
+            seed.admin_addr.clone(),
+            "--token".to_string(),
+            seed.token(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        Daemon::start(DaemonOpts {
+            extra_args: args,
+            ..Default::default()
+        })
+    }
+
     /// (Re)starts the process on the same data directory.
     pub fn spawn(&mut self) {
         assert!(self.child.is_none(), "daemon already running");
