@@ -14,10 +14,14 @@
 #
 # Workloads (fio --ioengine=nbd, one connection, 4 KiB, random offsets over the whole export,
 # the same offset sequence for every target since fio's randrepeat is on):
-#   randwrite QD1   clat p50/p99 (µs) and IOPS
-#   randwrite QD32  IOPS (and clat p50/p99)
-#   randread  QD1   clat p50/p99 and IOPS         (READS=1, the default)
+#   randwrite QD1   latency p50/p99 (µs) and IOPS
+#   randwrite QD32  IOPS (and latency p50/p99)
+#   randread  QD1   latency p50/p99 and IOPS      (READS=1, the default)
 #   randread  QD32  IOPS                          (READS=1)
+# Latency is fio's total latency per request (lat = slat + clat, --lat_percentiles=1): with
+# the nbd ioengine, libnbd may send a request and read its reply inside fio's submit call,
+# so part of the time shows up as slat and clat alone under-reports (clat is kept in the
+# per-round table for reference).
 # The writes carry no FUA and fio sends no flush, so both servers write to the page cache.
 #
 # Knobs (environment variables):
@@ -30,8 +34,9 @@
 #   QEMU_AIO=threads  qemu-nbd --aio mode (threads, native, io_uring)
 #   QEMU=1            include qemu-nbd (0 to measure tandemd alone)
 #   WORKDIR_PARENT=${TMPDIR:-/tmp}   where the temporary directory (the data) is created
-#   RESULTS=          directory for fio JSON, logs and report.md [default: a new directory
+#   RESULTS=          directory for fio JSON, logs and summary.md [default: a new directory
 #                     under WORKDIR_PARENT, kept after the run]
+#   REPORT_ONLY=DIR   measure nothing; regenerate DIR/summary.md from DIR's raw results
 #   BUILD=1           run `cargo build --release -p tandem-node` first (0 to use what is built)
 #   KEEP=0            1 keeps the temporary data directory
 #
@@ -96,6 +101,151 @@ trap 'exit 130' INT
 trap 'exit 143' TERM
 
 # ---------------------------------------------------------------------------------------------
+# The report: summary.md from the files of a results directory (so it can be regenerated
+# from raw data with REPORT_ONLY=<results dir>).
+make_report() {
+    python3 - "$1" <<'EOF' > "$1/summary.md"
+import json, os, statistics, sys
+
+res = sys.argv[1]
+params = dict(l.rstrip("\n").split("=", 1) for l in open(os.path.join(res, "params.txt")) if "=" in l)
+runtime, ramp = int(params["runtime"]), int(params["ramp"])
+targets = [l.rstrip("\n").split("\t") for l in open(os.path.join(res, "targets.tsv"))]
+rows = [l.rstrip("\n").split("\t") for l in open(os.path.join(res, "index.tsv"))]
+names = [t for t, _ in targets]
+
+def parse(path, cpu_s):
+    j = json.load(open(path if os.path.isabs(path) else os.path.join(res, path)))["jobs"][0]
+    d = j["write"] if j["write"]["total_ios"] > 0 else j["read"]
+    # Total latency (submission + completion). With the nbd ioengine part of a request's
+    # time can land in fio's "slat" (libnbd may send the request and read its reply inside
+    # the submit call), so clat alone under-reports and is kept only for reference.
+    key = "lat_ns" if "percentile" in d.get("lat_ns", {}) else "clat_ns"
+    pct = d[key].get("percentile", {})
+    ios = d["total_ios"]
+    return {
+        "metric": "lat" if key == "lat_ns" else "clat",
+        "iops": d["iops"],
+        "p50": pct.get("50.000000", 0) / 1000,
+        "p99": pct.get("99.000000", 0) / 1000,
+        "mean": d[key]["mean"] / 1000,
+        "clat_p50": d["clat_ns"].get("percentile", {}).get("50.000000", 0) / 1000,
+        "slat_mean": d.get("slat_ns", {}).get("mean", 0) / 1000,
+        # Server CPU per I/O. fio's total_ios excludes the ramp and the CPU figure does
+        # not, so scale the CPU by runtime/(runtime+ramp).
+        "cpu_us": cpu_s * runtime / (runtime + ramp) / ios * 1e6 if ios else 0.0,
+    }
+
+data, order = {}, []
+for rnd, wl, tgt, path, cpu in rows:
+    if wl not in order:
+        order.append(wl)
+    r = parse(path, float(cpu))
+    r["round"] = int(rnd)
+    data.setdefault((wl, tgt), {})[int(rnd)] = r
+
+def med(wl, t, key):
+    return statistics.median(r[key] for r in data[(wl, t)].values())
+
+def span(wl, t, key, fmt):
+    xs = [r[key] for r in data[(wl, t)].values()]
+    return f" [{fmt.format(min(xs))}–{fmt.format(max(xs))}]" if len(xs) > 1 else ""
+
+def paired(wl, t, key):
+    """Per-round ratios target/qemu-nbd (same round = measured minutes apart)."""
+    a, q = data.get((wl, t), {}), data.get((wl, "qemu-nbd"), {})
+    return [a[r][key] / q[r][key] for r in sorted(a) if r in q and q[r][key]]
+
+out = []
+out.append("## NBD benchmark: tandemd vs qemu-nbd (fio nbd ioengine)\n")
+out.append(f"Command: `{params['command']}`\n")
+out.append("fio job: `" + open(os.path.join(res, "fio-command.txt")).read().strip() + "`\n")
+out.append(f"Precondition: each export (a sparse {params['size_gib']} GiB file) filled once with a")
+out.append("sequential 1 MiB write of its whole size, then synced, so measured writes are")
+out.append("overwrites and reads hit written data. The filesystem is synced before every job;")
+out.append("the order of the targets rotates from round to round.\n")
+out.append("```")
+out.append(open(os.path.join(res, "machine.txt")).read().rstrip())
+le = os.path.join(res, "load-end.txt")
+if os.path.exists(le):
+    out.append("load average at end: " + open(le).read().strip())
+out.append("```\n")
+
+metrics = {r["metric"] for d in data.values() for r in d.values()}
+lat = "lat" if metrics == {"lat"} else "clat"
+out.append("### Absolute figures (median over rounds; [min–max] over rounds)\n")
+if lat == "lat":
+    out.append("Latency is fio's total latency (`lat`: submission + completion) of each 4 KiB request.\n")
+else:
+    out.append("Latency is fio's completion latency (`clat`); this run predates `--lat_percentiles`.\n")
+out.append(f"| workload | target | IOPS | {lat} p50 µs | {lat} p99 µs | {lat} mean µs | server CPU µs/IO |")
+out.append("|---|---|---:|---:|---:|---:|---:|")
+for wl in order:
+    for t in names:
+        if (wl, t) in data:
+            out.append(
+                f"| {wl} | {t} | {med(wl, t, 'iops'):.0f}{span(wl, t, 'iops', '{:.0f}')}"
+                f" | {med(wl, t, 'p50'):.1f}{span(wl, t, 'p50', '{:.1f}')}"
+                f" | {med(wl, t, 'p99'):.1f} | {med(wl, t, 'mean'):.1f} | {med(wl, t, 'cpu_us'):.1f} |")
+out.append("")
+
+if "qemu-nbd" in names:
+    out.append("### Ratios tandem / qemu-nbd\n")
+    out.append("Each ratio is computed per round (the two jobs ran minutes apart), then the median")
+    out.append("over rounds is taken. Latency ratio ≤ 1.00 and IOPS ratio ≥ 1.00 mean tandem is at")
+    out.append("least as fast.\n")
+    out.append("| workload | target | p50 latency ratio | per round | p99 latency ratio | IOPS ratio | per round |")
+    out.append("|---|---|---:|---|---:|---:|---|")
+    for wl in order:
+        for t in names:
+            if t == "qemu-nbd" or not paired(wl, t, "iops"):
+                continue
+            p50, p99, iops = paired(wl, t, "p50"), paired(wl, t, "p99"), paired(wl, t, "iops")
+            out.append(
+                f"| {wl} | {t} | {statistics.median(p50):.2f} | {', '.join(f'{x:.2f}' for x in p50)}"
+                f" | {statistics.median(p99):.2f} | {statistics.median(iops):.2f}"
+                f" | {', '.join(f'{x:.2f}' for x in iops)} |")
+    out.append("")
+    out.append("### Target: at least as fast as qemu-nbd at p50 QD1 write latency and at QD32 write IOPS\n")
+    for t in names:
+        if t == "qemu-nbd":
+            continue
+        v = []
+        p = paired("randwrite-qd1", t, "p50")
+        if p:
+            m = statistics.median(p)
+            k = sum(x <= 1.0 for x in p)
+            v.append(f"QD1 write p50 ratio {m:.2f}, {'met' if m <= 1.0 else 'NOT met'} ({k} of {len(p)} rounds at or below 1.00)")
+        p = paired("randwrite-qd32", t, "iops")
+        if p:
+            m = statistics.median(p)
+            k = sum(x >= 1.0 for x in p)
+            v.append(f"QD32 write IOPS ratio {m:.2f}, {'met' if m >= 1.0 else 'NOT met'} ({k} of {len(p)} rounds at or above 1.00)")
+        out.append(f"- {t}: " + "; ".join(v))
+    out.append("")
+
+out.append("### Per-round detail (in the order the jobs ran)\n")
+out.append(f"| round | workload | target | IOPS | {lat} p50 µs | {lat} p99 µs | clat p50 µs | slat mean µs | server CPU µs/IO |")
+out.append("|---:|---|---|---:|---:|---:|---:|---:|---:|")
+for rnd, wl, tgt, _, _ in rows:
+    r = data[(wl, tgt)][int(rnd)]
+    out.append(f"| {rnd} | {wl} | {tgt} | {r['iops']:.0f} | {r['p50']:.1f} | {r['p99']:.1f}"
+               f" | {r['clat_p50']:.1f} | {r['slat_mean']:.1f} | {r['cpu_us']:.1f} |")
+out.append("")
+out.append("Targets:\n")
+for t, desc in targets:
+    out.append(f"- {t}: {desc}")
+print("\n".join(out))
+EOF
+    cat "$1/summary.md"
+}
+
+if [[ -n "${REPORT_ONLY:-}" ]]; then
+    make_report "$REPORT_ONLY"
+    exit 0
+fi
+
+# ---------------------------------------------------------------------------------------------
 # Tools.
 as_root() {
     if [[ $(id -u) == 0 ]]; then "$@"; elif command -v sudo >/dev/null; then sudo "$@"; else
@@ -154,6 +304,13 @@ fio: $(fio --version)
 qemu-nbd: $(if [[ "$QEMU" == 1 ]]; then qemu-nbd --version | head -1; else echo "not used"; fi)
 tandem: git $GIT_REV
 load average at start: $(cut -d' ' -f1-3 /proc/loadavg)
+EOF
+
+cat > "$RESULTS/params.txt" <<EOF
+command=$CMDLINE
+runtime=$RUNTIME
+ramp=$RAMP
+size_gib=$SIZE_GIB
 EOF
 
 # Free TCP ports on 127.0.0.1 (all bound at once, so they are distinct).
@@ -263,7 +420,7 @@ if [[ "$READS" == 1 ]]; then
     WORKLOADS+=("randread-qd1:randread:1" "randread-qd32:randread:32")
 fi
 FIO_COMMON=(--bs=4k --size="${SIZE_GIB}G" --time_based --runtime="$RUNTIME" --ramp_time="$RAMP"
-    --numjobs=1 --percentile_list=50:90:99:99.9 --output-format=json)
+    --numjobs=1 --lat_percentiles=1 --percentile_list=50:90:99:99.9 --output-format=json)
 echo "fio --ioengine=nbd --uri=nbd://127.0.0.1:PORT/$VOLUME --rw=<randwrite|randread> --iodepth=<1|32> ${FIO_COMMON[*]}" \
     > "$RESULTS/fio-command.txt"
 
@@ -288,7 +445,7 @@ for round in $(seq 1 "$ROUNDS"); do
                 --rw="$rw" --iodepth="$qd" "${FIO_COMMON[@]}" --output="$out" \
                 >/dev/null 2>"$out.err" || { cat "$out.err" >&2; die "fio failed: $wname on $t"; }
             c1=$(cpu_ticks "$pid")
-            printf '%s\t%s\t%s\t%s\t%s\n' "$round" "$wname" "$t" "$out" \
+            printf '%s\t%s\t%s\t%s\t%s\n' "$round" "$wname" "$t" "$(basename "$out")" \
                 "$(python3 -c "print(($c1 - $c0) / $CLK_TCK)")" >> "$INDEX"
         done
     done
@@ -299,126 +456,6 @@ done
 {
     for t in "${TARGETS[@]}"; do printf '%s\t%s\n' "$t" "${ENGINE_OF[$t]}"; done
 } > "$RESULTS/targets.tsv"
-
-python3 - "$RESULTS" "$RUNTIME" "$RAMP" <<'EOF' > "$RESULTS/report.md"
-import json, os, statistics, sys
-
-results, runtime, ramp = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-targets = [l.rstrip("\n").split("\t") for l in open(os.path.join(results, "targets.tsv"))]
-rows = [l.rstrip("\n").split("\t") for l in open(os.path.join(results, "index.tsv"))]
-
-def parse(path, cpu_s):
-    j = json.load(open(path))["jobs"][0]
-    d = j["write"] if j["write"]["total_ios"] > 0 else j["read"]
-    pct = d["clat_ns"].get("percentile", {})
-    ios = d["total_ios"]
-    return {
-        "iops": d["iops"],
-        "p50": pct.get("50.000000", 0) / 1000,
-        "p99": pct.get("99.000000", 0) / 1000,
-        "mean": d["clat_ns"]["mean"] / 1000,
-        # server CPU per I/O; fio's total_ios excludes the ramp, the CPU figure does not,
-        # so scale by runtime/(runtime+ramp) to compare like with like.
-        "cpu_us": (cpu_s * runtime / (runtime + ramp)) / ios * 1e6 if ios else 0,
-        "errors": j.get("error", 0),
-    }
-
-data = {}  # (workload, target) -> list of dicts
-order = []
-for rnd, wl, tgt, path, cpu in rows:
-    if wl not in order:
-        order.append(wl)
-    r = parse(path, float(cpu))
-    r["round"] = int(rnd)
-    data.setdefault((wl, tgt), []).append(r)
-
-names = [t for t, _ in targets]
-med = lambda xs: statistics.median(xs)
-def agg(wl, tgt, key):
-    return med([r[key] for r in data[(wl, tgt)]])
-def rng(wl, tgt, key, fmt):
-    xs = [r[key] for r in data[(wl, tgt)]]
-    return fmt.format(min(xs)) + "–" + fmt.format(max(xs)) if len(xs) > 1 else ""
-
-out = []
-out.append("### Absolute figures (median over rounds; range over rounds in brackets)\n")
-out.append("| workload | target | IOPS | clat p50 µs | clat p99 µs | clat mean µs | server CPU µs/IO |")
-out.append("|---|---|---:|---:|---:|---:|---:|")
-for wl in order:
-    for t in names:
-        if (wl, t) not in data:
-            continue
-        iops_r = rng(wl, t, "iops", "{:.0f}")
-        p50_r = rng(wl, t, "p50", "{:.1f}")
-        out.append(
-            f"| {wl} | {t} | {agg(wl, t, 'iops'):.0f}" + (f" [{iops_r}]" if iops_r else "")
-            + f" | {agg(wl, t, 'p50'):.1f}" + (f" [{p50_r}]" if p50_r else "")
-            + f" | {agg(wl, t, 'p99'):.1f} | {agg(wl, t, 'mean'):.1f} | {agg(wl, t, 'cpu_us'):.1f} |"
-        )
-out.append("")
-
-if "qemu-nbd" in names:
-    out.append("### Ratios tandem / qemu-nbd (medians; p50 ratio ≤ 1.00 and IOPS ratio ≥ 1.00 mean tandem is at least as fast)\n")
-    out.append("| workload | target | p50 latency ratio | p99 latency ratio | IOPS ratio | per-round IOPS ratios |")
-    out.append("|---|---|---:|---:|---:|---|")
-    for wl in order:
-        q = data.get((wl, "qemu-nbd"))
-        if not q:
-            continue
-        for t in names:
-            if t == "qemu-nbd" or (wl, t) not in data:
-                continue
-            p50 = agg(wl, t, "p50") / agg(wl, "qemu-nbd", "p50")
-            p99 = agg(wl, t, "p99") / agg(wl, "qemu-nbd", "p99")
-            iops = agg(wl, t, "iops") / agg(wl, "qemu-nbd", "iops")
-            qr = {r["round"]: r["iops"] for r in q}
-            per = ", ".join(f"{r['iops'] / qr[r['round']]:.2f}" for r in data[(wl, t)] if r["round"] in qr)
-            out.append(f"| {wl} | {t} | {p50:.2f} | {p99:.2f} | {iops:.2f} | {per} |")
-    out.append("")
-    out.append("### Target: at least as fast as qemu-nbd at p50 QD1 write latency and at QD32 write IOPS\n")
-    for t in names:
-        if t == "qemu-nbd":
-            continue
-        verdicts = []
-        if ("randwrite-qd1", t) in data and ("randwrite-qd1", "qemu-nbd") in data:
-            r = agg("randwrite-qd1", t, "p50") / agg("randwrite-qd1", "qemu-nbd", "p50")
-            verdicts.append(f"QD1 p50 ratio {r:.2f} ({'met' if r <= 1.0 else 'NOT met'})")
-        if ("randwrite-qd32", t) in data and ("randwrite-qd32", "qemu-nbd") in data:
-            r = agg("randwrite-qd32", t, "iops") / agg("randwrite-qd32", "qemu-nbd", "iops")
-            verdicts.append(f"QD32 IOPS ratio {r:.2f} ({'met' if r >= 1.0 else 'NOT met'})")
-        out.append(f"- {t}: " + "; ".join(verdicts))
-    out.append("")
-
-out.append("### Per-round detail\n")
-out.append("| round | workload | target | IOPS | clat p50 µs | clat p99 µs | server CPU µs/IO |")
-out.append("|---:|---|---|---:|---:|---:|---:|")
-for rnd, wl, tgt, path, cpu in rows:
-    r = next(x for x in data[(wl, tgt)] if x["round"] == int(rnd))
-    out.append(f"| {rnd} | {wl} | {tgt} | {r['iops']:.0f} | {r['p50']:.1f} | {r['p99']:.1f} | {r['cpu_us']:.1f} |")
-out.append("")
-out.append("Targets:\n")
-for t, desc in targets:
-    out.append(f"- {t}: {desc}")
-print("\n".join(out))
-EOF
-
-{
-    echo "## NBD benchmark: tandemd vs qemu-nbd (fio nbd ioengine)"
-    echo
-    echo "Command: \`$CMDLINE\`"
-    echo
-    echo "fio job: \`$(cat "$RESULTS/fio-command.txt")\`"
-    echo
-    echo "Precondition: each export (sparse file) filled once with a sequential 1 MiB write of"
-    echo "its whole ${SIZE_GIB} GiB, then synced; writes measured are overwrites. The filesystem"
-    echo "is synced before every job; target order rotates each round."
-    echo
-    echo '```'
-    cat "$RESULTS/machine.txt"
-    echo "load average at end: $(cut -d' ' -f1-3 /proc/loadavg)"
-    echo '```'
-    echo
-    cat "$RESULTS/report.md"
-} > "$RESULTS/summary.md"
-cat "$RESULTS/summary.md"
+cut -d' ' -f1-3 /proc/loadavg > "$RESULTS/load-end.txt"
+make_report "$RESULTS"
 log "raw fio JSON, logs and summary.md in $RESULTS"

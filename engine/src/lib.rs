@@ -5,6 +5,8 @@
 //! * [`placement`]: topology-aware replica placement.
 //! * [`store`]: a replica's local store: sparse data, per-block crc32, activity log, pool
 //!   accounting.
+//! * [`replication`]: the volume coordinator (write fan-out, ack rule, ejection, resync,
+//!   read repair, crash reconciliation) and the replica-side frame handler.
 //! * [`meta`]: the metadata trait the rest of the engine uses, and its sled implementation.
 //! * [`volume`]: the volume manager: validation, lifecycle (create, grow, attach, detach,
 //!   delete) and the attached volume that frontends hand I/O to.
@@ -16,6 +18,7 @@ pub mod cluster;
 pub mod io;
 pub mod meta;
 pub mod placement;
+pub mod replication;
 pub mod store;
 pub mod units;
 pub mod volume;

@@ -21,6 +21,10 @@ use crate::cluster::{
 };
 use crate::meta::IoPriority;
 use crate::placement::{place, PlacementRequest};
+use crate::replication::{
+    Coordinator, CoordinatorConfig, CoordinatorStats, LocalReplicas, ReplicaServer,
+    ReplicationError, VerifyReport,
+};
 use crate::store::{Pool, Replica, StoreError, BLOCK_SIZE};
 
 /// Largest volume: 64 TiB. Checksum tables for a fully written volume of this size take
@@ -49,6 +53,8 @@ pub enum VolumeError {
     Store(#[from] StoreError),
     #[error("{0}")]
     Unavailable(String),
+    #[error(transparent)]
+    Replication(#[from] ReplicationError),
 }
 
 impl From<ClusterError> for VolumeError {
@@ -136,8 +142,11 @@ pub struct VolumeInfo {
 
 /// Where an attached volume's I/O goes.
 enum Backend {
-    /// RF 1 with the replica on this node: straight to the store.
+    /// RF 1 with the replica on this node: straight to the store (no replication, so no
+    /// coordinator activity log and no fan-out cost).
     Local(Arc<Replica>),
+    /// Replicas on other nodes: the replication coordinator.
+    Replicated(Arc<Coordinator>),
 }
 
 /// A volume attached on this node: the coordinator that frontends send I/O to.
@@ -161,12 +170,14 @@ impl AttachedVolume {
     pub async fn size_bytes(&self) -> u64 {
         match &self.backend {
             Backend::Local(r) => r.size_bytes().await,
+            Backend::Replicated(c) => c.size_bytes(),
         }
     }
 
     pub fn checksum_errors(&self) -> u64 {
         match &self.backend {
             Backend::Local(r) => r.checksum_errors(),
+            Backend::Replicated(c) => c.stats().checksum_errors,
         }
     }
 
@@ -181,6 +192,7 @@ impl AttachedVolume {
         }
         match &self.backend {
             Backend::Local(r) => Ok(r.read(offset, len).await?),
+            Backend::Replicated(c) => Ok(c.read(offset, len).await?),
         }
     }
 
@@ -191,6 +203,7 @@ impl AttachedVolume {
         }
         match &self.backend {
             Backend::Local(r) => Ok(r.write(offset, data, fua).await?),
+            Backend::Replicated(c) => Ok(c.write(offset, data, fua).await?),
         }
     }
 
@@ -201,6 +214,7 @@ impl AttachedVolume {
         }
         match &self.backend {
             Backend::Local(r) => Ok(r.write_zeroes(offset, len, fua).await?),
+            Backend::Replicated(c) => Ok(c.write_zeroes(offset, len, fua).await?),
         }
     }
 
@@ -211,6 +225,7 @@ impl AttachedVolume {
         }
         match &self.backend {
             Backend::Local(r) => Ok(r.flush().await?),
+            Backend::Replicated(c) => Ok(c.flush().await?),
         }
     }
 
@@ -223,8 +238,32 @@ impl AttachedVolume {
         *open = false;
         match &self.backend {
             Backend::Local(r) => r.close().await?,
+            Backend::Replicated(c) => c.close().await?,
         }
         Ok(())
+    }
+
+    /// Compares the replicas block by block (by checksum).
+    pub async fn verify(&self) -> Result<VerifyReport> {
+        let open = self.gate.read().await;
+        if !*open {
+            return Err(self.detached());
+        }
+        match &self.backend {
+            Backend::Local(_) => Ok(VerifyReport {
+                in_sync_nodes: self.record.replicas.iter().map(|r| r.node).collect(),
+                ..Default::default()
+            }),
+            Backend::Replicated(c) => Ok(c.verify().await?),
+        }
+    }
+
+    /// The coordinator's counters (None for a local RF 1 volume).
+    pub fn stats(&self) -> Option<CoordinatorStats> {
+        match &self.backend {
+            Backend::Local(_) => None,
+            Backend::Replicated(c) => Some(c.stats()),
+        }
     }
 
     pub async fn is_open(&self) -> bool {
@@ -239,6 +278,13 @@ pub struct VolumeManager {
     node_id: u64,
     /// Local replicas by volume id (names may be reused after a delete; ids never are).
     replicas: tokio::sync::Mutex<HashMap<String, Arc<Replica>>>,
+    /// The same replicas by wire id, for the data-path server (a synchronous lookup).
+    by_wire_id: std::sync::RwLock<HashMap<u64, Arc<Replica>>>,
+    /// Cluster token, for the coordinator's data-path connections.
+    token: Arc<Vec<u8>>,
+    /// This node's data-path server; coordinators reach the local replica through it so
+    /// its generation fence covers local I/O too.
+    replica_server: std::sync::OnceLock<Arc<ReplicaServer>>,
     attached: std::sync::RwLock<HashMap<String, Arc<AttachedVolume>>>,
     /// Serializes control operations on this node so validation and effect cannot race.
     ops: tokio::sync::Mutex<()>,
@@ -254,15 +300,28 @@ fn now_unix() -> u64 {
 impl VolumeManager {
     /// Opens this node's replicas (recovering after a crash), re-attaches the volumes that
     /// were attached here (each at a new generation) and starts the reconciler.
-    pub async fn open(cluster: Arc<ClusterHandle>, pool: Arc<Pool>) -> Result<Arc<VolumeManager>> {
+    pub async fn open(
+        cluster: Arc<ClusterHandle>,
+        pool: Arc<Pool>,
+        token: Arc<Vec<u8>>,
+    ) -> Result<Arc<VolumeManager>> {
         let mgr = Arc::new(VolumeManager {
             node_id: cluster.node_id(),
             cluster,
             pool,
+            token,
+            by_wire_id: std::sync::RwLock::new(HashMap::new()),
+            replica_server: std::sync::OnceLock::new(),
             replicas: tokio::sync::Mutex::new(HashMap::new()),
             attached: std::sync::RwLock::new(HashMap::new()),
             ops: tokio::sync::Mutex::new(()),
         });
+        let server = ReplicaServer::new(
+            mgr.node_id,
+            mgr.cluster.clone(),
+            Arc::new(WeakReplicas(Arc::downgrade(&mgr))),
+        );
+        let _ = mgr.replica_server.set(server);
         mgr.reconcile().await;
         let state = mgr.cluster.state();
         for v in state.volumes.values() {
@@ -287,6 +346,14 @@ impl VolumeManager {
 
     pub fn node_id(&self) -> u64 {
         self.node_id
+    }
+
+    /// The data-path server answering for this node's replicas.
+    pub fn replica_server(&self) -> Arc<ReplicaServer> {
+        self.replica_server
+            .get()
+            .expect("set in VolumeManager::open")
+            .clone()
     }
 
     pub fn cluster(&self) -> &Arc<ClusterHandle> {
@@ -348,6 +415,7 @@ impl VolumeManager {
             .filter(|id| !mine.contains_key(*id) && !attached_ids.contains(id))
             .cloned()
             .collect();
+        self.index_replicas(&replicas);
         for id in stale {
             if let Some(r) = replicas.remove(&id) {
                 let _ = r.close().await;
@@ -361,6 +429,14 @@ impl VolumeManager {
         }
     }
 
+    fn index_replicas(&self, replicas: &HashMap<String, Arc<Replica>>) {
+        let idx = replicas
+            .iter()
+            .filter_map(|(id, r)| Some((u64::from_str_radix(id, 16).ok()?, r.clone())))
+            .collect();
+        *self.by_wire_id.write().unwrap_or_else(|e| e.into_inner()) = idx;
+    }
+
     /// The local replica of a volume, opening it when the metadata says this node holds one.
     pub async fn local_replica(&self, v: &VolumeRecord) -> Option<Arc<Replica>> {
         v.replica(self.node_id)?;
@@ -371,6 +447,7 @@ impl VolumeManager {
         match self.pool.open_replica(&v.id, &v.name, v.size_bytes).await {
             Ok(r) => {
                 replicas.insert(v.id.clone(), r.clone());
+                self.index_replicas(&replicas);
                 Some(r)
             }
             Err(e) => {
@@ -606,12 +683,6 @@ impl VolumeManager {
         if let Some(v) = self.attached_get(name) {
             return Ok(v);
         }
-        let rec = self.record(name)?;
-        if rec.repl > 1 || rec.replica(self.node_id).is_none() {
-            return Err(VolumeError::FailedPrecondition(format!(
-                "volume '{name}' has replicas on other nodes; serving it needs the replication coordinator, which this build does not include yet"
-            )));
-        }
         let out = self
             .cluster
             .propose(Command::Attach {
@@ -624,12 +695,23 @@ impl VolumeManager {
         if let ApplyOutput::Generation(g) = out {
             debug_assert_eq!(g, rec.generation);
         }
-        let replica = self.local_replica(&rec).await.ok_or_else(|| {
-            VolumeError::Unavailable(format!("the local replica of '{name}' cannot be opened"))
-        })?;
+        let local = self.local_replica(&rec).await;
+        let backend = if rec.replicas.len() == 1 && rec.replica(self.node_id).is_some() {
+            Backend::Local(local.ok_or_else(|| {
+                VolumeError::Unavailable(format!("the local replica of '{name}' cannot be opened"))
+            })?)
+        } else {
+            let mut cfg = CoordinatorConfig::new(self.node_id, self.token.clone());
+            cfg.local_server = Some(self.replica_server());
+            let meta: Arc<dyn crate::replication::MetaProposer> = self.cluster.clone();
+            let c = Coordinator::open(cfg, rec.clone(), local, meta).await?;
+            Backend::Replicated(c)
+        };
+        // The coordinator may have ejected replicas while opening: show the current record.
+        let rec = self.record(name)?;
         let vol = Arc::new(AttachedVolume {
             record: rec,
-            backend: Backend::Local(replica),
+            backend,
             gate: tokio::sync::RwLock::new(true),
         });
         self.attached
@@ -697,6 +779,22 @@ impl VolumeManager {
         }
     }
 
+    /// Compares a volume's replicas block by block. The volume must be attached here (the
+    /// coordinator holds the range lock that makes the comparison consistent).
+    pub async fn verify(&self, name: &str) -> Result<VerifyReport> {
+        let rec = self.record(name)?;
+        match self.attached_get(name) {
+            Some(v) => v.verify().await,
+            None => Err(VolumeError::FailedPrecondition(match rec.attached_node {
+                Some(n) => format!(
+                    "volume '{name}' is attached on node {}; run verify against that node",
+                    self.node_name(&self.cluster.state(), n)
+                ),
+                None => format!("volume '{name}' is not attached; attach it first to verify"),
+            })),
+        }
+    }
+
     /// Names of the volumes attached here.
     pub fn attached_names(&self) -> Vec<String> {
         let mut v: Vec<String> = self
@@ -730,6 +828,22 @@ impl VolumeManager {
                 tracing::error!(volume = %r.name(), error = %e, "checkpointing replica at shutdown failed");
             }
         }
+    }
+}
+
+/// The manager's replicas as the data-path server sees them (weak: the server must not
+/// keep the manager alive).
+struct WeakReplicas(std::sync::Weak<VolumeManager>);
+
+impl LocalReplicas for WeakReplicas {
+    fn get(&self, volume_wire_id: u64) -> Option<Arc<Replica>> {
+        self.0
+            .upgrade()?
+            .by_wire_id
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&volume_wire_id)
+            .cloned()
     }
 }
 
@@ -792,7 +906,9 @@ mod tests {
                 .unwrap();
         }
         let pool = Pool::open(&dir.join("pool"), 1 << 30, IoEngine::Std).unwrap();
-        VolumeManager::open(cluster, pool).await.unwrap()
+        VolumeManager::open(cluster, pool, Arc::new(b"t".to_vec()))
+            .await
+            .unwrap()
     }
 
     fn spec(name: &str, size: u64) -> CreateSpec {

@@ -153,6 +153,15 @@ pub fn status(e: VolumeError) -> Status {
             Status::resource_exhausted(e.to_string())
         }
         VolumeError::Store(StoreError::Shrink { .. }) => Status::failed_precondition(e.to_string()),
+        VolumeError::Replication(r) => match r {
+            tandem_engine::replication::ReplicationError::Fenced { .. } => {
+                Status::failed_precondition(e.to_string())
+            }
+            tandem_engine::replication::ReplicationError::NoSpace { .. } => {
+                Status::resource_exhausted(e.to_string())
+            }
+            _ => Status::unavailable(e.to_string()),
+        },
         VolumeError::Store(_) => {
             tracing::error!(error = %e, "admin request failed");
             Status::internal(e.to_string())
@@ -278,6 +287,45 @@ impl VolumeService for AdminApi {
         Ok(Response::new(pb::AttachVolumeResponse {
             volume: Some(self.to_pb(vm, &vm.cluster().state(), &v)),
             nbd_uri: self.nbd_uri(&r.name),
+        }))
+    }
+
+    async fn verify_volume(
+        &self,
+        req: Request<pb::VerifyVolumeRequest>,
+    ) -> Result<Response<pb::VerifyVolumeResponse>, Status> {
+        let vm = self.vm()?;
+        let r = vm.verify(&req.into_inner().name).await.map_err(status)?;
+        let state = vm.cluster().state();
+        let name = |n: &u64| vm.node_name(&state, *n);
+        Ok(Response::new(pb::VerifyVolumeResponse {
+            blocks_compared: r.blocks_compared,
+            in_sync_nodes: r.in_sync_nodes.iter().map(name).collect(),
+            resyncing_nodes: r.resyncing_nodes.iter().map(name).collect(),
+            mismatched_blocks: r.mismatched_blocks,
+            mismatches: r
+                .mismatches
+                .iter()
+                .map(|m| {
+                    let crcs: Vec<String> = m
+                        .crcs
+                        .iter()
+                        .map(|(n, c)| format!("{}={c:08x}", name(n)))
+                        .collect();
+                    format!(
+                        "block {} (offset {}): {}",
+                        m.block,
+                        m.offset_bytes,
+                        crcs.join(", ")
+                    )
+                })
+                .collect(),
+            resyncing_mismatched_blocks: r.resyncing_mismatched_blocks,
+            errors: r
+                .errors
+                .iter()
+                .map(|(n, e)| format!("{}: {e}", name(n)))
+                .collect(),
         }))
     }
 

@@ -294,7 +294,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         });
     }
 
-    let volumes = VolumeManager::open(cluster.clone(), pool)
+    let volumes = VolumeManager::open(cluster.clone(), pool, token.clone())
         .await
         .context("open volumes")?;
     api.bind(volumes.clone());

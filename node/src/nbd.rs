@@ -22,6 +22,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Mutex, Semaphore};
 use tokio::task::JoinSet;
 
+use tandem_engine::replication::ReplicationError;
 use tandem_engine::store::{StoreError, MAX_IO_BYTES};
 use tandem_engine::volume::{AttachedVolume, VolumeError, VolumeManager};
 
@@ -225,6 +226,7 @@ fn volume_errno(e: &VolumeError) -> u32 {
     match e {
         VolumeError::Store(StoreError::OutOfRange { .. }) => EINVAL,
         VolumeError::Store(s) => s.errno() as u32,
+        VolumeError::Replication(r) => r.errno() as u32,
         VolumeError::NotAttached(_) => ESHUTDOWN,
         _ => EIO,
     }
@@ -612,14 +614,24 @@ async fn handle_request(
             let errno = match (&e, cmd) {
                 // The spec asks for ENOSPC on writes past the end, EINVAL on reads.
                 (
-                    VolumeError::Store(StoreError::OutOfRange { .. }),
+                    VolumeError::Store(StoreError::OutOfRange { .. })
+                    | VolumeError::Replication(ReplicationError::OutOfRange { .. }),
                     CMD_WRITE | CMD_WRITE_ZEROES,
                 ) => ENOSPC,
-                (VolumeError::Store(StoreError::TooLarge { .. }), _) => EOVERFLOW,
+                (
+                    VolumeError::Store(StoreError::TooLarge { .. })
+                    | VolumeError::Replication(ReplicationError::TooLarge { .. }),
+                    _,
+                ) => EOVERFLOW,
                 _ => volume_errno(&e),
             };
-            if let VolumeError::Store(StoreError::ChecksumMismatch { .. }) = &e {
+            if let VolumeError::Store(StoreError::ChecksumMismatch { .. })
+            | VolumeError::Replication(ReplicationError::NoGoodCopy { .. }) = &e
+            {
                 vm.checksum_errors.inc();
+            }
+            if errno == ESHUTDOWN {
+                tracing::warn!(volume = vol.name(), error = %e, "I/O refused: volume detached or coordinator fenced");
             }
             if errno == EIO || errno == ENOSPC || errno == ENOMEM {
                 vm.io_errors.inc();

@@ -182,3 +182,19 @@ impl ClusterHandle {
         }
     }
 }
+
+#[async_trait::async_trait]
+impl crate::replication::MetaProposer for ClusterHandle {
+    async fn propose(&self, cmd: Command) -> Result<ApplyOutput, crate::replication::ProposeError> {
+        ClusterHandle::propose(self, cmd)
+            .await
+            .map_err(|e| match e {
+                ClusterError::Apply(a) => crate::replication::ProposeError::Apply(a),
+                ClusterError::Unavailable(m) => crate::replication::ProposeError::Unavailable(m),
+            })
+    }
+
+    fn state(&self) -> Arc<ClusterState> {
+        ClusterHandle::state(self)
+    }
+}

@@ -51,12 +51,19 @@ pub(super) struct Retire {
 }
 
 impl HotSet {
-    /// A hot set holding `initial` (regions a reconciliation could not clear), marked
-    /// unclean so they are never retired by this coordinator.
-    pub(super) fn new(initial: impl IntoIterator<Item = u64>) -> HotSet {
-        let mut inner = Inner::default();
-        for r in initial {
-            inner.regions.insert(
+    pub(super) fn new() -> HotSet {
+        HotSet {
+            inner: Mutex::new(Inner::default()),
+            commit: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// Adds committed hot regions that may differ between replicas (a reconciliation could
+    /// not clear them); they are never retired by this coordinator.
+    pub(super) fn add_unclean(&self, regions: &[u64]) {
+        let mut g = self.lock();
+        for &r in regions {
+            g.regions.insert(
                 r,
                 RegionUse {
                     in_flight: 0,
@@ -66,10 +73,6 @@ impl HotSet {
                     retiring: false,
                 },
             );
-        }
-        HotSet {
-            inner: Mutex::new(inner),
-            commit: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -211,7 +214,7 @@ mod tests {
 
     #[test]
     fn regions_retire_only_when_idle_clean_and_flushed() {
-        let h = HotSet::new([]);
+        let h = HotSet::new();
         assert!(!h.try_enter(1, 2));
         assert_eq!(h.take_wanted(), vec![1, 2]);
         h.added(&[1, 2]);

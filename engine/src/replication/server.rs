@@ -8,10 +8,13 @@
 //!   frame from the future (this node's metadata lags the attach) is held for at most
 //!   [`GENERATION_WAIT`] and then refused with `EAGAIN`. A frame at the current generation
 //!   from a node other than the attached one is refused with `EPERM`.
-//! * **An `Open` is a barrier.** It waits (at most [`OPEN_DRAIN_TIMEOUT`], else `EBUSY`)
-//!   for every I/O frame admitted before it to finish, then raises the replica's fence to
-//!   its generation. After a new coordinator's `Open`, nothing an older coordinator sent
-//!   can still land.
+//! * **An `Open` is a barrier and starts a session.** It waits (at most
+//!   [`OPEN_DRAIN_TIMEOUT`], else `EBUSY`) for every I/O frame admitted before it to
+//!   finish, then raises the replica's fence to (its generation, a new session number),
+//!   which it returns. I/O frames carry [`wire_generation`]`(generation, session)` in the
+//!   frame's generation field, and one from an older session is refused (`ESTALE`). So
+//!   after an `Open`, nothing sent before it (by an older coordinator, or by this one on a
+//!   connection it gave up on, even a frame still queued in a socket) can land.
 //! * The coordinator on this node reaches its local replica through the same server
 //!   ([`ReplicaServer::handle`] called in-process), so a zombie coordinator's local writes
 //!   are fenced exactly like its remote ones.
@@ -20,7 +23,7 @@
 //!
 //! | kind          | request                         | reply payload                         |
 //! |---------------|---------------------------------|---------------------------------------|
-//! | `Open`        | volume, generation              | [`OpenInfo`] (24 bytes)               |
+//! | `Open`        | volume, generation (session 0)  | [`OpenInfo`] (32 bytes)               |
 //! | `Read`        | offset, length                  | `length` bytes, verified by the store |
 //! | `Write`       | offset, length, payload, FUA    | empty                                 |
 //! | `WriteZeroes` | offset, length, FUA             | empty                                 |
@@ -33,14 +36,32 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
-use std::time::Instant;
 
 use bytes::{BufMut, Bytes, BytesMut};
 
 use super::{MetaProposer, GENERATION_POLL, GENERATION_WAIT, OPEN_DRAIN_TIMEOUT};
 use crate::store::{Replica, BLOCK_SIZE, MAX_IO_BYTES};
-use crate::wire::frame::{STATUS_OK, FLAG_FUA};
+use crate::wire::frame::{FLAG_FUA, STATUS_OK};
 use crate::wire::{Frame, FrameHandler, Kind};
+
+/// Low bits of a frame's generation field that carry the session (see the module doc);
+/// the volume generation takes the high 40 bits (10^12 attaches), the session the low 24
+/// (16 million opens of one replica within one generation).
+pub const SESSION_BITS: u32 = 24;
+
+/// Largest session number; an `Open` beyond it is refused with `EOVERFLOW`.
+pub const MAX_SESSION: u64 = (1 << SESSION_BITS) - 1;
+
+/// The value of a frame's generation field: the volume generation and the session the
+/// replica assigned at `Open` (0 in the `Open` itself).
+pub fn wire_generation(generation: u64, session: u64) -> u64 {
+    (generation << SESSION_BITS) | (session & MAX_SESSION)
+}
+
+/// (generation, session) of a frame's generation field.
+pub fn split_wire_generation(v: u64) -> (u64, u64) {
+    (v >> SESSION_BITS, v & MAX_SESSION)
+}
 
 /// The node's local replicas, by the volume's wire id (`VolumeRecord::wire_id`).
 pub trait LocalReplicas: Send + Sync + 'static {
@@ -58,16 +79,19 @@ pub struct OpenInfo {
     /// Regions the store recomputed at its last open (non-zero after an unclean stop:
     /// writes it acked but had not flushed may be gone).
     pub recovered_regions: u64,
+    /// The session this `Open` started; later I/O frames carry it.
+    pub session: u64,
 }
 
 impl OpenInfo {
-    pub const ENCODED_LEN: usize = 24;
+    pub const ENCODED_LEN: usize = 32;
 
     pub fn encode(&self) -> Bytes {
         let mut b = BytesMut::with_capacity(Self::ENCODED_LEN);
         b.put_u64(self.size_bytes);
         b.put_u64(self.instance);
         b.put_u64(self.recovered_regions);
+        b.put_u64(self.session);
         b.freeze()
     }
 
@@ -84,6 +108,7 @@ impl OpenInfo {
             size_bytes: u(0),
             instance: u(8),
             recovered_regions: u(16),
+            session: u(24),
         })
     }
 }
@@ -92,8 +117,8 @@ impl OpenInfo {
 struct VolumeFence {
     /// I/O frames hold it shared while they run; `Open` takes it exclusively.
     io: tokio::sync::RwLock<()>,
-    /// Highest generation a coordinator has opened this replica at.
-    opened_generation: AtomicU64,
+    /// [`wire_generation`] of the latest `Open`: I/O frames below it are refused.
+    opened: AtomicU64,
     /// Identity of the replica object behind the current instance number.
     instance: Mutex<(Weak<Replica>, u64)>,
 }
@@ -141,9 +166,7 @@ impl ReplicaServer {
 
     /// Highest generation a coordinator opened the local replica of `volume_wire_id` at.
     pub fn opened_generation(&self, volume_wire_id: u64) -> u64 {
-        self.fence(volume_wire_id)
-            .opened_generation
-            .load(Ordering::Acquire)
+        split_wire_generation(self.fence(volume_wire_id).opened.load(Ordering::Acquire)).0
     }
 
     fn fence(&self, wire_id: u64) -> Arc<VolumeFence> {
@@ -153,7 +176,7 @@ impl ReplicaServer {
             .or_insert_with(|| {
                 Arc::new(VolumeFence {
                     io: tokio::sync::RwLock::new(()),
-                    opened_generation: AtomicU64::new(0),
+                    opened: AtomicU64::new(0),
                     instance: Mutex::new((Weak::new(), 0)),
                 })
             })
@@ -163,7 +186,8 @@ impl ReplicaServer {
     /// Finds the volume and checks the frame's generation (see the module doc), waiting up
     /// to [`GENERATION_WAIT`] for the local metadata to catch up with a newer one.
     async fn admit(&self, peer: u64, req: &Frame, fence: &VolumeFence) -> Result<(), Refusal> {
-        let deadline = Instant::now() + GENERATION_WAIT;
+        let (generation, _) = split_wire_generation(req.generation);
+        let deadline = tokio::time::Instant::now() + GENERATION_WAIT;
         loop {
             let state = self.meta.state();
             let Some(vol) = state
@@ -176,14 +200,12 @@ impl ReplicaServer {
             if vol.replica(self.node_id).is_none() {
                 return Err(libc::ENOENT);
             }
-            let current = vol
-                .generation
-                .max(fence.opened_generation.load(Ordering::Acquire));
-            if req.generation < current {
+            let opened = split_wire_generation(fence.opened.load(Ordering::Acquire)).0;
+            if generation < vol.generation.max(opened) {
                 return Err(libc::ESTALE);
             }
-            if req.generation > vol.generation {
-                if Instant::now() >= deadline {
+            if generation > vol.generation {
+                if tokio::time::Instant::now() >= deadline {
                     return Err(libc::EAGAIN);
                 }
                 tokio::time::sleep(GENERATION_POLL).await;
@@ -199,7 +221,12 @@ impl ReplicaServer {
     async fn serve(&self, peer: u64, req: &Frame) -> Result<Bytes, Refusal> {
         if !matches!(
             req.kind,
-            Kind::Open | Kind::Read | Kind::Write | Kind::WriteZeroes | Kind::Flush | Kind::Checksums
+            Kind::Open
+                | Kind::Read
+                | Kind::Write
+                | Kind::WriteZeroes
+                | Kind::Flush
+                | Kind::Checksums
         ) {
             return Err(libc::EOPNOTSUPP);
         }
@@ -211,12 +238,21 @@ impl ReplicaServer {
             let _drained = tokio::time::timeout(OPEN_DRAIN_TIMEOUT, fence.io.write())
                 .await
                 .map_err(|_| libc::EBUSY)?;
-            let prev = fence
-                .opened_generation
-                .fetch_max(req.generation, Ordering::AcqRel);
-            if prev > req.generation {
-                return Err(libc::ESTALE);
-            }
+            // Under the exclusive lock: no other Open or I/O runs.
+            let (generation, _) = split_wire_generation(req.generation);
+            let (opened_gen, opened_session) =
+                split_wire_generation(fence.opened.load(Ordering::Acquire));
+            let session = match generation.cmp(&opened_gen) {
+                std::cmp::Ordering::Less => return Err(libc::ESTALE),
+                std::cmp::Ordering::Equal if opened_session >= MAX_SESSION => {
+                    return Err(libc::EOVERFLOW)
+                }
+                std::cmp::Ordering::Equal => opened_session + 1,
+                std::cmp::Ordering::Greater => 1,
+            };
+            fence
+                .opened
+                .store(wire_generation(generation, session), Ordering::Release);
             let instance = {
                 let mut inst = fence.instance.lock().unwrap_or_else(|e| e.into_inner());
                 let same = inst.0.upgrade().is_some_and(|r| Arc::ptr_eq(&r, &replica));
@@ -235,13 +271,15 @@ impl ReplicaServer {
                 size_bytes: replica.size_bytes().await,
                 instance,
                 recovered_regions: replica.recovered_regions(),
+                session,
             }
             .encode());
         }
 
         let _admitted = fence.io.read().await;
-        // An Open may have raised the fence while this frame waited for the lock.
-        if req.generation < fence.opened_generation.load(Ordering::Acquire) {
+        // Only the latest session (an Open may have started one while this frame waited
+        // for the lock). A frame that was never opened carries session 0: refused too.
+        if req.generation < fence.opened.load(Ordering::Acquire) {
             return Err(libc::ESTALE);
         }
         let fua = req.flags & FLAG_FUA != 0;

@@ -12,14 +12,14 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-use super::server::{decode_checksums, OpenInfo, ReplicaServer};
+use super::server::{decode_checksums, wire_generation, OpenInfo, ReplicaServer, MAX_SESSION};
 use crate::wire::frame::FLAG_FUA;
 use crate::wire::{Frame, FrameHandler, Kind, WireClient};
 
 /// Why one replica did not do what it was asked.
 #[derive(Debug, Clone, thiserror::Error)]
 pub(super) enum TargetError {
-    #[error("replica answered errno {0} ({})", std::io::Error::from_raw_os_error(*.0))]
+    #[error("replica answered errno {0} ({msg})", msg = std::io::Error::from_raw_os_error(*.0))]
     Status(i32),
     #[error("no answer within {0:?}")]
     Timeout(Duration),
@@ -32,17 +32,15 @@ pub(super) enum TargetError {
 }
 
 impl TargetError {
-    pub(super) fn errno(&self) -> i32 {
-        match self {
-            TargetError::Status(e) => *e,
-            _ => libc::EIO,
-        }
-    }
-
     /// EIO from the replica: its store found a block that fails its checksum (or its disk
     /// failed the read). Another copy may be good.
     pub(super) fn is_bad_data(&self) -> bool {
         matches!(self, TargetError::Status(e) if *e == libc::EIO)
+    }
+
+    /// The replica knows a newer generation: a newer coordinator exists.
+    pub(super) fn is_stale(&self) -> bool {
+        matches!(self, TargetError::Status(e) if *e == libc::ESTALE)
     }
 
     pub(super) fn is_no_space(&self) -> bool {
@@ -50,15 +48,22 @@ impl TargetError {
     }
 }
 
-/// One replica as the coordinator sees it.
+/// Where a replica is.
 #[derive(Clone)]
-pub(super) enum Target {
+pub(super) enum Endpoint {
     /// The replica on the coordinator's own node: `server.handle(coordinator_node, frame)`.
     Local {
         server: Arc<ReplicaServer>,
         coordinator_node: u64,
     },
     Remote(Arc<WireClient>),
+}
+
+/// One replica as the coordinator sees it: where it is, and the session its `Open` got.
+#[derive(Clone)]
+pub(super) struct Target {
+    pub(super) endpoint: Endpoint,
+    session: u64,
 }
 
 /// Volume-wide values every request carries.
@@ -70,21 +75,34 @@ pub(super) struct Ctx {
 }
 
 impl Target {
+    /// A target not opened yet: only [`Target::open`] may be called on it.
+    pub(super) fn new(endpoint: Endpoint) -> Target {
+        Target {
+            endpoint,
+            session: 0,
+        }
+    }
+
     pub(super) fn is_local(&self) -> bool {
-        matches!(self, Target::Local { .. })
+        matches!(self.endpoint, Endpoint::Local { .. })
     }
 
     /// Whether the connection is known dead.
     pub(super) fn is_closed(&self) -> bool {
-        match self {
-            Target::Local { .. } => false,
-            Target::Remote(c) => c.is_closed(),
+        match &self.endpoint {
+            Endpoint::Local { .. } => false,
+            Endpoint::Remote(c) => c.is_closed(),
         }
     }
 
+    /// The frame generation field for this target's requests.
+    fn generation(&self, ctx: Ctx) -> u64 {
+        wire_generation(ctx.generation, self.session)
+    }
+
     async fn call(&self, frame: Frame, timeout: Duration) -> Result<Frame, TargetError> {
-        let reply = match self {
-            Target::Local {
+        let reply = match &self.endpoint {
+            Endpoint::Local {
                 server,
                 coordinator_node,
             } => {
@@ -96,12 +114,13 @@ impl Target {
                     Ok(Ok(reply)) => reply,
                 }
             }
-            Target::Remote(client) => match tokio::time::timeout(timeout, client.call(frame)).await
-            {
-                Err(_) => return Err(TargetError::Timeout(timeout)),
-                Ok(Err(e)) => return Err(TargetError::Transport(e.to_string())),
-                Ok(Ok(reply)) => reply,
-            },
+            Endpoint::Remote(client) => {
+                match tokio::time::timeout(timeout, client.call(frame)).await {
+                    Err(_) => return Err(TargetError::Timeout(timeout)),
+                    Ok(Err(e)) => return Err(TargetError::Transport(e.to_string())),
+                    Ok(Ok(reply)) => reply,
+                }
+            }
         };
         if reply.kind != Kind::Reply {
             return Err(TargetError::BadReply(format!("{:?} frame", reply.kind)));
@@ -112,19 +131,56 @@ impl Target {
         Ok(reply)
     }
 
-    /// Opens the replica at `ctx.generation`. The replica side may wait for its metadata
-    /// and for older I/O to drain, so this allows more than one I/O timeout.
-    pub(super) async fn open(&self, ctx: Ctx) -> Result<OpenInfo, TargetError> {
-        let f = Frame::request(Kind::Open, ctx.wire_id, ctx.generation, 0, 0, Bytes::new());
+    /// Opens the replica at `ctx.generation`, starting a new session on it: the returned
+    /// target carries the session, and frames of older sessions are refused from now on.
+    /// The replica side may wait for its metadata and for older I/O to drain, so this
+    /// allows more than one I/O timeout.
+    pub(super) async fn open(self, ctx: Ctx) -> Result<(Target, OpenInfo), TargetError> {
+        let f = Frame::request(
+            Kind::Open,
+            ctx.wire_id,
+            wire_generation(ctx.generation, 0),
+            0,
+            0,
+            Bytes::new(),
+        );
         let reply = self
-            .call(f, ctx.timeout + super::GENERATION_WAIT + super::OPEN_DRAIN_TIMEOUT)
+            .call(
+                f,
+                ctx.timeout + super::GENERATION_WAIT + super::OPEN_DRAIN_TIMEOUT,
+            )
             .await?;
-        OpenInfo::decode(&reply.payload)
-            .ok_or_else(|| TargetError::BadReply(format!("open: {} bytes", reply.payload.len())))
+        let info = OpenInfo::decode(&reply.payload)
+            .ok_or_else(|| TargetError::BadReply(format!("open: {} bytes", reply.payload.len())))?;
+        if info.session == 0 || info.session > MAX_SESSION {
+            return Err(TargetError::BadReply(format!(
+                "open: session {}",
+                info.session
+            )));
+        }
+        Ok((
+            Target {
+                endpoint: self.endpoint,
+                session: info.session,
+            },
+            info,
+        ))
     }
 
-    pub(super) async fn read(&self, ctx: Ctx, offset: u64, len: usize) -> Result<Vec<u8>, TargetError> {
-        let f = Frame::request(Kind::Read, ctx.wire_id, ctx.generation, offset, len as u32, Bytes::new());
+    pub(super) async fn read(
+        &self,
+        ctx: Ctx,
+        offset: u64,
+        len: usize,
+    ) -> Result<Vec<u8>, TargetError> {
+        let f = Frame::request(
+            Kind::Read,
+            ctx.wire_id,
+            self.generation(ctx),
+            offset,
+            len as u32,
+            Bytes::new(),
+        );
         let reply = self.call(f, ctx.timeout).await?;
         if reply.payload.len() != len {
             return Err(TargetError::BadReply(format!(
@@ -143,8 +199,15 @@ impl Target {
         fua: bool,
     ) -> Result<(), TargetError> {
         let len = data.len() as u32;
-        let f = Frame::request(Kind::Write, ctx.wire_id, ctx.generation, offset, len, data)
-            .with_flags(if fua { FLAG_FUA } else { 0 });
+        let f = Frame::request(
+            Kind::Write,
+            ctx.wire_id,
+            self.generation(ctx),
+            offset,
+            len,
+            data,
+        )
+        .with_flags(if fua { FLAG_FUA } else { 0 });
         self.call(f, ctx.timeout).await.map(|_| ())
     }
 
@@ -155,13 +218,27 @@ impl Target {
         len: u32,
         fua: bool,
     ) -> Result<(), TargetError> {
-        let f = Frame::request(Kind::WriteZeroes, ctx.wire_id, ctx.generation, offset, len, Bytes::new())
-            .with_flags(if fua { FLAG_FUA } else { 0 });
+        let f = Frame::request(
+            Kind::WriteZeroes,
+            ctx.wire_id,
+            self.generation(ctx),
+            offset,
+            len,
+            Bytes::new(),
+        )
+        .with_flags(if fua { FLAG_FUA } else { 0 });
         self.call(f, ctx.timeout).await.map(|_| ())
     }
 
     pub(super) async fn flush(&self, ctx: Ctx) -> Result<(), TargetError> {
-        let f = Frame::request(Kind::Flush, ctx.wire_id, ctx.generation, 0, 0, Bytes::new());
+        let f = Frame::request(
+            Kind::Flush,
+            ctx.wire_id,
+            self.generation(ctx),
+            0,
+            0,
+            Bytes::new(),
+        );
         self.call(f, ctx.timeout).await.map(|_| ())
     }
 
@@ -172,9 +249,17 @@ impl Target {
         offset: u64,
         len: u64,
     ) -> Result<Vec<u32>, TargetError> {
-        let f = Frame::request(Kind::Checksums, ctx.wire_id, ctx.generation, offset, len as u32, Bytes::new());
+        let f = Frame::request(
+            Kind::Checksums,
+            ctx.wire_id,
+            self.generation(ctx),
+            offset,
+            len as u32,
+            Bytes::new(),
+        );
         let reply = self.call(f, ctx.timeout).await?;
-        decode_checksums(offset, len, &reply.payload)
-            .ok_or_else(|| TargetError::BadReply(format!("checksums: {} bytes", reply.payload.len())))
+        decode_checksums(offset, len, &reply.payload).ok_or_else(|| {
+            TargetError::BadReply(format!("checksums: {} bytes", reply.payload.len()))
+        })
     }
 }

@@ -103,6 +103,8 @@ enum VolumeCmd {
     },
     /// Detach a volume (drains and flushes its I/O)
     Detach { name: String },
+    /// Compare the replicas block by block (run against the attach node)
+    Verify { name: String },
 }
 
 #[derive(Args)]
@@ -547,6 +549,54 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                     } else {
                         println!("Volume attached: {} (generation {})", v.name, v.generation);
                         println!("NBD URI: {}", r.nbd_uri);
+                    }
+                }
+                VolumeCmd::Verify { name } => {
+                    let r = c
+                        .verify_volume(pb::VerifyVolumeRequest { name: name.clone() })
+                        .await?
+                        .into_inner();
+                    if json {
+                        print_json(&serde_json::json!({
+                            "volume": name,
+                            "blocks_compared": r.blocks_compared,
+                            "in_sync_nodes": r.in_sync_nodes,
+                            "resyncing_nodes": r.resyncing_nodes,
+                            "mismatched_blocks": r.mismatched_blocks,
+                            "mismatches": r.mismatches,
+                            "resyncing_mismatched_blocks": r.resyncing_mismatched_blocks,
+                            "errors": r.errors,
+                        }));
+                    } else {
+                        println!(
+                            "Volume {name}: {} blocks compared across in-sync replicas [{}]",
+                            r.blocks_compared,
+                            r.in_sync_nodes.join(", ")
+                        );
+                        println!("Mismatched blocks: {}", r.mismatched_blocks);
+                        for m in &r.mismatches {
+                            println!("  {m}");
+                        }
+                        if !r.resyncing_nodes.is_empty() {
+                            println!(
+                                "Resyncing replicas [{}]: {} blocks still differ",
+                                r.resyncing_nodes.join(", "),
+                                r.resyncing_mismatched_blocks
+                            );
+                        }
+                        for e in &r.errors {
+                            println!("  not compared: {e}");
+                        }
+                    }
+                    if r.mismatched_blocks > 0 || !r.errors.is_empty() {
+                        return Err(Failure {
+                            msg: format!(
+                                "volume '{name}': {} mismatched blocks, {} replicas not compared",
+                                r.mismatched_blocks,
+                                r.errors.len()
+                            ),
+                            code: 1,
+                        });
                     }
                 }
                 VolumeCmd::Detach { name } => {

@@ -1,0 +1,508 @@
+//! Bringing replicas together: background resync of replicas that are not in sync,
+//! reconciliation of a crashed coordinator's hot regions at open, and the background
+//! retirement of idle hot regions.
+//!
+//! Resync of one replica (DESIGN.md, "Resync"):
+//! 1. connect and `Open` it at this generation (after the connection used before its
+//!    ejection is gone, so nothing sent on it can still be queued on our side);
+//! 2. commit `Resyncing`; from the same moment (under the members lock) writes are sent to
+//!    it, so every later write reaches it and every earlier one is in its dirty bitmap
+//!    (or it gets a full comparison when nothing was tracked);
+//! 3. for each dirty region, under the range lock so no write races the copy: compare
+//!    checksums with an in-sync replica and copy the blocks that differ;
+//! 4. flush it, then commit `InSync`.
+//!
+//! Invariant: a replica is promoted only when no region it may miss is left, and a
+//! failure at any step sends it back to out-of-sync with its bitmap still a superset of
+//! what it misses.
+
+use std::collections::BTreeSet;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::bitmap::RegionBitmap;
+use super::coordinator::{block_range, read_range, Inner, Member};
+use super::target::{Ctx, Target, TargetError};
+use super::{ProposeError, ReplicationError, DIRTY_REGION_BYTES, HOT_REGION_BYTES};
+use crate::cluster::{ApplyError, Command, ReplicaState};
+use crate::store::{BLOCK_SIZE, MAX_IO_BYTES};
+
+/// Which side of a copy failed.
+pub(super) enum CopyError {
+    Source(TargetError),
+    Target(TargetError),
+}
+
+/// Makes `dst` hold what `src` holds in `[offset, offset + len)` (block aligned, at most
+/// [`MAX_IO_BYTES`]), copying only the blocks whose checksums differ. Returns the number
+/// of blocks copied. The caller holds the range lock.
+pub(super) async fn sync_range(
+    ctx: Ctx,
+    src: &Target,
+    dst: &Target,
+    offset: u64,
+    len: u64,
+) -> Result<u64, CopyError> {
+    debug_assert!(len as usize <= MAX_IO_BYTES);
+    let (a, b) = tokio::join!(
+        src.checksums(ctx, offset, len),
+        dst.checksums(ctx, offset, len)
+    );
+    let a = a.map_err(CopyError::Source)?;
+    let b = b.map_err(CopyError::Target)?;
+    let bs = BLOCK_SIZE as u64;
+    let first = offset / bs;
+    let mut copied = 0;
+    let mut i = 0;
+    while i < a.len() {
+        if a[i] == b[i] {
+            i += 1;
+            continue;
+        }
+        let start = i;
+        while i < a.len() && a[i] != b[i] {
+            i += 1;
+        }
+        let (off, n) = ((first + start as u64) * bs, (i - start) as u64 * bs);
+        let data = read_range(src, ctx, off, n)
+            .await
+            .map_err(CopyError::Source)?;
+        dst.write(ctx, off, bytes::Bytes::from(data), false)
+            .await
+            .map_err(CopyError::Target)?;
+        copied += (i - start) as u64;
+    }
+    Ok(copied)
+}
+
+impl Inner {
+    /// The background resync task: every `resync_retry` (or when woken), adopt replica-set
+    /// changes from the metadata and bring every replica that is not in sync back.
+    pub(super) async fn resync_loop(self: Arc<Self>) {
+        let mut shutdown = self.shutdown.subscribe();
+        loop {
+            if self.stopping() {
+                return;
+            }
+            self.refresh_membership().await;
+            let nodes: Vec<u64> = self
+                .lock_members()
+                .iter()
+                .filter(|m| m.state != ReplicaState::InSync)
+                .map(|m| m.node)
+                .collect();
+            for node in nodes {
+                if self.stopping() {
+                    return;
+                }
+                self.resync_one(node).await;
+            }
+            tokio::select! {
+                _ = shutdown.wait_for(|s| *s) => return,
+                _ = tokio::time::sleep(self.cfg.resync_retry) => {}
+                _ = self.resync_wake.notified() => {}
+            }
+        }
+    }
+
+    /// Adopts the metadata's replica set: new replicas join as out-of-sync (a full
+    /// comparison), removed ones leave the fan-out. Notices a newer generation.
+    async fn refresh_membership(&self) {
+        let state = self.meta.state();
+        let Some(vol) = state.volumes.get(&self.name) else {
+            let _ = self.fence("the volume is gone from the cluster metadata".into());
+            return;
+        };
+        if vol.generation != self.ctx.generation {
+            let _ = self.fence(format!(
+                "the volume was attached again (generation {})",
+                vol.generation
+            ));
+            return;
+        }
+        let mut claimed_in_sync = Vec::new();
+        {
+            let mut members = self.lock_members();
+            members.retain(|m| {
+                let keep = vol.replica(m.node).is_some();
+                if !keep {
+                    tracing::info!(volume = %self.name, node = m.node, "replica removed from the replica set");
+                }
+                keep
+            });
+            for r in &vol.replicas {
+                if members.iter().any(|m| m.node == r.node) {
+                    continue;
+                }
+                tracing::info!(volume = %self.name, node = r.node, state = %r.state, "replica added to the replica set; it gets a full resync");
+                members.push(Member::new(r.node, ReplicaState::OutOfSync));
+                if r.state == ReplicaState::InSync {
+                    claimed_in_sync.push(r.node);
+                }
+            }
+        }
+        // A new replica cannot hold this coordinator's writes; the metadata must not count
+        // it as in sync.
+        for node in claimed_in_sync {
+            let _s = self.state_lock.lock().await;
+            if let Err(e) = self.propose_state(node, ReplicaState::OutOfSync).await {
+                tracing::error!(volume = %self.name, node, error = %e, "a replica added as in-sync could not be marked out of sync");
+                if matches!(e, ProposeError::Apply(ApplyError::Fenced { .. })) {
+                    let _ = self.fence(format!("marking new replica {node} out of sync: {e}"));
+                }
+            }
+        }
+        self.resync_wake.notify_one();
+    }
+
+    fn set_last_error(&self, node: u64, error: String) {
+        if let Some(m) = self.lock_members().iter_mut().find(|m| m.node == node) {
+            if m.last_error.as_deref() != Some(error.as_str()) {
+                tracing::warn!(volume = %self.name, node, %error, "resync cannot proceed yet");
+            }
+            m.last_error = Some(error);
+        }
+    }
+
+    /// One attempt at bringing `node` back in sync. Errors are recorded in its stats and
+    /// retried by the next round.
+    async fn resync_one(&self, node: u64) {
+        // 1. Connected and opened at this generation.
+        let (has_target, old_alive) = {
+            let members = self.lock_members();
+            let Some(m) = members.iter().find(|m| m.node == node) else {
+                return;
+            };
+            if m.state == ReplicaState::InSync {
+                return;
+            }
+            (
+                m.target.is_some(),
+                m.old_client.as_ref().is_some_and(|w| w.strong_count() > 0),
+            )
+        };
+        if !has_target {
+            if old_alive {
+                // A call on the old connection is still within its timeout.
+                return;
+            }
+            match self.connect(node).await {
+                Ok((target, info)) => {
+                    let mut members = self.lock_members();
+                    let Some(m) = members.iter_mut().find(|m| m.node == node) else {
+                        return;
+                    };
+                    if m.instance.is_some_and(|i| i != info.instance) && info.recovered_regions > 0
+                    {
+                        // Reopened after an unclean stop: writes it acked but had not
+                        // flushed may be gone, wherever they were.
+                        tracing::warn!(volume = %self.name, node, "replica restarted after an unclean stop; it gets a full comparison");
+                        m.dirty = None;
+                    }
+                    m.instance = Some(info.instance);
+                    m.target = Some(target);
+                    m.old_client = None;
+                }
+                Err(e) => {
+                    self.set_last_error(node, e);
+                    return;
+                }
+            }
+        }
+
+        // 2. Resyncing, committed; from now on writes reach it.
+        {
+            let _s = self.state_lock.lock().await;
+            if self.check_fenced().is_err() {
+                return;
+            }
+            let state = self
+                .lock_members()
+                .iter()
+                .find(|m| m.node == node)
+                .map(|m| m.state);
+            match state {
+                Some(ReplicaState::OutOfSync) => {}
+                Some(ReplicaState::Resyncing) => {}
+                _ => return,
+            }
+            if state == Some(ReplicaState::OutOfSync) {
+                match self.propose_state(node, ReplicaState::Resyncing).await {
+                    Ok(()) => {}
+                    Err(e @ ProposeError::Apply(ApplyError::Fenced { .. })) => {
+                        let _ = self.fence(format!("starting resync of node {node}: {e}"));
+                        return;
+                    }
+                    Err(e) => {
+                        self.set_last_error(node, format!("cannot commit resyncing: {e}"));
+                        return;
+                    }
+                }
+            }
+            let regions = self.size_bytes.div_ceil(DIRTY_REGION_BYTES);
+            let mut members = self.lock_members();
+            let Some(m) = members.iter_mut().find(|m| m.node == node) else {
+                return;
+            };
+            if m.target.is_none() {
+                return; // failed in between; back to out-of-sync already
+            }
+            m.state = ReplicaState::Resyncing;
+            if m.dirty.is_none() {
+                m.dirty = Some(RegionBitmap::full(regions));
+            }
+            m.resync_done_bytes = 0;
+            m.resync_copied_bytes = 0;
+            m.last_error = None;
+            tracing::info!(volume = %self.name, node, dirty_bytes = ?m.dirty_bytes(self.size_bytes), "resync started");
+        }
+
+        // 3. Copy what it misses, one region at a time under the range lock.
+        let mut last_publish = Instant::now() - self.cfg.resync_progress_interval;
+        loop {
+            if self.stopping() {
+                return;
+            }
+            let (region, dst) = {
+                let members = self.lock_members();
+                let Some(m) = members.iter().find(|m| m.node == node) else {
+                    return;
+                };
+                let (ReplicaState::Resyncing, Some(dst)) = (m.state, m.target.clone()) else {
+                    return;
+                };
+                match m.dirty.as_ref().and_then(|d| d.first_set()) {
+                    Some(r) => (r, dst),
+                    None => break,
+                }
+            };
+            let off = region * DIRTY_REGION_BYTES;
+            let len = DIRTY_REGION_BYTES.min(self.size_bytes - off);
+            let (b0, b1) = block_range(off, len);
+            let lock = self.locks.lock(b0, b1).await;
+            {
+                let mut members = self.lock_members();
+                let Some(m) = members.iter_mut().find(|m| m.node == node) else {
+                    return;
+                };
+                if m.state != ReplicaState::Resyncing {
+                    return;
+                }
+                if let Some(d) = m.dirty.as_mut() {
+                    d.clear(region);
+                }
+            }
+            let reset = |inner: &Inner| {
+                if let Some(m) = inner.lock_members().iter_mut().find(|m| m.node == node) {
+                    if let Some(d) = m.dirty.as_mut() {
+                        d.set(region);
+                    }
+                }
+            };
+            let Some((_, src)) = self.read_sources(Some(node)).into_iter().next() else {
+                reset(self);
+                self.set_last_error(node, "no in-sync replica to copy from".into());
+                return;
+            };
+            match sync_range(self.ctx, &src, &dst, off, len).await {
+                Ok(blocks) => {
+                    if let Some(m) = self.lock_members().iter_mut().find(|m| m.node == node) {
+                        m.resync_done_bytes += len;
+                        m.resync_copied_bytes += blocks * BLOCK_SIZE as u64;
+                    }
+                }
+                Err(CopyError::Target(e)) => {
+                    reset(self);
+                    let _ = self
+                        .replica_failed(node, Some((off, len)), &e, "resync")
+                        .await;
+                    return;
+                }
+                Err(CopyError::Source(e)) => {
+                    reset(self);
+                    self.set_last_error(node, format!("resync source failed: {e}"));
+                    return;
+                }
+            }
+            drop(lock);
+            if last_publish.elapsed() >= self.cfg.resync_progress_interval {
+                last_publish = Instant::now();
+                self.publish_progress(node).await;
+            }
+        }
+
+        // 4. Durable, then in sync.
+        let dst = self
+            .lock_members()
+            .iter()
+            .find(|m| m.node == node)
+            .and_then(|m| m.target.clone());
+        let Some(dst) = dst else { return };
+        if let Err(e) = dst.flush(self.ctx).await {
+            let _ = self.replica_failed(node, None, &e, "resync flush").await;
+            return;
+        }
+        let _s = self.state_lock.lock().await;
+        if self.check_fenced().is_err() {
+            return;
+        }
+        let ready = self.lock_members().iter().any(|m| {
+            m.node == node
+                && m.state == ReplicaState::Resyncing
+                && m.target.is_some()
+                && m.dirty.as_ref().is_some_and(|d| d.count() == 0)
+        });
+        if !ready {
+            return;
+        }
+        self.publish_progress(node).await;
+        match self.propose_state(node, ReplicaState::InSync).await {
+            Ok(()) => {
+                if let Some(m) = self.lock_members().iter_mut().find(|m| m.node == node) {
+                    m.state = ReplicaState::InSync;
+                    m.dirty = None;
+                    tracing::info!(volume = %self.name, node, done_bytes = m.resync_done_bytes, copied_bytes = m.resync_copied_bytes, "resync finished; replica in sync");
+                }
+            }
+            Err(e @ ProposeError::Apply(ApplyError::Fenced { .. })) => {
+                let _ = self.fence(format!("promoting node {node}: {e}"));
+            }
+            Err(e) => self.set_last_error(node, format!("cannot commit in-sync: {e}")),
+        }
+    }
+
+    async fn publish_progress(&self, node: u64) {
+        let (done, total) = {
+            let members = self.lock_members();
+            let Some(m) = members.iter().find(|m| m.node == node) else {
+                return;
+            };
+            (
+                m.resync_done_bytes,
+                m.resync_done_bytes + m.dirty_bytes(self.size_bytes).unwrap_or(0),
+            )
+        };
+        let cmd = Command::SetResyncProgress {
+            name: self.name.clone(),
+            node,
+            generation: self.ctx.generation,
+            done_bytes: done,
+            total_bytes: total,
+        };
+        match self.meta.propose(cmd).await {
+            Ok(_) => {}
+            Err(e @ ProposeError::Apply(ApplyError::Fenced { .. })) => {
+                let _ = self.fence(format!("publishing resync progress: {e}"));
+            }
+            Err(e) => {
+                tracing::debug!(volume = %self.name, node, error = %e, "resync progress not published")
+            }
+        }
+    }
+
+    /// Reconciles the hot regions a previous coordinator left: for each, the in-sync
+    /// replicas are compared and the differing blocks copied from one of them (the local
+    /// one first) to the others. Then every in-sync replica is flushed and the reconciled
+    /// regions leave the hot set. Returns the regions that could not be reconciled.
+    pub(super) async fn reconcile(
+        &self,
+        regions: &BTreeSet<u64>,
+    ) -> Result<Vec<u64>, ReplicationError> {
+        if regions.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut cleared = Vec::new();
+        let mut left = Vec::new();
+        for &region in regions {
+            let off = region * HOT_REGION_BYTES;
+            if off >= self.size_bytes {
+                cleared.push(region);
+                continue;
+            }
+            let len = HOT_REGION_BYTES.min(self.size_bytes - off);
+            let (b0, b1) = block_range(off, len);
+            let _lock = self.locks.lock(b0, b1).await;
+            let mut done = false;
+            for (src_node, src) in self.read_sources(None) {
+                let mut source_ok = true;
+                for (dst_node, dst) in self.read_sources(Some(src_node)) {
+                    match sync_range(self.ctx, &src, &dst, off, len).await {
+                        Ok(blocks) => {
+                            if blocks > 0 {
+                                tracing::warn!(volume = %self.name, region, from = src_node, to = dst_node, blocks, "reconciled blocks a previous coordinator left different");
+                            }
+                            self.counters
+                                .reconciled_blocks
+                                .fetch_add(blocks, Ordering::Relaxed);
+                        }
+                        Err(CopyError::Target(e)) => {
+                            self.replica_failed(dst_node, Some((off, len)), &e, "reconcile")
+                                .await?;
+                        }
+                        Err(CopyError::Source(e)) => {
+                            tracing::warn!(volume = %self.name, region, node = src_node, error = %e, "reconcile source failed; trying another");
+                            source_ok = false;
+                            break;
+                        }
+                    }
+                }
+                if source_ok {
+                    done = true;
+                    break;
+                }
+            }
+            if done {
+                cleared.push(region);
+            } else {
+                left.push(region);
+            }
+        }
+        self.flush_all().await?;
+        if !cleared.is_empty() {
+            self.propose_hot(Vec::new(), cleared.clone())
+                .await
+                .map_err(|e| self.fence(format!("cannot clear reconciled hot regions: {e}")))?;
+        }
+        tracing::info!(volume = %self.name, reconciled = cleared.len(), left = left.len(), blocks = self.counters.reconciled_blocks.load(Ordering::Relaxed), "hot regions of the previous coordinator reconciled");
+        Ok(left)
+    }
+
+    /// The background task that retires hot regions idle for `hot_idle_retire` (after a
+    /// flush, when their writes are not known durable yet).
+    pub(super) async fn retire_loop(self: Arc<Self>) {
+        let mut shutdown = self.shutdown.subscribe();
+        let tick =
+            (self.cfg.hot_idle_retire / 2).clamp(Duration::from_millis(10), Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                _ = shutdown.wait_for(|s| *s) => return,
+                _ = tokio::time::sleep(tick) => {}
+            }
+            let _commit = self.hot.commit.lock().await;
+            if self.stopping() {
+                return;
+            }
+            let retire = self.hot.pick_retire(self.cfg.hot_idle_retire, None);
+            if retire.regions.is_empty() {
+                continue;
+            }
+            if retire.needs_flush {
+                if let Err(e) = self.flush_all().await {
+                    tracing::warn!(volume = %self.name, error = %e, "flush before retiring hot regions failed");
+                    self.hot.cancel_retire(&retire.regions);
+                    continue;
+                }
+            }
+            match self.propose_hot(Vec::new(), retire.regions.clone()).await {
+                Ok(()) => self.hot.retired(&retire.regions),
+                Err(e) => {
+                    self.hot.cancel_retire(&retire.regions);
+                    if matches!(e, ProposeError::Apply(ApplyError::Fenced { .. })) {
+                        let _ = self.fence(format!("retiring hot regions: {e}"));
+                    }
+                }
+            }
+        }
+    }
+}

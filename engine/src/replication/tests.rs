@@ -1,0 +1,1160 @@
+//! Replication tests: a three-node cluster in one process. Every node has a pool and a
+//! replica in a tempdir and a real wire server (loopback TCP) with a [`ReplicaServer`]; the
+//! metadata is one shared [`InMemoryMeta`]; the coordinator runs on node 1 and reaches its
+//! local replica through node 1's server, as the daemon does. Every test is bounded by
+//! [`TEST_TIMEOUT`] and every wait by [`WAIT`], so a regression fails instead of hanging.
+//!
+//! Replicas are compared block by block twice: through the coordinator's `verify` and
+//! directly, by reading every replica's store.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::future::Future;
+use std::os::unix::fs::FileExt;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use super::*;
+use crate::cluster::{NodeRecord, NodeRole, ReplicaRecord, ReplicaState, VolumeRecord};
+use crate::io::IoEngine;
+use crate::meta::IoPriority;
+use crate::store::{Pool, Replica, BLOCK_SIZE};
+use crate::wire::{self, Frame, FrameHandler, Kind};
+
+const TEST_TIMEOUT: Duration = Duration::from_secs(30);
+const WAIT: Duration = Duration::from_secs(15);
+const TOKEN: &[u8] = b"replication-test-token";
+const VOLUME: &str = "vol";
+const SIZE: u64 = 64 << 20;
+const MIB: u64 = 1 << 20;
+
+async fn bounded<F: Future>(f: F) -> F::Output {
+    tokio::time::timeout(TEST_TIMEOUT, f)
+        .await
+        .expect("test did not finish within TEST_TIMEOUT")
+}
+
+async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
+    tokio::time::timeout(WAIT, async {
+        while !cond() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("{what}: not true within {WAIT:?}"))
+}
+
+fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+#[derive(Default)]
+struct Replicas(Mutex<HashMap<u64, Arc<Replica>>>);
+
+impl LocalReplicas for Replicas {
+    fn get(&self, volume_wire_id: u64) -> Option<Arc<Replica>> {
+        self.0.lock().unwrap().get(&volume_wire_id).cloned()
+    }
+}
+
+/// The handler a test node serves: its [`ReplicaServer`], except that one armed `Write`
+/// (matched by offset) is held before it reaches the server until released, like a frame
+/// stuck in a socket queue of a slow replica. Records the status the held frame got.
+struct Faulty {
+    server: Arc<ReplicaServer>,
+    hold: Mutex<Option<(u64, watch::Receiver<bool>)>>,
+    held_status: Mutex<Option<u32>>,
+}
+
+#[async_trait::async_trait]
+impl FrameHandler for Faulty {
+    async fn handle(&self, peer_node_id: u64, req: Frame) -> Frame {
+        let held = {
+            let mut hold = self.hold.lock().unwrap();
+            match &*hold {
+                Some((off, _)) if req.kind == Kind::Write && req.offset == *off => hold.take(),
+                _ => None,
+            }
+        };
+        let Some((_, mut release)) = held else {
+            return self.server.handle(peer_node_id, req).await;
+        };
+        let _ = release.wait_for(|r| *r).await;
+        let reply = self.server.handle(peer_node_id, req).await;
+        *self.held_status.lock().unwrap() = Some(reply.status);
+        reply
+    }
+}
+
+struct Node {
+    pool: Arc<Pool>,
+    replicas: Arc<Replicas>,
+    server: Arc<ReplicaServer>,
+    faulty: Arc<Faulty>,
+    stop: Option<watch::Sender<bool>>,
+    serving: Option<JoinHandle<()>>,
+}
+
+impl Node {
+    fn replica(&self) -> Arc<Replica> {
+        self.replicas
+            .0
+            .lock()
+            .unwrap()
+            .values()
+            .next()
+            .cloned()
+            .expect("node has a replica")
+    }
+}
+
+struct TestCluster {
+    meta: Arc<InMemoryMeta>,
+    /// The volume's id, assigned by the state machine at create.
+    vol_id: String,
+    nodes: Vec<Node>,
+    _dir: tempfile::TempDir,
+}
+
+fn node_record(id: u64, addr: &str) -> NodeRecord {
+    NodeRecord {
+        id,
+        name: format!("node{id}"),
+        admin_addr: "127.0.0.1:1".into(),
+        data_addr: addr.into(),
+        domain: "d".into(),
+        zone: "z".into(),
+        rack: "r".into(),
+        role: NodeRole::Voter,
+        pool_size_bytes: 1 << 30,
+        joined_unix_seconds: 0,
+    }
+}
+
+impl TestCluster {
+    /// Three nodes; the volume has a replica (in sync) on each of `replica_nodes`.
+    async fn new(replica_nodes: &[u64]) -> TestCluster {
+        TestCluster::with_pools(replica_nodes, [1 << 30; 3]).await
+    }
+
+    async fn with_pools(replica_nodes: &[u64], pool_bytes: [u64; 3]) -> TestCluster {
+        let dir = tempfile::tempdir().unwrap();
+        let meta = InMemoryMeta::new(crate::cluster::ClusterState::new("test"));
+        let mut nodes = Vec::new();
+        for id in 1..=3u64 {
+            meta.apply(&Command::AddNode {
+                node: node_record(id, "127.0.0.1:1"),
+            })
+            .unwrap();
+            let pool = Pool::open(
+                &dir.path().join(format!("node{id}")),
+                pool_bytes[id as usize - 1],
+                IoEngine::Std,
+            )
+            .unwrap();
+            let replicas = Arc::new(Replicas::default());
+            let server = ReplicaServer::new(id, meta.clone(), replicas.clone());
+            let faulty = Arc::new(Faulty {
+                server: server.clone(),
+                hold: Mutex::new(None),
+                held_status: Mutex::new(None),
+            });
+            nodes.push(Node {
+                pool,
+                replicas,
+                server,
+                faulty,
+                stop: None,
+                serving: None,
+            });
+        }
+        let volume = VolumeRecord {
+            id: String::new(),
+            name: VOLUME.into(),
+            size_bytes: SIZE,
+            repl: replica_nodes.len() as u32,
+            io_priority: IoPriority::Medium,
+            labels: BTreeMap::new(),
+            created_unix_seconds: 0,
+            generation: 0,
+            attached_node: None,
+            replicas: replica_nodes
+                .iter()
+                .map(|&node| ReplicaRecord {
+                    node,
+                    state: ReplicaState::InSync,
+                    generation: 0,
+                    resync_done_bytes: 0,
+                    resync_total_bytes: 0,
+                })
+                .collect(),
+            hot_regions: BTreeSet::new(),
+        };
+        meta.apply(&Command::CreateVolume { volume }).unwrap();
+        let vol_id = meta.state().volumes[VOLUME].id.clone();
+        let mut c = TestCluster {
+            meta,
+            vol_id,
+            nodes,
+            _dir: dir,
+        };
+        for id in 1..=3 {
+            c.open_replica(id).await;
+            c.start(id).await;
+        }
+        c
+    }
+
+    fn wire_id(&self) -> u64 {
+        u64::from_str_radix(&self.vol_id, 16).unwrap()
+    }
+
+    fn node(&self, id: u64) -> &Node {
+        &self.nodes[id as usize - 1]
+    }
+
+    /// (Re)opens node `id`'s replica of the volume from its pool.
+    async fn open_replica(&self, id: u64) {
+        let n = self.node(id);
+        let r = n
+            .pool
+            .open_replica(&self.vol_id, VOLUME, SIZE)
+            .await
+            .unwrap();
+        n.replicas.0.lock().unwrap().insert(self.wire_id(), r);
+    }
+
+    /// Starts node `id`'s wire server on a fresh port and records the address.
+    async fn start(&mut self, id: u64) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        self.meta
+            .apply(&Command::UpdateNodeAddrs {
+                id,
+                admin_addr: "127.0.0.1:1".into(),
+                data_addr: addr,
+            })
+            .unwrap();
+        let (tx, rx) = watch::channel(false);
+        let n = &mut self.nodes[id as usize - 1];
+        let handler: Arc<dyn FrameHandler> = n.faulty.clone();
+        n.serving = Some(tokio::spawn(wire::serve(
+            listener,
+            Arc::new(TOKEN.to_vec()),
+            id,
+            handler,
+            rx,
+        )));
+        n.stop = Some(tx);
+    }
+
+    /// Stops node `id`'s wire server: its connections close, as if the node died.
+    async fn stop(&mut self, id: u64) {
+        let n = &mut self.nodes[id as usize - 1];
+        if let Some(tx) = n.stop.take() {
+            tx.send_replace(true);
+        }
+        if let Some(t) = n.serving.take() {
+            tokio::time::timeout(WAIT, t)
+                .await
+                .expect("wire server stops")
+                .unwrap();
+        }
+    }
+
+    fn volume(&self) -> VolumeRecord {
+        self.meta.state().volumes[VOLUME].clone()
+    }
+
+    fn replica_state(&self, node: u64) -> ReplicaState {
+        self.volume().replica(node).unwrap().state
+    }
+
+    /// Commits an attach of the volume on `node` (a takeover) and returns the record.
+    fn attach(&self, node: u64) -> VolumeRecord {
+        self.meta
+            .apply(&Command::Attach {
+                name: VOLUME.into(),
+                node,
+                takeover: true,
+            })
+            .unwrap();
+        self.volume()
+    }
+
+    fn config(&self, node: u64) -> CoordinatorConfig {
+        let mut cfg = CoordinatorConfig::new(node, Arc::new(TOKEN.to_vec()));
+        cfg.replica_timeout = Duration::from_secs(2);
+        cfg.resync_retry = Duration::from_millis(50);
+        cfg.resync_progress_interval = Duration::from_millis(50);
+        // Long enough that no test sees a background retirement it did not ask for.
+        cfg.hot_idle_retire = Duration::from_secs(600);
+        cfg.local_server = Some(self.node(node).server.clone());
+        cfg
+    }
+
+    /// Attaches on `node` and opens a coordinator there.
+    async fn coordinator(&self, node: u64) -> Arc<Coordinator> {
+        self.coordinator_with(self.config(node)).await
+    }
+
+    async fn coordinator_with(&self, cfg: CoordinatorConfig) -> Arc<Coordinator> {
+        let node = cfg.node_id;
+        let vol = self.attach(node);
+        let local = self.node(node).replicas.get(self.wire_id());
+        Coordinator::open(cfg, vol, local, self.meta.clone())
+            .await
+            .expect("coordinator opens")
+    }
+
+    /// Every replica's full contents, by node, read straight from the stores.
+    async fn contents(&self, nodes: &[u64]) -> Vec<(u64, Vec<u8>)> {
+        let mut out = Vec::new();
+        for &id in nodes {
+            let r = self.node(id).replica();
+            let mut all = Vec::with_capacity(SIZE as usize);
+            let mut off = 0;
+            while off < SIZE {
+                all.extend(r.read(off, (16 * MIB) as usize).await.unwrap());
+                off += 16 * MIB;
+            }
+            out.push((id, all));
+        }
+        out
+    }
+
+    /// Asserts the replicas on `nodes` are byte-identical, straight from their stores.
+    async fn assert_identical(&self, nodes: &[u64]) {
+        let contents = self.contents(nodes).await;
+        let (first, reference) = &contents[0];
+        for (id, c) in &contents[1..] {
+            if c != reference {
+                let block = c
+                    .chunks(BLOCK_SIZE)
+                    .zip(reference.chunks(BLOCK_SIZE))
+                    .position(|(a, b)| a != b)
+                    .unwrap();
+                panic!("replica on node {id} differs from node {first} first at block {block}");
+            }
+        }
+    }
+
+    /// Corrupts one byte of node `id`'s data file behind the store's back.
+    fn corrupt(&self, id: u64, offset: u64) {
+        let path = self
+            .node(id)
+            .pool
+            .dir()
+            .join(format!("{}.data", self.vol_id));
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .unwrap();
+        let mut b = [0u8; 1];
+        f.read_exact_at(&mut b, offset).unwrap();
+        f.write_all_at(&[b[0] ^ 0x5A], offset).unwrap();
+    }
+}
+
+async fn assert_verify_clean(c: &Coordinator, in_sync: usize) {
+    let report = c.verify().await.unwrap();
+    assert_eq!(
+        report.mismatched_blocks, 0,
+        "in-sync replicas differ: {:?}",
+        report.mismatches
+    );
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    assert_eq!(report.in_sync_nodes.len(), in_sync, "{report:?}");
+    assert_eq!(report.blocks_compared, SIZE / BLOCK_SIZE as u64);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicated_writes_land_byte_identically_on_every_replica() {
+    bounded(async {
+        let c = TestCluster::new(&[1, 2, 3]).await;
+        let coord = c.coordinator(1).await;
+        let mut expect = vec![0u8; SIZE as usize];
+        let writes: [(u64, usize, bool); 5] = [
+            (0, 4096, false),
+            (8 * MIB + 100, 70_000, true), // unaligned, FUA, crosses hot-region boundary? no
+            (4 * MIB - 3000, 9000, false), // crosses a 4 MiB hot-region boundary
+            (SIZE - 4096, 4096, false),    // last block
+            (20 * MIB, 2 * MIB as usize, false),
+        ];
+        for (i, (off, len, fua)) in writes.into_iter().enumerate() {
+            let data = pattern(i as u64 + 1, len);
+            expect[off as usize..off as usize + len].copy_from_slice(&data);
+            coord.write(off, data, fua).await.unwrap();
+        }
+        coord
+            .write_zeroes(20 * MIB + 4096, 8192 + 17, false)
+            .await
+            .unwrap();
+        expect[(20 * MIB + 4096) as usize..(20 * MIB + 4096 + 8192 + 17) as usize].fill(0);
+        coord.flush().await.unwrap();
+
+        assert_eq!(
+            coord.read(4 * MIB - 3000, 9000).await.unwrap(),
+            expect[(4 * MIB - 3000) as usize..(4 * MIB + 6000) as usize]
+        );
+        assert_verify_clean(&coord, 3).await;
+        c.assert_identical(&[1, 2, 3]).await;
+        assert_eq!(c.contents(&[2]).await[0].1, expect);
+        // Hot regions were committed for every region written.
+        let hot = c.volume().hot_regions;
+        for r in [0u64, 1, 2, 5, 15] {
+            assert!(hot.contains(&r), "region {r} not hot: {hot:?}");
+        }
+        // Bad arguments are refused before anything is sent.
+        let e = coord
+            .write(SIZE - 10, vec![1; 20], false)
+            .await
+            .unwrap_err();
+        assert_eq!(e.errno(), libc::EINVAL);
+        let s = coord.stats();
+        assert_eq!((s.ejections, s.read_repairs, s.fenced), (0, 0, false));
+        coord.close().await.unwrap();
+        assert!(
+            c.volume().hot_regions.is_empty(),
+            "close empties the hot set"
+        );
+        let e = coord.write(0, vec![1; 10], false).await.unwrap_err();
+        assert_eq!(e.errno(), libc::ESHUTDOWN);
+    })
+    .await
+}
+
+/// The heart of protocol C: a write is never acked while a replica that missed it still
+/// counts as in-sync, and what it missed is what it gets back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_replica_is_ejected_before_the_ack_and_resynced_from_its_dirty_regions() {
+    bounded(async {
+        let mut c = TestCluster::new(&[1, 2, 3]).await;
+        let coord = c.coordinator(1).await;
+        coord
+            .write(0, pattern(1, 8 * MIB as usize), false)
+            .await
+            .unwrap();
+
+        c.stop(3).await;
+        coord.write(MIB, pattern(2, 4096), false).await.unwrap();
+        // Committed before the ack, not eventually.
+        assert_eq!(c.replica_state(3), ReplicaState::OutOfSync);
+        assert_eq!(coord.stats().ejections, 1);
+        // Writes go on without it; they land in two more 1 MiB regions.
+        coord.write(10 * MIB, pattern(3, 4096), true).await.unwrap();
+        coord
+            .write(30 * MIB + 5, pattern(4, 100), false)
+            .await
+            .unwrap();
+        coord.flush().await.unwrap();
+        let r3 = coord
+            .stats()
+            .replicas
+            .into_iter()
+            .find(|r| r.node == 3)
+            .unwrap();
+        assert_eq!(r3.state, ReplicaState::OutOfSync);
+        assert_eq!(r3.dirty_bytes, Some(3 * MIB), "three dirty regions: {r3:?}");
+        assert_verify_clean(&coord, 2).await;
+
+        c.start(3).await;
+        eventually("node 3 back in sync", || {
+            c.replica_state(3) == ReplicaState::InSync
+        })
+        .await;
+        let r3 = coord
+            .stats()
+            .replicas
+            .into_iter()
+            .find(|r| r.node == 3)
+            .unwrap();
+        assert_eq!(r3.state, ReplicaState::InSync);
+        // Only the dirty regions were copied, not the volume.
+        assert_eq!(r3.resync_done_bytes, 3 * MIB, "{r3:?}");
+        assert!(r3.resync_copied_bytes <= 3 * MIB && r3.resync_copied_bytes > 0);
+        assert_verify_clean(&coord, 3).await;
+        c.assert_identical(&[1, 2, 3]).await;
+        // And it takes writes again.
+        coord
+            .write(40 * MIB, pattern(5, 4096), false)
+            .await
+            .unwrap();
+        c.assert_identical(&[1, 3]).await;
+        coord.close().await.unwrap();
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replica_restarted_after_an_unclean_stop_gets_a_full_comparison() {
+    bounded(async {
+        let mut c = TestCluster::new(&[1, 2, 3]).await;
+        let coord = c.coordinator(1).await;
+        coord
+            .write(0, pattern(1, MIB as usize), false)
+            .await
+            .unwrap();
+        c.stop(3).await;
+        // kill -9: the store is dropped without close, so its activity log has hot regions.
+        c.node(3).replicas.0.lock().unwrap().clear();
+        coord.write(5 * MIB, pattern(2, 4096), false).await.unwrap();
+        assert_eq!(c.replica_state(3), ReplicaState::OutOfSync);
+        c.open_replica(3).await;
+        assert!(c.node(3).replica().recovered_regions() > 0);
+        c.start(3).await;
+        eventually("node 3 back in sync", || {
+            c.replica_state(3) == ReplicaState::InSync
+        })
+        .await;
+        let r3 = coord
+            .stats()
+            .replicas
+            .into_iter()
+            .find(|r| r.node == 3)
+            .unwrap();
+        assert_eq!(r3.resync_done_bytes, SIZE, "a full comparison: {r3:?}");
+        assert_eq!(
+            r3.resync_copied_bytes, 4096,
+            "only the missed block differs"
+        );
+        assert_verify_clean(&coord, 3).await;
+        c.assert_identical(&[1, 2, 3]).await;
+        coord.close().await.unwrap();
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn brand_new_replica_gets_a_full_copy() {
+    bounded(async {
+        let c = TestCluster::new(&[1, 2]).await;
+        let coord = c.coordinator(1).await;
+        coord
+            .write(0, pattern(1, 3 * MIB as usize), false)
+            .await
+            .unwrap();
+        coord
+            .write(50 * MIB, pattern(2, 8192), false)
+            .await
+            .unwrap();
+        // Raise the RF: node 3 joins the replica set, out of sync.
+        let mut replicas = c.volume().replicas;
+        replicas.push(ReplicaRecord {
+            node: 3,
+            state: ReplicaState::OutOfSync,
+            generation: coord.generation(),
+            resync_done_bytes: 0,
+            resync_total_bytes: 0,
+        });
+        c.meta
+            .apply(&Command::SetReplicas {
+                name: VOLUME.into(),
+                replicas,
+                repl: 3,
+                generation: coord.generation(),
+            })
+            .unwrap();
+        // Writes keep coming while it resyncs.
+        for i in 0..20u64 {
+            coord
+                .write(i * 3 * MIB + 512, pattern(10 + i, 4096), false)
+                .await
+                .unwrap();
+        }
+        eventually("node 3 in sync", || {
+            c.replica_state(3) == ReplicaState::InSync
+        })
+        .await;
+        let r3 = coord
+            .stats()
+            .replicas
+            .into_iter()
+            .find(|r| r.node == 3)
+            .unwrap();
+        assert_eq!(r3.resync_done_bytes, SIZE, "every region: {r3:?}");
+        assert!(r3.resync_copied_bytes >= 3 * MIB + 8192, "{r3:?}");
+        assert_verify_clean(&coord, 3).await;
+        c.assert_identical(&[1, 2, 3]).await;
+        coord.close().await.unwrap();
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_repair_serves_good_data_and_rewrites_the_corrupt_block() {
+    bounded(async {
+        let c = TestCluster::new(&[1, 2, 3]).await;
+        let coord = c.coordinator(1).await;
+        let data = pattern(7, 64 * 1024);
+        coord.write(MIB, data.clone(), true).await.unwrap();
+        // Node 1's copy (the local one, which reads prefer) goes bad.
+        c.corrupt(1, MIB + 3 * 4096 + 100);
+        assert!(c.node(1).replica().read(MIB, 64 * 1024).await.is_err());
+
+        let got = coord.read(MIB + 1000, 20_000).await.unwrap();
+        assert_eq!(got, data[1000..21_000], "the client gets the good bytes");
+        let s = coord.stats();
+        assert_eq!((s.read_repairs, s.checksum_errors), (1, 1));
+        // The bad copy was rewritten.
+        assert_eq!(
+            c.node(1).replica().read(MIB, 64 * 1024).await.unwrap(),
+            data
+        );
+        assert_eq!(coord.read(MIB, 64 * 1024).await.unwrap(), data);
+        assert_eq!(coord.stats().read_repairs, 1);
+        eventually("read-repair alert raised", || {
+            c.meta
+                .state()
+                .alerts
+                .iter()
+                .any(|a| a.kind == "read-repair")
+        })
+        .await;
+        assert_eq!(c.replica_state(1), ReplicaState::InSync);
+        assert_verify_clean(&coord, 3).await;
+        coord.close().await.unwrap();
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_with_no_good_copy_is_an_io_error_never_data() {
+    bounded(async {
+        let c = TestCluster::new(&[1, 2, 3]).await;
+        let coord = c.coordinator(1).await;
+        coord.write(0, pattern(3, 16384), true).await.unwrap();
+        for n in 1..=3 {
+            c.corrupt(n, 8192 + n);
+        }
+        let e = coord.read(0, 16384).await.unwrap_err();
+        assert_eq!(e.errno(), libc::EIO, "{e}");
+        assert!(matches!(e, ReplicationError::NoGoodCopy { .. }), "{e}");
+        // Blocks that are fine still read.
+        assert_eq!(
+            coord.read(0, 8192).await.unwrap(),
+            pattern(3, 16384)[..8192]
+        );
+        // Verify sees the disagreement.
+        let report = coord.verify().await.unwrap();
+        assert_eq!(report.mismatched_blocks, 1, "{report:?}");
+        assert_eq!(report.mismatches[0].block, 2);
+    })
+    .await
+}
+
+/// Safety invariant 5: once another node attached, the old coordinator can never get a
+/// write acked, whether or not the new one has opened the replicas yet.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stale_coordinator_cannot_get_a_write_acked() {
+    bounded(async {
+        let c = TestCluster::new(&[1, 2, 3]).await;
+        let old = c.coordinator(1).await;
+        old.write(0, pattern(1, 8192), false).await.unwrap();
+
+        // Node 2 takes over: the generation is bumped in the metadata.
+        let vol = c.attach(2);
+        let e = old.write(0, pattern(2, 8192), false).await.unwrap_err();
+        assert_eq!(e.errno(), libc::ESHUTDOWN, "{e}");
+        assert!(old.stats().fenced);
+        // Nothing of the refused write landed anywhere, the local replica included.
+        for (id, content) in c.contents(&[1, 2, 3]).await {
+            assert_eq!(content[..8192], pattern(1, 8192), "node {id}");
+        }
+        assert!((1..=3).all(|n| c.replica_state(n) == ReplicaState::InSync));
+
+        let new = Coordinator::open(
+            c.config(2),
+            vol,
+            c.node(2).replicas.get(c.wire_id()),
+            c.meta.clone(),
+        )
+        .await
+        .unwrap();
+        new.write(4096, pattern(3, 4096), false).await.unwrap();
+        let e = old.write(4096, pattern(4, 4096), false).await.unwrap_err();
+        assert_eq!(e.errno(), libc::ESHUTDOWN);
+        assert!(old.read(0, 10).await.is_err());
+        assert_verify_clean(&new, 3).await;
+        assert_eq!(new.read(4096, 4096).await.unwrap(), pattern(3, 4096));
+        new.close().await.unwrap();
+    })
+    .await
+}
+
+/// A zombie in a minority partition: its metadata (and its own node's) is stale and
+/// cannot commit. The majority side attached elsewhere; the zombie's local write succeeds
+/// but the write is never acked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn zombie_in_a_minority_partition_cannot_get_a_write_acked() {
+    bounded(async {
+        let c = TestCluster::new(&[1, 2, 3]).await;
+        let vol = c.attach(1);
+        // The partition's view: a frozen copy of the metadata that cannot commit.
+        let island = InMemoryMeta::new((*c.meta.state()).clone());
+        let island_server = ReplicaServer::new(1, island.clone(), c.node(1).replicas.clone());
+        let mut cfg = c.config(1);
+        cfg.local_server = Some(island_server);
+        let zombie = Coordinator::open(
+            cfg,
+            vol,
+            c.node(1).replicas.get(c.wire_id()),
+            island.clone(),
+        )
+        .await
+        .unwrap();
+        zombie.write(0, pattern(1, 4096), false).await.unwrap();
+        island.set_available(false);
+        // The majority moves on.
+        c.attach(2);
+        let e = zombie
+            .write(8192, pattern(2, 4096), false)
+            .await
+            .unwrap_err();
+        assert_eq!(e.errno(), libc::ESHUTDOWN, "{e}");
+        assert!(zombie.write(0, vec![0; 10], false).await.is_err());
+        // The majority's replicas never saw it.
+        for (id, content) in c.contents(&[2, 3]).await {
+            assert_eq!(content[8192..12288], [0u8; 4096], "node {id}");
+        }
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ejection_that_cannot_commit_fails_the_write_and_fences_the_coordinator() {
+    bounded(async {
+        let mut c = TestCluster::new(&[1, 2, 3]).await;
+        let coord = c.coordinator(1).await;
+        coord.write(0, pattern(1, 4096), false).await.unwrap();
+        c.meta.set_available(false); // lost raft majority
+        c.stop(3).await;
+        let e = coord.write(0, pattern(2, 4096), false).await.unwrap_err();
+        assert_eq!(e.errno(), libc::ESHUTDOWN, "{e}");
+        c.meta.set_available(true);
+        let e = coord.write(0, pattern(3, 4096), false).await.unwrap_err();
+        assert_eq!(e.errno(), libc::ESHUTDOWN, "fenced for good: {e}");
+        assert_eq!(
+            c.replica_state(3),
+            ReplicaState::InSync,
+            "nothing committed"
+        );
+        // The unacked write left region 0 hot, so the next coordinator reconciles it.
+        assert!(c.volume().hot_regions.contains(&0));
+    })
+    .await
+}
+
+/// A replica that does not answer within the timeout is ejected, and the write it never
+/// answered can never land later: after the resync reopened it (a new session), the
+/// held frame is refused. Without that, the stale bytes would overwrite the resynced
+/// region and the in-sync replicas would differ.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn write_that_times_out_is_ejected_and_can_never_land_after_the_resync() {
+    bounded(async {
+        let c = TestCluster::new(&[1, 2, 3]).await;
+        let mut cfg = c.config(1);
+        cfg.replica_timeout = Duration::from_millis(300);
+        let coord = c.coordinator_with(cfg).await;
+        let at = 3 * MIB + 512;
+        coord.write(0, pattern(1, 4096), false).await.unwrap();
+        let (release, rx) = watch::channel(false);
+        *c.node(3).faulty.hold.lock().unwrap() = Some((at, rx));
+
+        coord.write(at, pattern(2, 4096), false).await.unwrap();
+        assert_eq!(
+            c.replica_state(3),
+            ReplicaState::OutOfSync,
+            "ejected before the ack"
+        );
+        coord.write(at, pattern(3, 4096), false).await.unwrap();
+        eventually("node 3 back in sync", || {
+            c.replica_state(3) == ReplicaState::InSync
+        })
+        .await;
+        // Now the old frame arrives at the replica.
+        release.send_replace(true);
+        eventually("held frame answered", || {
+            c.node(3).faulty.held_status.lock().unwrap().is_some()
+        })
+        .await;
+        assert_eq!(
+            *c.node(3).faulty.held_status.lock().unwrap(),
+            Some(libc::ESTALE as u32),
+            "a frame of an older session must be refused"
+        );
+        assert!(!coord.stats().fenced);
+        c.assert_identical(&[1, 2, 3]).await;
+        assert_eq!(coord.read(at, 4096).await.unwrap(), pattern(3, 4096));
+        assert_verify_clean(&coord, 3).await;
+        coord.close().await.unwrap();
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overlapping_concurrent_writes_leave_replicas_identical() {
+    bounded(async {
+        let c = TestCluster::new(&[1, 2, 3]).await;
+        let coord = c.coordinator(1).await;
+        let mut tasks = Vec::new();
+        for i in 0..96u64 {
+            let coord = coord.clone();
+            tasks.push(tokio::spawn(async move {
+                // Overlapping, unaligned writes within 256 KiB, plus some zeroing.
+                let off = (i * 7919) % (192 * 1024);
+                let len = 1000 + ((i * 104_729) % (64 * 1024)) as usize;
+                if i % 9 == 0 {
+                    coord.write_zeroes(off, len as u64, false).await
+                } else {
+                    coord.write(off, pattern(i, len), i % 5 == 0).await
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap().unwrap();
+        }
+        assert_verify_clean(&coord, 3).await;
+        c.assert_identical(&[1, 2, 3]).await;
+        coord.close().await.unwrap();
+    })
+    .await
+}
+
+/// A coordinator dies with a write on some replicas only. The next attach makes the
+/// in-sync replicas identical before serving I/O (local copy wins), and clears the hot set.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn coordinator_crash_with_writes_on_only_some_replicas_is_reconciled_by_the_next_open() {
+    bounded(async {
+        let c = TestCluster::new(&[1, 2, 3]).await;
+        let first = c.coordinator(1).await;
+        first.write(0, pattern(1, 8192), false).await.unwrap();
+        first
+            .write(21 * MIB, pattern(2, 8192), false)
+            .await
+            .unwrap();
+        // Crash: no close. The hot regions stay committed.
+        drop(first);
+        let hot = c.volume().hot_regions;
+        assert_eq!(hot, BTreeSet::from([0, 5]));
+        // Writes that were in flight reached only some replicas.
+        c.node(2)
+            .replica()
+            .write(4096, pattern(3, 4096), false)
+            .await
+            .unwrap();
+        c.node(3)
+            .replica()
+            .write(21 * MIB + 100, pattern(4, 50), false)
+            .await
+            .unwrap();
+        c.node(1)
+            .replica()
+            .write(20 * MIB, pattern(5, 4096), false)
+            .await
+            .unwrap();
+
+        let second = c.coordinator(1).await;
+        assert!(
+            c.volume().hot_regions.is_empty(),
+            "reconciled regions are cleared"
+        );
+        assert_eq!(second.stats().reconciled_blocks, 1 + 1 + 2);
+        assert_verify_clean(&second, 3).await;
+        c.assert_identical(&[1, 2, 3]).await;
+        // The chosen source was the local replica.
+        assert_eq!(
+            second.read(4096, 4096).await.unwrap(),
+            pattern(1, 8192)[4096..]
+        );
+        assert_eq!(second.read(20 * MIB, 4096).await.unwrap(), pattern(5, 4096));
+        second.close().await.unwrap();
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enospc_on_one_replica_ejects_it_and_on_every_replica_is_enospc() {
+    bounded(async {
+        let c = TestCluster::with_pools(&[1, 2, 3], [1 << 30, 1 << 30, 64 * 1024]).await;
+        let coord = c.coordinator(1).await;
+        coord.write(0, pattern(1, 32 * 1024), false).await.unwrap();
+        // Node 3's pool cannot take this one.
+        coord
+            .write(MIB, pattern(2, 128 * 1024), false)
+            .await
+            .unwrap();
+        assert_eq!(c.replica_state(3), ReplicaState::OutOfSync);
+        assert_eq!(coord.stats().ejections, 1);
+        coord.close().await.unwrap();
+
+        let c = TestCluster::with_pools(&[1, 2], [64 * 1024, 64 * 1024, 1 << 30]).await;
+        let coord = c.coordinator(1).await;
+        let e = coord
+            .write(0, pattern(3, 128 * 1024), false)
+            .await
+            .unwrap_err();
+        assert_eq!(e.errno(), libc::ENOSPC, "{e}");
+        assert!((1..=2).all(|n| c.replica_state(n) == ReplicaState::InSync));
+        // Writes that fit still work.
+        coord.write(0, pattern(4, 4096), false).await.unwrap();
+        coord.close().await.unwrap();
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hot_set_is_bounded_and_idle_regions_retire_in_the_background() {
+    bounded(async {
+        let c = TestCluster::new(&[1, 2, 3]).await;
+        let mut cfg = c.config(1);
+        cfg.max_hot_regions = 4;
+        let coord = c.coordinator_with(cfg).await;
+        for r in 0..12u64 {
+            coord
+                .write(r * HOT_REGION_BYTES, pattern(r, 4096), false)
+                .await
+                .unwrap();
+            let hot = c.volume().hot_regions;
+            assert!(hot.len() <= 4, "hot set over its bound: {hot:?}");
+            assert!(hot.contains(&r));
+        }
+        coord.close().await.unwrap();
+
+        let mut cfg = c.config(1);
+        cfg.hot_idle_retire = Duration::from_millis(100);
+        let coord = c.coordinator_with(cfg).await;
+        coord.write(0, pattern(1, 4096), false).await.unwrap();
+        assert!(!c.volume().hot_regions.is_empty());
+        eventually("idle region retired", || c.volume().hot_regions.is_empty()).await;
+        coord.close().await.unwrap();
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_ejects_unreachable_in_sync_replicas_and_refuses_without_any() {
+    bounded(async {
+        let mut c = TestCluster::new(&[1, 2, 3]).await;
+        c.stop(2).await;
+        let coord = c.coordinator(1).await;
+        assert_eq!(c.replica_state(2), ReplicaState::OutOfSync);
+        coord.write(0, pattern(1, 4096), false).await.unwrap();
+        drop(coord);
+
+        // A coordinator on node 3, whose only in-sync peers are down, refuses to serve.
+        c.stop(1).await;
+        c.meta
+            .apply(&Command::SetReplicaState {
+                name: VOLUME.into(),
+                node: 3,
+                state: ReplicaState::OutOfSync,
+                generation: c.volume().generation,
+            })
+            .unwrap();
+        let vol = c.attach(3);
+        let mut cfg = c.config(3);
+        cfg.replica_timeout = Duration::from_millis(500);
+        let e = Coordinator::open(
+            cfg,
+            vol,
+            c.node(3).replicas.get(c.wire_id()),
+            c.meta.clone(),
+        )
+        .await
+        .unwrap_err();
+        assert!(matches!(e, ReplicationError::OpenFailed { .. }), "{e}");
+        assert_eq!(
+            c.replica_state(1),
+            ReplicaState::InSync,
+            "the last copy is kept"
+        );
+    })
+    .await
+}
+
+fn request(kind: Kind, wire_gen: u64, offset: u64, length: u32, payload: Vec<u8>) -> Frame {
+    // The first volume of cluster "test".
+    let wire_id = (u64::from(crc32fast::hash(b"test")) << 32) | 1;
+    Frame::request(
+        kind,
+        wire_id,
+        wire_gen,
+        offset,
+        length,
+        Bytes::from(payload),
+    )
+}
+
+fn session_of(reply: &Frame) -> u64 {
+    assert_eq!(reply.status, 0, "{reply:?}");
+    server::OpenInfo::decode(&reply.payload).unwrap().session
+}
+
+// Current-thread runtime: the test pauses the clock.
+#[tokio::test]
+async fn replica_server_fences_by_generation_and_session() {
+    use server::wire_generation as g;
+    bounded(async {
+        let c = TestCluster::new(&[1, 2, 3]).await;
+        c.attach(1); // generation 1
+        let s = c.node(2).server.clone();
+        let ok = |f: &Frame| assert_eq!(f.status, 0, "{f:?}");
+        let status = |f: Frame| f.status as i32;
+        let s1 = session_of(
+            &s.handle(1, request(Kind::Open, g(1, 0), 0, 0, vec![]))
+                .await,
+        );
+        assert_eq!(s1, 1);
+        ok(&s
+            .handle(1, request(Kind::Write, g(1, s1), 0, 4096, pattern(1, 4096)))
+            .await);
+        // Lower generation: refused, nothing written.
+        let r = s
+            .handle(1, request(Kind::Write, g(0, 9), 0, 4096, vec![9; 4096]))
+            .await;
+        assert_eq!(status(r), libc::ESTALE);
+        // I/O without an Open (session 0): refused.
+        let r = s
+            .handle(1, request(Kind::Flush, g(1, 0), 0, 0, vec![]))
+            .await;
+        assert_eq!(status(r), libc::ESTALE);
+        // Another node at the current generation: refused.
+        let r = s
+            .handle(3, request(Kind::Read, g(1, s1), 0, 4096, vec![]))
+            .await;
+        assert_eq!(status(r), libc::EPERM);
+        // Unknown volume.
+        let mut f = request(Kind::Read, g(1, s1), 0, 4096, vec![]);
+        f.volume_id = 42;
+        assert_eq!(status(s.handle(1, f).await), libc::ENOENT);
+        // Write payload must match its length.
+        let r = s
+            .handle(1, request(Kind::Write, g(1, s1), 0, 4096, vec![1; 10]))
+            .await;
+        assert_eq!(status(r), libc::EINVAL);
+        // Store errors keep their errno.
+        let r = s
+            .handle(1, request(Kind::Read, g(1, s1), SIZE, 4096, vec![]))
+            .await;
+        assert_eq!(status(r), libc::EINVAL);
+        assert_eq!(
+            s.handle(1, request(Kind::HotRegions, g(1, s1), 0, 0, vec![]))
+                .await
+                .status as i32,
+            libc::EOPNOTSUPP
+        );
+
+        // Checksums: a never-written block and a written zero block compare equal.
+        ok(&s
+            .handle(1, request(Kind::Write, g(1, s1), 8192, 4096, vec![0; 4096]))
+            .await);
+        let r = s
+            .handle(1, request(Kind::Checksums, g(1, s1), 0, 16384, vec![]))
+            .await;
+        ok(&r);
+        let crcs = server::decode_checksums(0, 16384, &r.payload).unwrap();
+        let zero = crate::store::zero_block_crc();
+        assert_eq!(
+            crcs,
+            vec![crc32fast::hash(&pattern(1, 4096)), zero, zero, zero]
+        );
+
+        // A newer generation than the metadata has: held, then refused (paused clock).
+        tokio::time::pause();
+        let r = s
+            .handle(1, request(Kind::Read, g(2, 1), 0, 4096, vec![]))
+            .await;
+        assert_eq!(status(r), libc::EAGAIN);
+        tokio::time::resume();
+
+        // A second Open starts a new session; the old one is refused from then on.
+        let s2 = session_of(
+            &s.handle(1, request(Kind::Open, g(1, 0), 0, 0, vec![]))
+                .await,
+        );
+        assert_eq!(s2, 2);
+        let r = s
+            .handle(1, request(Kind::Flush, g(1, s1), 0, 0, vec![]))
+            .await;
+        assert_eq!(status(r), libc::ESTALE);
+        ok(&s
+            .handle(1, request(Kind::Flush, g(1, s2), 0, 0, vec![]))
+            .await);
+
+        // A new generation: sessions start again, and the old generation is refused.
+        c.attach(1); // generation 2
+        let t1 = session_of(
+            &s.handle(1, request(Kind::Open, g(2, 0), 0, 0, vec![]))
+                .await,
+        );
+        assert_eq!(t1, 1);
+        assert_eq!(s.opened_generation(c.wire_id()), 2);
+        let r = s
+            .handle(1, request(Kind::Flush, g(1, s2), 0, 0, vec![]))
+            .await;
+        assert_eq!(status(r), libc::ESTALE);
+        ok(&s
+            .handle(1, request(Kind::Flush, g(2, t1), 0, 0, vec![]))
+            .await);
+        let r = s
+            .handle(1, request(Kind::Open, g(1, 0), 0, 0, vec![]))
+            .await;
+        assert_eq!(status(r), libc::ESTALE);
+    })
+    .await
+}
+
+#[tokio::test]
+async fn errno_mapping_matches_the_nbd_contract() {
+    let v = || "v".to_string();
+    assert_eq!(
+        ReplicationError::Fenced {
+            volume: v(),
+            generation: 1,
+            reason: String::new()
+        }
+        .errno(),
+        libc::ESHUTDOWN
+    );
+    assert_eq!(
+        ReplicationError::Closed { volume: v() }.errno(),
+        libc::ESHUTDOWN
+    );
+    assert_eq!(
+        ReplicationError::NoSpace { volume: v() }.errno(),
+        libc::ENOSPC
+    );
+    assert_eq!(
+        ReplicationError::TooLarge {
+            volume: v(),
+            len: 1,
+            max: 0
+        }
+        .errno(),
+        libc::EINVAL
+    );
+    assert_eq!(
+        ReplicationError::NoGoodCopy {
+            volume: v(),
+            offset: 0,
+            len: 1,
+            detail: String::new()
+        }
+        .errno(),
+        libc::EIO
+    );
+}
