@@ -151,123 +151,145 @@ enum Backend {
 
 /// A volume attached on this node: the coordinator that frontends send I/O to.
 pub struct AttachedVolume {
-    record: VolumeRecord,
-    backend: Backend,
-    /// `true` while open. I/O holds a read guard; detach takes the write guard, which waits
-    /// for every in-flight request.
-    gate: tokio::sync::RwLock<bool>,
+    name: String,
+    id: String,
+    generation: std::sync::atomic::AtomicU64,
+    /// `Some` while open. I/O holds a read guard; detach and backend changes (an RF change
+    /// re-opens the coordinator) take the write guard, which waits for in-flight requests.
+    gate: tokio::sync::RwLock<Option<Open>>,
 }
 
-impl AttachedVolume {
-    pub fn name(&self) -> &str {
-        &self.record.name
-    }
+struct Open {
+    record: VolumeRecord,
+    backend: Backend,
+}
 
-    pub fn generation(&self) -> u64 {
-        self.record.generation
-    }
-
-    pub async fn size_bytes(&self) -> u64 {
-        match &self.backend {
-            Backend::Local(r) => r.size_bytes().await,
-            Backend::Replicated(c) => c.size_bytes(),
-        }
-    }
-
-    pub fn checksum_errors(&self) -> u64 {
-        match &self.backend {
-            Backend::Local(r) => r.checksum_errors(),
-            Backend::Replicated(c) => c.stats().checksum_errors,
-        }
-    }
-
-    fn detached(&self) -> VolumeError {
-        VolumeError::NotAttached(self.record.name.clone())
-    }
-
-    pub async fn read(&self, offset: u64, len: usize) -> Result<Vec<u8>> {
-        let open = self.gate.read().await;
-        if !*open {
-            return Err(self.detached());
-        }
-        match &self.backend {
-            Backend::Local(r) => Ok(r.read(offset, len).await?),
-            Backend::Replicated(c) => Ok(c.read(offset, len).await?),
-        }
-    }
-
-    pub async fn write(&self, offset: u64, data: Vec<u8>, fua: bool) -> Result<()> {
-        let open = self.gate.read().await;
-        if !*open {
-            return Err(self.detached());
-        }
-        match &self.backend {
-            Backend::Local(r) => Ok(r.write(offset, data, fua).await?),
-            Backend::Replicated(c) => Ok(c.write(offset, data, fua).await?),
-        }
-    }
-
-    pub async fn write_zeroes(&self, offset: u64, len: u64, fua: bool) -> Result<()> {
-        let open = self.gate.read().await;
-        if !*open {
-            return Err(self.detached());
-        }
-        match &self.backend {
-            Backend::Local(r) => Ok(r.write_zeroes(offset, len, fua).await?),
-            Backend::Replicated(c) => Ok(c.write_zeroes(offset, len, fua).await?),
-        }
-    }
-
-    pub async fn flush(&self) -> Result<()> {
-        let open = self.gate.read().await;
-        if !*open {
-            return Err(self.detached());
-        }
-        match &self.backend {
-            Backend::Local(r) => Ok(r.flush().await?),
-            Backend::Replicated(c) => Ok(c.flush().await?),
-        }
-    }
-
-    /// Closes the gate, waits for in-flight I/O and makes everything durable.
+impl Backend {
     async fn close(&self) -> Result<()> {
-        let mut open = self.gate.write().await;
-        if !*open {
-            return Ok(());
-        }
-        *open = false;
-        match &self.backend {
+        match self {
             Backend::Local(r) => r.close().await?,
             Backend::Replicated(c) => c.close().await?,
         }
         Ok(())
     }
+}
 
-    /// Compares the replicas block by block (by checksum).
-    pub async fn verify(&self) -> Result<VerifyReport> {
-        let open = self.gate.read().await;
-        if !*open {
-            return Err(self.detached());
-        }
-        match &self.backend {
-            Backend::Local(_) => Ok(VerifyReport {
-                in_sync_nodes: self.record.replicas.iter().map(|r| r.node).collect(),
-                ..Default::default()
-            }),
-            Backend::Replicated(c) => Ok(c.verify().await?),
+impl AttachedVolume {
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn generation(&self) -> u64 {
+        self.generation.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    pub async fn size_bytes(&self) -> u64 {
+        match self.gate.read().await.as_ref() {
+            Some(Open {
+                backend: Backend::Local(r),
+                ..
+            }) => r.size_bytes().await,
+            Some(Open {
+                backend: Backend::Replicated(c),
+                ..
+            }) => c.size_bytes(),
+            None => 0,
         }
     }
 
-    /// The coordinator's counters (None for a local RF 1 volume).
+    pub async fn checksum_errors(&self) -> u64 {
+        match self.gate.read().await.as_ref() {
+            Some(Open {
+                backend: Backend::Local(r),
+                ..
+            }) => r.checksum_errors(),
+            Some(Open {
+                backend: Backend::Replicated(c),
+                ..
+            }) => c.stats().checksum_errors,
+            None => 0,
+        }
+    }
+
+    fn detached(&self) -> VolumeError {
+        VolumeError::NotAttached(self.name.clone())
+    }
+
+    pub async fn read(&self, offset: u64, len: usize) -> Result<Vec<u8>> {
+        let g = self.gate.read().await;
+        match g.as_ref().map(|o| &o.backend) {
+            None => Err(self.detached()),
+            Some(Backend::Local(r)) => Ok(r.read(offset, len).await?),
+            Some(Backend::Replicated(c)) => Ok(c.read(offset, len).await?),
+        }
+    }
+
+    pub async fn write(&self, offset: u64, data: Vec<u8>, fua: bool) -> Result<()> {
+        let g = self.gate.read().await;
+        match g.as_ref().map(|o| &o.backend) {
+            None => Err(self.detached()),
+            Some(Backend::Local(r)) => Ok(r.write(offset, data, fua).await?),
+            Some(Backend::Replicated(c)) => Ok(c.write(offset, data, fua).await?),
+        }
+    }
+
+    pub async fn write_zeroes(&self, offset: u64, len: u64, fua: bool) -> Result<()> {
+        let g = self.gate.read().await;
+        match g.as_ref().map(|o| &o.backend) {
+            None => Err(self.detached()),
+            Some(Backend::Local(r)) => Ok(r.write_zeroes(offset, len, fua).await?),
+            Some(Backend::Replicated(c)) => Ok(c.write_zeroes(offset, len, fua).await?),
+        }
+    }
+
+    pub async fn flush(&self) -> Result<()> {
+        let g = self.gate.read().await;
+        match g.as_ref().map(|o| &o.backend) {
+            None => Err(self.detached()),
+            Some(Backend::Local(r)) => Ok(r.flush().await?),
+            Some(Backend::Replicated(c)) => Ok(c.flush().await?),
+        }
+    }
+
+    /// Closes the gate, waits for in-flight I/O and makes everything durable.
+    async fn close(&self) -> Result<()> {
+        let mut g = self.gate.write().await;
+        match g.take() {
+            Some(open) => open.backend.close().await,
+            None => Ok(()),
+        }
+    }
+
+    /// Compares the replicas block by block (by checksum).
+    pub async fn verify(&self) -> Result<VerifyReport> {
+        let g = self.gate.read().await;
+        match g.as_ref() {
+            None => Err(self.detached()),
+            Some(Open {
+                record,
+                backend: Backend::Local(_),
+            }) => Ok(VerifyReport {
+                in_sync_nodes: record.replicas.iter().map(|r| r.node).collect(),
+                ..Default::default()
+            }),
+            Some(Open {
+                backend: Backend::Replicated(c),
+                ..
+            }) => Ok(c.verify().await?),
+        }
+    }
+
+    /// The coordinator's counters (None for a local RF 1 volume or a closed one).
     pub fn stats(&self) -> Option<CoordinatorStats> {
-        match &self.backend {
-            Backend::Local(_) => None,
-            Backend::Replicated(c) => Some(c.stats()),
+        let g = self.gate.try_read().ok()?;
+        match g.as_ref().map(|o| &o.backend) {
+            Some(Backend::Replicated(c)) => Some(c.stats()),
+            _ => None,
         }
     }
 
     pub async fn is_open(&self) -> bool {
-        *self.gate.read().await
+        self.gate.read().await.is_some()
     }
 }
 
@@ -408,7 +430,7 @@ impl VolumeManager {
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .values()
-            .map(|a| a.record.id.clone())
+            .map(|a| a.id.clone())
             .collect();
         let stale: Vec<String> = replicas
             .keys()
@@ -567,7 +589,19 @@ impl VolumeManager {
                 )));
             }
             if repl != rec.repl {
-                self.change_repl(&rec, repl).await?;
+                match rec.attached_node {
+                    Some(n) if n != self.node_id => {
+                        return Err(VolumeError::FailedPrecondition(format!(
+                            "volume '{name}' is attached on node {}; change its replication factor there (its coordinator resyncs the new replicas)",
+                            self.node_name(&self.cluster.state(), n)
+                        )))
+                    }
+                    _ => {}
+                }
+                match self.attached_get(name) {
+                    Some(vol) => self.reopen(&vol, &rec, repl).await?,
+                    None => self.change_repl(&rec, repl).await?,
+                }
             }
         }
         if spec.size_bytes.is_some_and(|s| s > rec.size_bytes) || spec.io_priority.is_some() {
@@ -695,6 +729,24 @@ impl VolumeManager {
         if let ApplyOutput::Generation(g) = out {
             debug_assert_eq!(g, rec.generation);
         }
+        let open = self.open_backend(rec).await?;
+        let vol = Arc::new(AttachedVolume {
+            name: name.to_string(),
+            id: open.record.id.clone(),
+            generation: std::sync::atomic::AtomicU64::new(open.record.generation),
+            gate: tokio::sync::RwLock::new(Some(open)),
+        });
+        self.attached
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(name.to_string(), vol.clone());
+        tracing::info!(volume = %name, generation = vol.generation(), "volume attached");
+        Ok(vol)
+    }
+
+    /// Builds the I/O backend for a volume just attached here at `rec.generation`.
+    async fn open_backend(&self, rec: VolumeRecord) -> Result<Open> {
+        let name = rec.name.clone();
         let local = self.local_replica(&rec).await;
         let backend = if rec.replicas.len() == 1 && rec.replica(self.node_id).is_some() {
             Backend::Local(local.ok_or_else(|| {
@@ -704,22 +756,37 @@ impl VolumeManager {
             let mut cfg = CoordinatorConfig::new(self.node_id, self.token.clone());
             cfg.local_server = Some(self.replica_server());
             let meta: Arc<dyn crate::replication::MetaProposer> = self.cluster.clone();
-            let c = Coordinator::open(cfg, rec.clone(), local, meta).await?;
-            Backend::Replicated(c)
+            Backend::Replicated(Coordinator::open(cfg, rec, local, meta).await?)
         };
-        // The coordinator may have ejected replicas while opening: show the current record.
-        let rec = self.record(name)?;
-        let vol = Arc::new(AttachedVolume {
-            record: rec,
-            backend,
-            gate: tokio::sync::RwLock::new(true),
-        });
-        self.attached
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(name.to_string(), vol.clone());
-        tracing::info!(volume = %name, generation = vol.generation(), "volume attached");
-        Ok(vol)
+        // The coordinator may have ejected replicas while opening: keep the current record.
+        let record = self.record(&name)?;
+        Ok(Open { record, backend })
+    }
+
+    /// Changes the replica set of a volume attached here: drains in-flight I/O, closes the
+    /// old backend (so it never talks to a removed replica), commits the new replica set
+    /// and a new attach, and opens the new backend, which resyncs new replicas. Clients
+    /// stay connected; their I/O waits meanwhile.
+    async fn reopen(&self, vol: &AttachedVolume, rec: &VolumeRecord, repl: u32) -> Result<()> {
+        let mut g = vol.gate.write().await;
+        if let Some(old) = g.take() {
+            old.backend.close().await?;
+        }
+        let changed = self.change_repl(&self.record(&rec.name)?, repl).await;
+        self.cluster
+            .propose(Command::Attach {
+                name: vol.name.clone(),
+                node: self.node_id,
+                takeover: false,
+            })
+            .await?;
+        let rec = self.record(&vol.name)?;
+        let open = self.open_backend(rec).await?;
+        vol.generation
+            .store(open.record.generation, std::sync::atomic::Ordering::Release);
+        *g = Some(open);
+        tracing::info!(volume = %vol.name, generation = vol.generation(), "volume re-opened after a replica-set change");
+        changed
     }
 
     /// Detaches a volume: drains its I/O, flushes it and records it detached. Detaching a

@@ -113,6 +113,9 @@ fn replicas_pb(
                 } else {
                     0
                 },
+                resync_done_bytes: rep.resync_done_bytes,
+                resync_total_bytes: rep.resync_total_bytes,
+                generation: rep.generation,
             }
         })
         .collect()

@@ -30,6 +30,30 @@ pub struct Metrics {
     volumes: IntGauge,
     pub nbd_connections: IntGauge,
     pub nbd_protocol_errors: IntCounter,
+    ejections: IntCounterVec,
+    read_repairs: IntCounterVec,
+    replicas: prometheus::IntGaugeVec,
+    resync_done: prometheus::IntGaugeVec,
+    resync_total: prometheus::IntGaugeVec,
+    hot_regions: prometheus::IntGaugeVec,
+    raft_term: IntGauge,
+    raft_applied: IntGauge,
+    raft_leader: IntGauge,
+}
+
+fn gauge_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> prometheus::IntGaugeVec {
+    let g = prometheus::IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
+    r.register(Box::new(g.clone())).expect("unique metric");
+    g
+}
+
+/// Raises a counter to `value` (coordinator counters are cumulative; a restarted
+/// coordinator starts again from zero, which is then skipped).
+fn raise(c: &IntCounter, value: u64) {
+    let cur = c.get();
+    if value > cur {
+        c.inc_by(value - cur);
+    }
 }
 
 /// Label handles of one volume, resolved once per connection.
@@ -123,6 +147,51 @@ impl Metrics {
             volumes: gauge(&r, "tandem_volumes", "Volumes on this node"),
             nbd_connections: gauge(&r, "tandem_nbd_connections", "Open NBD connections"),
             nbd_protocol_errors,
+            ejections: counter(
+                &r,
+                "tandem_volume_ejections_total",
+                "In-sync replicas ejected by this node's coordinator (committed out-of-sync)",
+            ),
+            read_repairs: counter(
+                &r,
+                "tandem_volume_read_repairs_total",
+                "Blocks read from another replica after a checksum failure and rewritten",
+            ),
+            replicas: gauge_vec(
+                &r,
+                "tandem_volume_replicas",
+                "Replicas of each volume by state",
+                &["volume", "state"],
+            ),
+            resync_done: gauge_vec(
+                &r,
+                "tandem_replica_resync_done_bytes",
+                "Resync progress of a replica",
+                &["volume", "node"],
+            ),
+            resync_total: gauge_vec(
+                &r,
+                "tandem_replica_resync_total_bytes",
+                "Bytes a resyncing replica must receive",
+                &["volume", "node"],
+            ),
+            hot_regions: gauge_vec(
+                &r,
+                "tandem_volume_hot_regions",
+                "Regions in the coordinator activity log",
+                &["volume"],
+            ),
+            raft_term: gauge(&r, "tandem_raft_term", "Raft term seen by this node"),
+            raft_applied: gauge(
+                &r,
+                "tandem_raft_applied_index",
+                "Raft index applied by this node",
+            ),
+            raft_leader: gauge(
+                &r,
+                "tandem_raft_is_leader",
+                "1 when this node is the raft leader",
+            ),
             registry: r,
         })
     }
@@ -151,6 +220,51 @@ impl Metrics {
             .set(volumes.pool().allocated_bytes() as i64);
         if let Ok(list) = volumes.list().await {
             self.volumes.set(list.len() as i64);
+        }
+        let cluster = volumes.cluster();
+        let st = cluster.status();
+        self.raft_term.set(st.term as i64);
+        self.raft_applied.set(st.applied as i64);
+        self.raft_leader
+            .set(i64::from(st.leader_id == volumes.node_id()));
+        let state = cluster.state();
+        self.replicas.reset();
+        for v in state.volumes.values() {
+            for st in ["in-sync", "resyncing", "out-of-sync"] {
+                let n = v
+                    .replicas
+                    .iter()
+                    .filter(|r| r.state.to_string() == st)
+                    .count();
+                self.replicas
+                    .with_label_values(&[&v.name, st])
+                    .set(n as i64);
+            }
+        }
+        self.resync_done.reset();
+        self.resync_total.reset();
+        for name in volumes.attached_names() {
+            let Ok(vol) = volumes.attached(&name) else {
+                continue;
+            };
+            let Some(stats) = vol.stats() else { continue };
+            raise(&self.ejections.with_label_values(&[&name]), stats.ejections);
+            raise(
+                &self.read_repairs.with_label_values(&[&name]),
+                stats.read_repairs,
+            );
+            self.hot_regions
+                .with_label_values(&[&name])
+                .set(stats.hot_regions as i64);
+            for r in &stats.replicas {
+                let node = volumes.node_name(&state, r.node);
+                self.resync_done
+                    .with_label_values(&[&name, &node])
+                    .set(r.resync_done_bytes as i64);
+                self.resync_total
+                    .with_label_values(&[&name, &node])
+                    .set(r.resync_total_bytes as i64);
+            }
         }
         let mut out = Vec::new();
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);

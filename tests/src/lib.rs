@@ -144,8 +144,24 @@ impl Daemon {
         })
     }
 
-    /// (Re)starts the process on the same data directory.
+    /// (Re)starts the process on the same data directory. A first start whose port was
+    /// taken between choosing it and binding it retries on fresh ports.
     pub fn spawn(&mut self) {
+        let first_start = !self.data_dir.exists();
+        for attempt in 0..3 {
+            match self.try_spawn() {
+                Ok(()) => return,
+                Err(log)
+                    if first_start && attempt < 2 && log.contains("Address already in use") =>
+                {
+                    self.ports = free_ports();
+                }
+                Err(log) => panic!("tandemd did not become ready; log:\n{log}"),
+            }
+        }
+    }
+
+    fn try_spawn(&mut self) -> Result<(), String> {
         assert!(self.child.is_none(), "daemon already running");
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -189,10 +205,8 @@ impl Daemon {
                 Ok(l) => l,
                 Err(_) => {
                     let _ = child.kill();
-                    panic!(
-                        "tandemd did not become ready; log:\n{}",
-                        std::fs::read_to_string(&self.log_path).unwrap_or_default()
-                    );
+                    let _ = child.wait();
+                    return Err(std::fs::read_to_string(&self.log_path).unwrap_or_default());
                 }
             };
             let val = |l: &str| l.split_whitespace().last().unwrap_or_default().to_string();
@@ -220,6 +234,7 @@ impl Daemon {
         self.nbd_addr = nbd.expect("NBD address printed");
         self.metrics_addr = metrics.expect("metrics address printed");
         self.child = Some(child);
+        Ok(())
     }
 
     pub fn pid(&self) -> u32 {

@@ -245,3 +245,49 @@ fn corrupted_block_on_one_replica_is_repaired_on_read() {
     f.read_exact_at(&mut buf, 8192 + 10).unwrap();
     assert_eq!(buf, [0x42; 4], "the bad block was rewritten in place");
 }
+
+/// Raising the replication factor is a full copy to newly placed replicas, with progress,
+/// while the volume stays attached and its clients keep their data.
+#[test]
+fn raising_the_replication_factor_resyncs_new_replicas_and_shows_progress() {
+    let nodes = cluster3();
+    let a = &nodes[0];
+    a.ctl_ok(&["volume", "create", "grow", "--size", "64MiB"]);
+    let uri = a.ctl_json(&["volume", "attach", "grow"])["nbd_uri"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    qemu_io_ok(
+        &uri,
+        &["write -P 0x61 0 16M", "write -P 0x62 50M 2M", "flush"],
+    );
+    let v = a.ctl_json(&["volume", "update", "grow", "--repl", "3", "--wait"]);
+    assert_eq!(v["repl"], 3);
+    let states = replica_states(a, "grow");
+    assert_eq!(states.len(), 3);
+    assert!(states.iter().all(|(_, s)| s == "in-sync"), "{states:?}");
+    verify_clean(a, "grow", 3);
+    qemu_io_ok(
+        &uri,
+        &[
+            "read -P 0x61 0 16M",
+            "read -P 0x62 50M 2M",
+            "write -P 0x63 20M 1M",
+        ],
+    );
+    verify_clean(a, "grow", 3);
+    let m = a.metrics();
+    assert!(
+        m.contains("tandem_volume_replicas{state=\"in-sync\",volume=\"grow\"} 3"),
+        "replica states are exported: {}",
+        m.lines()
+            .filter(|l| l.contains("grow"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    // Lowering keeps the data and drops a replica.
+    a.ctl_ok(&["volume", "update", "grow", "--repl", "2"]);
+    assert_eq!(replica_states(a, "grow").len(), 2);
+    qemu_io_ok(&uri, &["read -P 0x63 20M 1M"]);
+    verify_clean(a, "grow", 2);
+}

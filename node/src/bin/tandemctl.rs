@@ -145,6 +145,12 @@ struct UpdateArgs {
     /// New I/O priority: high, medium or low
     #[arg(long)]
     io_priority: Option<String>,
+    /// Wait until every replica is in sync, with a progress bar
+    #[arg(long)]
+    wait: bool,
+    /// Give up waiting after this many seconds
+    #[arg(long, default_value_t = 3600)]
+    wait_timeout: u64,
 }
 
 /// An error to print: a message and an exit code.
@@ -201,6 +207,9 @@ struct ReplicaOut {
     node_id: String,
     state: String,
     allocated_bytes: u64,
+    resync_done_bytes: u64,
+    resync_total_bytes: u64,
+    generation: u64,
 }
 
 fn prio_name(v: i32) -> String {
@@ -239,6 +248,9 @@ fn volume_out(v: pb::Volume) -> VolumeOut {
                 node_id: r.node_id,
                 state: r.state,
                 allocated_bytes: r.allocated_bytes,
+                resync_done_bytes: r.resync_done_bytes,
+                resync_total_bytes: r.resync_total_bytes,
+                generation: r.generation,
             })
             .collect(),
         id: v.id,
@@ -300,11 +312,27 @@ fn print_volume(v: &VolumeOut) {
     }
     println!("{t}");
     let mut r = table();
-    r.set_header(vec!["REPLICA NODE", "STATE", "ALLOCATED"]);
+    r.set_header(vec![
+        "REPLICA NODE",
+        "STATE",
+        "GENERATION",
+        "RESYNC",
+        "ALLOCATED (local)",
+    ]);
     for rep in &v.replicas {
         r.add_row(vec![
             rep.node_id.clone(),
             rep.state.clone(),
+            rep.generation.to_string(),
+            if rep.resync_total_bytes > 0 {
+                format!(
+                    "{} / {}",
+                    format_size(rep.resync_done_bytes),
+                    format_size(rep.resync_total_bytes)
+                )
+            } else {
+                "-".into()
+            },
             format_size(rep.allocated_bytes),
         ]);
     }
@@ -501,6 +529,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                         Some(p) => prio_to_pb(p)? as i32,
                         None => 0,
                     };
+                    let name = a.name.clone();
                     let v = c
                         .update_volume(pb::UpdateVolumeRequest {
                             name: a.name,
@@ -514,6 +543,11 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                         .map(volume_out);
                     let Some(v) = v else {
                         return Err(Failure::usage("daemon returned no volume"));
+                    };
+                    let v = if a.wait {
+                        wait_in_sync(&mut c, &name, json, a.wait_timeout).await?
+                    } else {
+                        v
                     };
                     if json {
                         print_json(&v);
@@ -619,6 +653,66 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         }
     }
     Ok(())
+}
+
+/// Polls the volume until every replica is in sync, drawing resync progress.
+async fn wait_in_sync(
+    c: &mut VolumeServiceClient<Channel>,
+    name: &str,
+    quiet: bool,
+    timeout_s: u64,
+) -> Result<VolumeOut, Failure> {
+    let bar = if quiet {
+        indicatif::ProgressBar::hidden()
+    } else {
+        let b = indicatif::ProgressBar::new(0);
+        b.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{msg} [{bar:40}] {bytes}/{total_bytes} ({eta})",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .progress_chars("=> "),
+        );
+        b.set_message(format!("resyncing {name}"));
+        b
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(timeout_s);
+    loop {
+        let v = c
+            .inspect_volume(pb::InspectVolumeRequest {
+                name: name.to_string(),
+            })
+            .await?
+            .into_inner()
+            .volume
+            .map(volume_out)
+            .ok_or_else(|| Failure::usage("daemon returned no volume"))?;
+        if v.replicas.iter().all(|r| r.state == "in-sync") && v.replicas.len() == v.repl as usize {
+            bar.finish_and_clear();
+            return Ok(v);
+        }
+        if v.attached_node.is_none() {
+            bar.abandon();
+            return Err(Failure {
+                msg: format!(
+                    "volume '{name}' is detached: its new replicas resync once it is attached (the coordinator copies the data)"
+                ),
+                code: 1,
+            });
+        }
+        let total: u64 = v.replicas.iter().map(|r| r.resync_total_bytes).sum();
+        let done: u64 = v.replicas.iter().map(|r| r.resync_done_bytes).sum();
+        bar.set_length(total.max(1));
+        bar.set_position(done);
+        if std::time::Instant::now() > deadline {
+            bar.abandon();
+            return Err(Failure {
+                msg: format!("volume '{name}' not in sync after {timeout_s} s"),
+                code: 1,
+            });
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
 }
 
 #[derive(Serialize)]
