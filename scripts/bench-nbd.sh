@@ -333,13 +333,24 @@ declare -A URI PID_OF ENGINE_OF
 
 start_tandem() {
     local engine=$1 name="tandem-$1"
-    local dir=$WORK/$name ports admin nbd metrics
+    local dir=$WORK/$name admin="" nbd="" flag port i
     mkdir -p "$dir"
-    read -r admin nbd metrics < <(free_ports 3)
+    # Every listen address tandemd has (admin, NBD, metrics, and any newer one such as the
+    # replication data path) gets its own free port on 127.0.0.1, so that several daemons
+    # (one per engine) and other users of the machine never collide on a default port.
+    local -a ports addr_args=()
+    read -r -a ports < <(free_ports "${#LISTEN_FLAGS[@]}")
+    for i in "${!LISTEN_FLAGS[@]}"; do
+        flag=${LISTEN_FLAGS[$i]} port=${ports[$i]}
+        addr_args+=("$flag" "127.0.0.1:$port")
+        case $flag in
+            --admin-addr) admin=$port ;;
+            --nbd-addr) nbd=$port ;;
+        esac
+    done
+    [[ -n "$admin" && -n "$nbd" ]] || die "tandemd --help lists no --admin-addr/--nbd-addr"
     log "starting tandemd --io-engine $engine (admin $admin, NBD $nbd)"
-    "$TANDEMD" --data-dir "$dir/data" --io-engine "$engine" \
-        --admin-addr "127.0.0.1:$admin" --nbd-addr "127.0.0.1:$nbd" \
-        --metrics-addr "127.0.0.1:$metrics" --log warn \
+    "$TANDEMD" --data-dir "$dir/data" --io-engine "$engine" "${addr_args[@]}" --log warn \
         >"$RESULTS/$name.log" 2>&1 &
     local pid=$!
     PIDS+=("$pid")
@@ -387,6 +398,9 @@ start_qemu() {
     ENGINE_OF[$name]="qemu-nbd -f raw --cache=writeback --aio=$QEMU_AIO $(qemu-nbd --version | head -1 | awk '{print $2}')"
 }
 
+# Listen-address flags of this tandemd build (not the --advertise-* ones, which are not binds).
+mapfile -t LISTEN_FLAGS < <("$TANDEMD" --help | grep -oE -- '--[a-z-]+-addr\b' \
+    | grep -v -- '^--advertise-' | sort -u)
 for e in $ENGINES; do start_tandem "$e"; done
 if [[ "$QEMU" == 1 ]]; then start_qemu; fi
 (( ${#TARGETS[@]} > 0 )) || die "no targets (ENGINES is empty and QEMU=0)"

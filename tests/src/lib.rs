@@ -4,6 +4,8 @@
 //! Binaries come from the cargo target directory next to the test executable; the test
 //! command (`scripts/test.sh`) builds them first. Every wait here is bounded.
 
+pub mod proxy;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
@@ -54,6 +56,9 @@ pub struct DaemonOpts {
     pub pool_size: Option<String>,
     pub io_engine: Option<String>,
     pub extra_args: Vec<String>,
+    /// Put a [`proxy::Proxy`] in front of the data-path listener and advertise it, so
+    /// peers' replication traffic to this node can be cut or delayed.
+    pub data_proxy: bool,
 }
 
 /// A running tandemd with its own data directory.
@@ -68,6 +73,8 @@ pub struct Daemon {
     pub nbd_addr: String,
     pub metrics_addr: String,
     pub log_path: PathBuf,
+    /// The data-path proxy, when `DaemonOpts::data_proxy` is set.
+    pub proxy: Option<proxy::Proxy>,
 }
 
 /// What a CLI call printed.
@@ -93,6 +100,7 @@ impl Daemon {
             admin_addr: String::new(),
             nbd_addr: String::new(),
             metrics_addr: String::new(),
+            proxy: None,
         };
         d.spawn();
         d
@@ -131,6 +139,11 @@ impl Daemon {
 
     /// Starts a daemon that joins `seed`'s cluster, with extra flags.
     pub fn join(seed: &Daemon, extra: &[&str]) -> Daemon {
+        Daemon::join_with(seed, extra, DaemonOpts::default())
+    }
+
+    /// Starts a daemon that joins `seed`'s cluster, with extra flags and options.
+    pub fn join_with(seed: &Daemon, extra: &[&str], mut opts: DaemonOpts) -> Daemon {
         let mut args = vec![
             "--join".to_string(),
             seed.admin_addr.clone(),
@@ -138,10 +151,8 @@ impl Daemon {
             seed.token(),
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
-        Daemon::start(DaemonOpts {
-            extra_args: args,
-            ..Default::default()
-        })
+        opts.extra_args.extend(args);
+        Daemon::start(opts)
     }
 
     /// (Re)starts the process on the same data directory. A first start whose port was
@@ -180,6 +191,15 @@ impl Daemon {
             .arg(self.opts.io_engine.clone().unwrap_or_else(io_engine));
         if let Some(p) = &self.opts.pool_size {
             cmd.args(["--pool-size", p]);
+        }
+        if self.opts.data_proxy {
+            let target = format!("127.0.0.1:{data}");
+            if self.proxy.is_none() {
+                self.proxy = Some(proxy::Proxy::start(&target));
+            }
+            if let Some(p) = &self.proxy {
+                cmd.args(["--advertise-data-addr", &p.addr]);
+            }
         }
         cmd.args(&self.opts.extra_args)
             .env("RUST_LOG", "info")

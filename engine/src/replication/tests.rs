@@ -32,7 +32,18 @@ const VOLUME: &str = "vol";
 const SIZE: u64 = 64 << 20;
 const MIB: u64 = 1 << 20;
 
+/// Logs go to the test output when RUST_LOG is set (e.g. `RUST_LOG=tandem_engine=debug`).
+fn init_tracing() {
+    if std::env::var_os("RUST_LOG").is_some() {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
+    }
+}
+
 async fn bounded<F: Future>(f: F) -> F::Output {
+    init_tracing();
     tokio::time::timeout(TEST_TIMEOUT, f)
         .await
         .expect("test did not finish within TEST_TIMEOUT")
