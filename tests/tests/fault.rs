@@ -1,10 +1,13 @@
 //! Randomized fault test: a writer on the coordinator while replica nodes are killed,
 //! restarted, and cut off from the data path through a userspace proxy, driven by a
 //! seeded RNG. A history checker then verifies DESIGN.md's invariants:
-//! 1. no acknowledged write is lost; 2. every block reads as its last acknowledged write
-//! (or a later write that failed, whose outcome is unknown); 3. in-sync replicas are
-//! byte-identical (`volume verify`). Invariant 5 (one coordinator) is exercised by the
-//! zombie test in `replication.rs`.
+//!
+//! * 1: no acknowledged write is lost;
+//! * 2: every block reads as its last acknowledged write (or a later write that failed,
+//!   whose outcome is unknown);
+//! * 3: in-sync replicas are byte-identical (`volume verify`).
+//!
+//! Invariant 5 (one coordinator) is exercised by the zombie test in `replication.rs`.
 //!
 //! CI runs the seeds in `CI_SEEDS`; `TANDEM_FAULT_SEEDS=1-20` (or `3,7,9`) runs more.
 //! Every seed that ever failed stays in `CI_SEEDS` as a regression test.
