@@ -13,7 +13,8 @@
 //!   writes reach every replica in one order; reads never return unverified bytes.
 //! * [`server`]: [`ReplicaServer`], the [`crate::wire::FrameHandler`] for local replicas.
 //!   Keeps: a frame from a coordinator whose generation is not current never touches a
-//!   replica, and an `Open` at a generation waits for the I/O admitted before it.
+//!   replica; an `Open` waits for the I/O admitted before it and starts a new session, and
+//!   a frame of an older session (even one still queued in a socket) is refused.
 //! * `resync` (inside the coordinator): background copy of dirty (or all) regions to
 //!   returning replicas, and promotion to in-sync through the metadata.
 //! * `hot`: the coordinator's activity log (hot regions committed to the metadata before

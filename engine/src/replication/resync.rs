@@ -92,16 +92,26 @@ impl Inner {
                 .filter(|m| m.state != ReplicaState::InSync)
                 .map(|m| m.node)
                 .collect();
+            let mut all_done = true;
             for node in nodes {
                 if self.stopping() {
                     return;
                 }
-                self.resync_one(node).await;
+                all_done &= self.resync_one(node).await;
             }
-            tokio::select! {
-                _ = shutdown.wait_for(|s| *s) => return,
-                _ = tokio::time::sleep(self.cfg.resync_retry) => {}
-                _ = self.resync_wake.notified() => {}
+            if all_done {
+                tokio::select! {
+                    _ = shutdown.wait_for(|s| *s) => return,
+                    _ = tokio::time::sleep(self.cfg.resync_retry) => {}
+                    _ = self.resync_wake.notified() => {}
+                }
+            } else {
+                // Something failed: wait the full interval, so a replica that fails at
+                // once (and wakes us through its ejection) is not retried in a hot loop.
+                tokio::select! {
+                    _ = shutdown.wait_for(|s| *s) => return,
+                    _ = tokio::time::sleep(self.cfg.resync_retry) => {}
+                }
             }
         }
     }
@@ -153,7 +163,8 @@ impl Inner {
                 }
             }
         }
-        self.resync_wake.notify_one();
+        // No wake-up here: the caller resyncs the new members in this same round (a
+        // wake-up stored now would make the loop spin without ever sleeping).
     }
 
     fn set_last_error(&self, node: u64, error: String) {
@@ -166,8 +177,16 @@ impl Inner {
     }
 
     /// One attempt at bringing `node` back in sync. Errors are recorded in its stats and
-    /// retried by the next round.
-    async fn resync_one(&self, node: u64) {
+    /// retried by the next round. Returns whether the replica is in sync (or gone).
+    async fn resync_one(&self, node: u64) -> bool {
+        self.try_resync(node).await;
+        !self
+            .lock_members()
+            .iter()
+            .any(|m| m.node == node && m.state != ReplicaState::InSync)
+    }
+
+    async fn try_resync(&self, node: u64) {
         // 1. Connected and opened at this generation.
         let (has_target, old_alive) = {
             let members = self.lock_members();

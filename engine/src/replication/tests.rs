@@ -786,11 +786,9 @@ async fn write_that_times_out_is_ejected_and_can_never_land_after_the_resync() {
         *c.node(3).faulty.hold.lock().unwrap() = Some((at, rx));
 
         coord.write(at, pattern(2, 4096), false).await.unwrap();
-        assert_eq!(
-            c.replica_state(3),
-            ReplicaState::OutOfSync,
-            "ejected before the ack"
-        );
+        // Ejected before the ack (resync may already be bringing it back).
+        assert_ne!(c.replica_state(3), ReplicaState::InSync);
+        assert_eq!(coord.stats().ejections, 1);
         coord.write(at, pattern(3, 4096), false).await.unwrap();
         eventually("node 3 back in sync", || {
             c.replica_state(3) == ReplicaState::InSync
@@ -908,7 +906,8 @@ async fn enospc_on_one_replica_ejects_it_and_on_every_replica_is_enospc() {
             .write(MIB, pattern(2, 128 * 1024), false)
             .await
             .unwrap();
-        assert_eq!(c.replica_state(3), ReplicaState::OutOfSync);
+        // Ejected before the ack; resync keeps retrying it (and failing: its pool is full).
+        assert_ne!(c.replica_state(3), ReplicaState::InSync);
         assert_eq!(coord.stats().ejections, 1);
         coord.close().await.unwrap();
 
