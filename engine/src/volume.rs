@@ -599,7 +599,7 @@ impl VolumeManager {
                     _ => {}
                 }
                 match self.attached_get(name) {
-                    Some(vol) => self.reopen(&vol, &rec, repl).await?,
+                    Some(vol) => self.reopen(&vol, Some((&rec, repl))).await?,
                     None => self.change_repl(&rec, repl).await?,
                 }
             }
@@ -615,6 +615,18 @@ impl VolumeManager {
                 .await?;
         }
         self.reconcile().await;
+        // A replicated volume's coordinator has its size fixed at open: re-open it to grow.
+        if spec.size_bytes.is_some_and(|s| s > rec.size_bytes) {
+            if let Some(vol) = self.attached_get(name) {
+                let replicated = matches!(
+                    vol.gate.read().await.as_ref().map(|o| &o.backend),
+                    Some(Backend::Replicated(_))
+                );
+                if replicated {
+                    self.reopen(&vol, None).await?;
+                }
+            }
+        }
         self.inspect(name).await
     }
 
@@ -767,12 +779,15 @@ impl VolumeManager {
     /// old backend (so it never talks to a removed replica), commits the new replica set
     /// and a new attach, and opens the new backend, which resyncs new replicas. Clients
     /// stay connected; their I/O waits meanwhile.
-    async fn reopen(&self, vol: &AttachedVolume, rec: &VolumeRecord, repl: u32) -> Result<()> {
+    async fn reopen(&self, vol: &AttachedVolume, repl: Option<(&VolumeRecord, u32)>) -> Result<()> {
         let mut g = vol.gate.write().await;
         if let Some(old) = g.take() {
             old.backend.close().await?;
         }
-        let changed = self.change_repl(&self.record(&rec.name)?, repl).await;
+        let changed = match repl {
+            Some((rec, repl)) => self.change_repl(&self.record(&rec.name)?, repl).await,
+            None => Ok(()),
+        };
         self.cluster
             .propose(Command::Attach {
                 name: vol.name.clone(),

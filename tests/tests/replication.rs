@@ -290,4 +290,15 @@ fn raising_the_replication_factor_resyncs_new_replicas_and_shows_progress() {
     assert_eq!(replica_states(a, "grow").len(), 2);
     qemu_io_ok(&uri, &["read -P 0x63 20M 1M"]);
     verify_clean(a, "grow", 2);
+    // Growing a replicated, attached volume: new connections see the new size everywhere.
+    a.ctl_ok(&["volume", "update", "grow", "--size", "96MiB"]);
+    qemu_io_ok(
+        &uri,
+        &[
+            "write -P 0x64 90M 2M",
+            "read -P 0x64 90M 2M",
+            "read -P 0x63 20M 1M",
+        ],
+    );
+    verify_clean(a, "grow", 2);
 }

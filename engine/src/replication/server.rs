@@ -267,6 +267,20 @@ impl ReplicaServer {
                 }
                 inst.1
             };
+            // A volume grown in the metadata may not have reached this node's reconciler
+            // yet: grow the replica now, so the new coordinator does not eject it as short.
+            let wanted = self
+                .meta
+                .state()
+                .volumes
+                .values()
+                .find(|v| v.wire_id() == req.volume_id)
+                .map(|v| v.size_bytes);
+            if let Some(size) = wanted {
+                if replica.size_bytes().await < size {
+                    replica.resize(size).await.map_err(|e| e.errno())?;
+                }
+            }
             return Ok(OpenInfo {
                 size_bytes: replica.size_bytes().await,
                 instance,
