@@ -15,6 +15,9 @@ pub const DEFAULT_ADMIN_ADDR: &str = "127.0.0.1:9010";
 pub const DEFAULT_NBD_ADDR: &str = "127.0.0.1:10809";
 pub const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:9011";
 pub const DEFAULT_DATA_ADDR: &str = "127.0.0.1:9020";
+/// `std` by default: the store does buffered I/O, where an inline pread/pwrite beats a
+/// hop to the io_uring thread (docs/BENCHMARKS.md has the side-by-side figures).
+pub const DEFAULT_IO_ENGINE: &str = "std";
 pub const DEFAULT_TOPOLOGY: &str = "default";
 
 /// The Tandem storage daemon.
@@ -40,7 +43,7 @@ pub struct Args {
     /// Prometheus metrics listen address [default: 127.0.0.1:9011]
     #[arg(long)]
     pub metrics_addr: Option<String>,
-    /// I/O engine: uring, std or auto [default: auto]
+    /// I/O engine: uring, std or auto (io_uring if the kernel allows it, else std) [default: std]
     #[arg(long)]
     pub io_engine: Option<String>,
     /// Log filter (tracing EnvFilter syntax); RUST_LOG overrides it [default: info]
@@ -152,7 +155,7 @@ impl Config {
         let engine = args
             .io_engine
             .or(file.io_engine)
-            .unwrap_or_else(|| "auto".into());
+            .unwrap_or_else(|| DEFAULT_IO_ENGINE.into());
         Ok(Config {
             data_dir: args
                 .data_dir

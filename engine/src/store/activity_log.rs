@@ -10,7 +10,7 @@
 //!   region cannot be written between "its checksums are persisted" and "it is retired".
 //! * At open, every region in the recorded set gets its checksums recomputed from the data.
 //!
-//! The file holds two 4 KiB record slots written alternately, each with a sequence number
+//! The file holds two 16 KiB record slots written alternately, each with a sequence number
 //! and a crc32, so a torn record write leaves the previous one readable. Recovery takes the
 //! newest valid record; with no valid slot in a non-empty file, every region is recomputed.
 //! Recomputing more than needed would be safe for consistency but would hide corruption in
@@ -23,7 +23,12 @@ use std::ops::RangeInclusive;
 use std::os::unix::fs::FileExt;
 use std::sync::{Arc, Mutex};
 
-use super::{Result, StoreError, AL_MAX_HOT_REGIONS, BLOCK_SIZE};
+use super::{Result, StoreError, AL_MAX_HOT_REGIONS};
+
+/// One record slot: room for the header, [`AL_MAX_HOT_REGIONS`] region numbers and the
+/// crc32 (16 + 8 x 1024 + 4 bytes), rounded up to whole 4 KiB pages.
+const SLOT_BYTES: usize = 16 << 10;
+const _: () = assert!(HEADER_BYTES + 8 * AL_MAX_HOT_REGIONS + 4 <= SLOT_BYTES);
 
 const MAGIC: u32 = 0x5441_4c31; // "TAL1"
 const HEADER_BYTES: usize = 4 + 8 + 4;
@@ -70,7 +75,7 @@ impl Drop for AlGuard<'_> {
 }
 
 fn encode(seq: u64, hot: &BTreeSet<u64>) -> Vec<u8> {
-    let mut rec = Vec::with_capacity(BLOCK_SIZE);
+    let mut rec = Vec::with_capacity(SLOT_BYTES);
     rec.extend_from_slice(&MAGIC.to_le_bytes());
     rec.extend_from_slice(&seq.to_le_bytes());
     rec.extend_from_slice(&(hot.len() as u32).to_le_bytes());
@@ -79,14 +84,14 @@ fn encode(seq: u64, hot: &BTreeSet<u64>) -> Vec<u8> {
     }
     let crc = crc32fast::hash(&rec);
     rec.extend_from_slice(&crc.to_le_bytes());
-    rec.resize(BLOCK_SIZE, 0);
+    rec.resize(SLOT_BYTES, 0);
     rec
 }
 
 fn decode(slot: &[u8]) -> Option<(u64, BTreeSet<u64>)> {
     let u32_at = |i: usize| u32::from_le_bytes(slot[i..i + 4].try_into().unwrap_or_default());
     let u64_at = |i: usize| u64::from_le_bytes(slot[i..i + 8].try_into().unwrap_or_default());
-    if slot.len() < BLOCK_SIZE || u32_at(0) != MAGIC {
+    if slot.len() < SLOT_BYTES || u32_at(0) != MAGIC {
         return None;
     }
     let seq = u64_at(4);
@@ -109,11 +114,11 @@ impl ActivityLog {
             move |source| StoreError::Io { volume, op, source }
         };
         let len = file.metadata().map_err(io_err("stat activity log"))?.len();
-        let mut buf = vec![0u8; 2 * BLOCK_SIZE];
+        let mut buf = vec![0u8; 2 * SLOT_BYTES];
         let n = (len as usize).min(buf.len());
         file.read_exact_at(&mut buf[..n], 0)
             .map_err(io_err("read activity log"))?;
-        let slots: Vec<_> = buf.chunks(BLOCK_SIZE).filter_map(decode).collect();
+        let slots: Vec<_> = buf.chunks(SLOT_BYTES).filter_map(decode).collect();
         let recovery = if slots.is_empty() {
             if buf.iter().any(|b| *b != 0) {
                 tracing::warn!(
@@ -243,7 +248,7 @@ impl ActivityLog {
 
     async fn write_record(&self, seq: &mut u64, hot: &BTreeSet<u64>) -> Result<()> {
         let rec = encode(*seq, hot);
-        let offset = (*seq % 2) * BLOCK_SIZE as u64;
+        let offset = (*seq % 2) * SLOT_BYTES as u64;
         *seq += 1;
         let file = self.file.clone();
         tokio::task::spawn_blocking(move || {
@@ -273,6 +278,6 @@ mod tests {
         let mut torn = rec.clone();
         torn[HEADER_BYTES] ^= 0xff;
         assert_eq!(decode(&torn), None);
-        assert_eq!(decode(&vec![0u8; BLOCK_SIZE]), None);
+        assert_eq!(decode(&vec![0u8; SLOT_BYTES]), None);
     }
 }

@@ -44,9 +44,11 @@ pub const BLOCK_SIZE: usize = 4096;
 pub const BLOCKS_PER_REGION: u64 = (BLOCK_SIZE / 4) as u64;
 /// Activity-log granularity: 4 MiB, the same extent size as DRBD's activity log.
 pub const REGION_SIZE: u64 = BLOCKS_PER_REGION * BLOCK_SIZE as u64;
-/// Most regions that may be hot at once. It bounds the work of recovery after a crash
-/// (256 x 4 MiB = 1 GiB re-read) and the size of an activity-log record (one 4 KiB page).
-pub const AL_MAX_HOT_REGIONS: usize = 256;
+/// Most regions that may be hot at once: 1024 x 4 MiB = 4 GiB, close to DRBD's default
+/// activity log (1237 extents). It bounds the re-read at recovery after a crash, and it is
+/// the working set that random writes can touch without activity-log fsyncs (a smaller log
+/// measurably thrashed under random writes over 2 GiB, docs/BENCHMARKS.md).
+pub const AL_MAX_HOT_REGIONS: usize = 1024;
 /// Largest single I/O the store accepts (the NBD maximum payload we advertise).
 pub const MAX_IO_BYTES: usize = 32 << 20;
 
