@@ -26,4 +26,4 @@ cargo build --workspace --bins
 # Heavy multi-process tests share 2 cores; two test threads keep them from starving.
 cargo test --workspace -- --test-threads=2
 # Benchmarks must keep compiling.
-cargo bench --workspace --no-run
+cargo bench -p tandem-bench --no-run
