@@ -1,6 +1,7 @@
 //! Tandem engine: everything that decides and stores, and no servers.
 //!
 //! * [`cluster`]: cluster metadata on raft-rs + sled (state machine, raft ready loop).
+//! * [`latency`]: RTT windows, domain-pair RTT and the metro-sync gate.
 //! * [`io`]: the I/O engines (io_uring and std positional I/O) behind one owned-buffer API.
 //! * [`placement`]: topology-aware replica placement.
 //! * [`store`]: a replica's local store: sparse data, per-block crc32, activity log, pool
@@ -16,6 +17,7 @@
 
 pub mod cluster;
 pub mod io;
+pub mod latency;
 pub mod meta;
 pub mod placement;
 pub mod replication;

@@ -310,6 +310,8 @@ pub struct VolumeManager {
     attached: std::sync::RwLock<HashMap<String, Arc<AttachedVolume>>>,
     /// Serializes control operations on this node so validation and effect cannot race.
     ops: tokio::sync::Mutex<()>,
+    /// The metro-sync latency gate's limit (`--sync-max-rtt`), in microseconds.
+    sync_max_rtt_us: std::sync::atomic::AtomicU64,
 }
 
 fn now_unix() -> u64 {
@@ -337,6 +339,9 @@ impl VolumeManager {
             replicas: tokio::sync::Mutex::new(HashMap::new()),
             attached: std::sync::RwLock::new(HashMap::new()),
             ops: tokio::sync::Mutex::new(()),
+            sync_max_rtt_us: std::sync::atomic::AtomicU64::new(
+                crate::latency::DEFAULT_SYNC_MAX_RTT.as_micros() as u64,
+            ),
         });
         let server = ReplicaServer::new(
             mgr.node_id,
@@ -368,6 +373,35 @@ impl VolumeManager {
 
     pub fn node_id(&self) -> u64 {
         self.node_id
+    }
+
+    /// Sets the metro-sync limit (`--sync-max-rtt`).
+    pub fn set_sync_max_rtt(&self, limit: Duration) {
+        self.sync_max_rtt_us.store(
+            limit.as_micros() as u64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
+    }
+
+    pub fn sync_max_rtt(&self) -> Duration {
+        Duration::from_micros(
+            self.sync_max_rtt_us
+                .load(std::sync::atomic::Ordering::Relaxed),
+        )
+    }
+
+    /// The latency gate for a replica set on `nodes`: refused (with the measured figures)
+    /// when it spans domains whose RTT is above the limit or not measured.
+    fn check_gate(&self, state: &ClusterState, nodes: &[u64]) -> Result<()> {
+        let domains: std::collections::BTreeSet<String> = nodes
+            .iter()
+            .filter_map(|n| state.nodes.get(n).map(|r| r.domain.clone()))
+            .collect();
+        if domains.len() < 2 {
+            return Ok(());
+        }
+        crate::latency::check_sync(state, &domains, self.sync_max_rtt(), now_unix())
+            .map_err(VolumeError::FailedPrecondition)
     }
 
     /// The data-path server answering for this node's replicas.
@@ -513,6 +547,7 @@ impl VolumeManager {
             },
         )
         .map_err(|e| VolumeError::FailedPrecondition(e.0))?;
+        self.check_gate(&state, &nodes)?;
         let rec = VolumeRecord {
             id: String::new(),
             name: spec.name.clone(),
@@ -649,6 +684,7 @@ impl VolumeManager {
                 },
             )
             .map_err(|e| VolumeError::FailedPrecondition(e.0))?;
+            self.check_gate(&state, &nodes)?;
             for node in nodes.into_iter().filter(|n| !existing.contains(n)) {
                 replicas.push(ReplicaRecord {
                     node,

@@ -436,6 +436,70 @@ impl ClusterService for AdminApi {
         }))
     }
 
+    async fn latency(
+        &self,
+        _req: Request<pb::LatencyRequest>,
+    ) -> Result<Response<pb::LatencyResponse>, Status> {
+        let vm = self.vm()?;
+        let state = vm.cluster().state();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or_default();
+        let name = |id: &u64| vm.node_name(&state, *id);
+        let mut nodes = Vec::new();
+        for ((from, to), st) in tandem_engine::latency::node_matrix(&state) {
+            let age = state
+                .latency
+                .get(&from)
+                .map(|r| now.saturating_sub(r.unix_seconds))
+                .unwrap_or(0);
+            nodes.push(pb::RttPair {
+                from: name(&from),
+                to: name(&to),
+                p50_us: st.p50_us,
+                p99_us: st.p99_us,
+                samples: st.samples,
+                age_seconds: age,
+                pairs: 1,
+                sync_allowed: false,
+            });
+        }
+        let domains: Vec<String> = state
+            .nodes
+            .values()
+            .filter(|n| n.role != tandem_engine::cluster::NodeRole::Witness)
+            .map(|n| n.domain.clone())
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        let limit = vm.sync_max_rtt();
+        let mut dpairs = Vec::new();
+        for i in 0..domains.len() {
+            for j in i + 1..domains.len() {
+                let (a, b) = (&domains[i], &domains[j]);
+                let r = tandem_engine::latency::domain_pair_rtt(&state, a, b, now);
+                let set: std::collections::BTreeSet<String> = [a.clone(), b.clone()].into();
+                let allowed = tandem_engine::latency::check_sync(&state, &set, limit, now).is_ok();
+                dpairs.push(pb::RttPair {
+                    from: a.clone(),
+                    to: b.clone(),
+                    p50_us: r.as_ref().map_or(0, |r| r.p50_us),
+                    p99_us: r.as_ref().map_or(0, |r| r.p99_us),
+                    samples: r.as_ref().map_or(0, |r| r.samples),
+                    age_seconds: 0,
+                    pairs: r.as_ref().map_or(0, |r| r.pairs),
+                    sync_allowed: allowed,
+                });
+            }
+        }
+        Ok(Response::new(pb::LatencyResponse {
+            nodes,
+            domains: dpairs,
+            sync_max_rtt_us: limit.as_micros() as u64,
+        }))
+    }
+
     async fn list_alerts(
         &self,
         _req: Request<pb::ListAlertsRequest>,

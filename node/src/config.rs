@@ -79,6 +79,10 @@ pub struct Args {
     /// Node name [default: generated, e.g. node-3f2a...]
     #[arg(long)]
     pub name: Option<String>,
+    /// Largest measured domain-pair RTT (p50) that synchronous replication across domains
+    /// may enter, e.g. 10ms [default: 10ms]
+    #[arg(long)]
+    pub sync_max_rtt: Option<String>,
 }
 
 /// The config file's keys: the same names as the flags, with underscores.
@@ -102,6 +106,7 @@ pub struct FileConfig {
     pub rack: Option<String>,
     pub kvdb: Option<bool>,
     pub name: Option<String>,
+    pub sync_max_rtt: Option<String>,
 }
 
 /// Resolved configuration.
@@ -125,6 +130,7 @@ pub struct Config {
     pub rack: String,
     pub kvdb: bool,
     pub name: Option<String>,
+    pub sync_max_rtt: std::time::Duration,
 }
 
 fn addr(what: &str, s: &str) -> anyhow::Result<SocketAddr> {
@@ -210,8 +216,34 @@ impl Config {
                 .unwrap_or_else(|| DEFAULT_TOPOLOGY.into()),
             kvdb: args.kvdb || file.kvdb.unwrap_or(false),
             name: args.name.or(file.name),
+            sync_max_rtt: match args.sync_max_rtt.or(file.sync_max_rtt) {
+                Some(s) => parse_duration(&s)?,
+                None => tandem_engine::latency::DEFAULT_SYNC_MAX_RTT,
+            },
         })
     }
+}
+
+/// Parses `10ms`, `1.5ms`, `500us`, `2s`.
+fn parse_duration(s: &str) -> anyhow::Result<std::time::Duration> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: f64 = num
+        .parse()
+        .map_err(|_| anyhow::anyhow!("invalid duration '{s}': expected e.g. 10ms, 500us, 1s"))?;
+    let us = match unit {
+        "us" | "µs" => n,
+        "ms" | "" => n * 1e3,
+        "s" => n * 1e6,
+        _ => bail!("invalid duration '{s}': units are us, ms, s"),
+    };
+    if !(us > 0.0) {
+        bail!("invalid duration '{s}': it must be positive");
+    }
+    Ok(std::time::Duration::from_micros(us as u64))
 }
 
 fn load_file(path: &Path) -> anyhow::Result<FileConfig> {

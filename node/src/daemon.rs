@@ -297,7 +297,14 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let volumes = VolumeManager::open(cluster.clone(), pool, token.clone())
         .await
         .context("open volumes")?;
+    volumes.set_sync_max_rtt(config.sync_max_rtt);
     api.bind(volumes.clone());
+    let prober_task = tokio::spawn(crate::latency::run_prober(
+        cluster.clone(),
+        token.clone(),
+        metrics.clone(),
+        shutdown_rx.clone(),
+    ));
 
     let data_task = tokio::spawn(crate::replica::serve_data_path(
         data_l,
@@ -345,6 +352,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let _ = data_task.await;
     let _ = admin_task.await;
     let _ = metrics_task.await;
+    let _ = prober_task.await;
     raft.stop();
     tracing::info!("tandemd stopped cleanly");
     Ok(())

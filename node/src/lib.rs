@@ -10,6 +10,7 @@
 pub mod admin;
 pub mod config;
 pub mod daemon;
+pub mod latency;
 pub mod metrics;
 pub mod nbd;
 pub mod peer;

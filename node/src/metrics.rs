@@ -36,6 +36,8 @@ pub struct Metrics {
     resync_done: prometheus::IntGaugeVec,
     resync_total: prometheus::IntGaugeVec,
     hot_regions: prometheus::IntGaugeVec,
+    peer_rtt: prometheus::GaugeVec,
+    peer_rtt_samples: prometheus::IntGaugeVec,
     raft_term: IntGauge,
     raft_applied: IntGauge,
     raft_leader: IntGauge,
@@ -181,6 +183,24 @@ impl Metrics {
                 "Regions in the coordinator activity log",
                 &["volume"],
             ),
+            peer_rtt: {
+                let g = prometheus::GaugeVec::new(
+                    Opts::new(
+                        "tandem_peer_rtt_seconds",
+                        "Data-path round trip to a peer over the last minute",
+                    ),
+                    &["peer", "quantile"],
+                )
+                .expect("valid metric");
+                r.register(Box::new(g.clone())).expect("unique metric");
+                g
+            },
+            peer_rtt_samples: gauge_vec(
+                &r,
+                "tandem_peer_rtt_samples",
+                "RTT samples in the window",
+                &["peer"],
+            ),
             raft_term: gauge(&r, "tandem_raft_term", "Raft term seen by this node"),
             raft_applied: gauge(
                 &r,
@@ -194,6 +214,19 @@ impl Metrics {
             ),
             registry: r,
         })
+    }
+
+    /// Records a peer's RTT window summary.
+    pub fn set_peer_rtt(&self, peer: &str, p50_us: u64, p99_us: u64, samples: u32) {
+        self.peer_rtt
+            .with_label_values(&[peer, "0.5"])
+            .set(p50_us as f64 / 1e6);
+        self.peer_rtt
+            .with_label_values(&[peer, "0.99"])
+            .set(p99_us as f64 / 1e6);
+        self.peer_rtt_samples
+            .with_label_values(&[peer])
+            .set(samples as i64);
     }
 
     pub fn volume(&self, name: &str) -> VolumeMetrics {

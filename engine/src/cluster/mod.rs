@@ -17,8 +17,8 @@ pub mod state;
 pub use handle::{ClusterError, ClusterHandle, ForwardError, Forwarder, Proposal};
 pub use raft_node::{Bootstrap, RaftError, RaftNode, RaftStatus, RaftTransport};
 pub use state::{
-    Alert, ApplyError, ApplyOutput, ClusterState, Command, NodeRecord, NodeRole, ReplicaRecord,
-    ReplicaState, VolumeRecord,
+    Alert, ApplyError, ApplyOutput, ClusterState, Command, LatencyReport, NodeRecord, NodeRole,
+    ReplicaRecord, ReplicaState, VolumeRecord,
 };
 
 #[cfg(test)]

@@ -113,6 +113,14 @@ impl VolumeRecord {
     }
 }
 
+/// A node's published RTT measurements to its peers (see `crate::latency`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LatencyReport {
+    /// When the reporting node took it (the proposer's clock).
+    pub unix_seconds: u64,
+    pub peers: BTreeMap<u64, crate::latency::RttStats>,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Alert {
     pub id: u64,
@@ -202,6 +210,11 @@ pub enum Command {
         resource: String,
         message: String,
     },
+    /// A node's latest RTT summary; replaces its previous one.
+    ReportLatency {
+        node: u64,
+        report: LatencyReport,
+    },
 }
 
 /// Why a command was refused. The variants map onto gRPC codes in one place.
@@ -237,6 +250,9 @@ pub struct ClusterState {
     pub nodes: BTreeMap<u64, NodeRecord>,
     pub volumes: BTreeMap<String, VolumeRecord>,
     pub alerts: Vec<Alert>,
+    /// Latest RTT report of each node.
+    #[serde(default)]
+    pub latency: BTreeMap<u64, LatencyReport>,
     pub next_node_id: u64,
     pub next_volume_seq: u64,
     pub next_alert_id: u64,
@@ -302,6 +318,7 @@ impl ClusterState {
             }
             Command::RemoveNode { id } => {
                 self.nodes.remove(id).ok_or(ApplyError::NodeNotFound(*id))?;
+                self.latency.remove(id);
                 Ok(ApplyOutput::None)
             }
             Command::CreateVolume { volume } => {
@@ -514,6 +531,13 @@ impl ClusterState {
                     v.hot_regions.remove(r);
                 }
                 v.hot_regions.extend(add.iter().copied());
+                Ok(ApplyOutput::None)
+            }
+            Command::ReportLatency { node, report } => {
+                if !self.nodes.contains_key(node) {
+                    return Err(ApplyError::NodeNotFound(*node));
+                }
+                self.latency.insert(*node, report.clone());
                 Ok(ApplyOutput::None)
             }
             Command::RaiseAlert {

@@ -58,6 +58,8 @@ enum ClusterCmd {
     List,
     /// Raft status and nodes
     Inspect,
+    /// Measured data-path RTT: node pairs, domain pairs, and the metro-sync gate
+    Latency,
     /// The join token
     #[command(subcommand)]
     Token(TokenCmd),
@@ -842,6 +844,73 @@ async fn run_cluster(ch: Channel, json: bool, cmd: ClusterCmd) -> Result<(), Fai
             }
             println!("{t}");
             print_nodes(&nodes);
+        }
+        ClusterCmd::Latency => {
+            let r = c.latency(pb::LatencyRequest {}).await?.into_inner();
+            let pair = |p: &pb::RttPair| {
+                serde_json::json!({
+                    "from": p.from, "to": p.to, "p50_us": p.p50_us, "p99_us": p.p99_us,
+                    "samples": p.samples, "age_seconds": p.age_seconds, "pairs": p.pairs,
+                    "sync_allowed": p.sync_allowed,
+                })
+            };
+            if json {
+                print_json(&serde_json::json!({
+                    "sync_max_rtt_us": r.sync_max_rtt_us,
+                    "nodes": r.nodes.iter().map(pair).collect::<Vec<_>>(),
+                    "domains": r.domains.iter().map(pair).collect::<Vec<_>>(),
+                }));
+                return Ok(());
+            }
+            let ms = |us: u64| format!("{:.2} ms", us as f64 / 1000.0);
+            let mut t = table();
+            t.set_header(vec!["FROM", "TO", "P50", "P99", "SAMPLES", "AGE"]);
+            for p in &r.nodes {
+                t.add_row(vec![
+                    p.from.clone(),
+                    p.to.clone(),
+                    ms(p.p50_us),
+                    ms(p.p99_us),
+                    p.samples.to_string(),
+                    format!("{}s", p.age_seconds),
+                ]);
+            }
+            println!("{t}");
+            let mut d = table();
+            d.set_header(vec![
+                "DOMAIN",
+                "DOMAIN",
+                "P50",
+                "P99",
+                "NODE PAIRS",
+                "METRO SYNC",
+            ]);
+            for p in &r.domains {
+                d.add_row(vec![
+                    p.from.clone(),
+                    p.to.clone(),
+                    if p.pairs == 0 {
+                        "-".into()
+                    } else {
+                        ms(p.p50_us)
+                    },
+                    if p.pairs == 0 {
+                        "-".into()
+                    } else {
+                        ms(p.p99_us)
+                    },
+                    p.pairs.to_string(),
+                    if p.sync_allowed {
+                        "allowed".into()
+                    } else if p.pairs == 0 {
+                        "refused (no samples)".into()
+                    } else {
+                        "refused (above limit)".into()
+                    },
+                ]);
+            }
+            println!("{d}");
+            println!("Sync limit (--sync-max-rtt): {}", ms(r.sync_max_rtt_us));
         }
         ClusterCmd::Token(TokenCmd::Show) => {
             let r = c.show_token(pb::ShowTokenRequest {}).await?.into_inner();

@@ -1,0 +1,113 @@
+//! The RTT prober: pings every peer over the data path once a second, keeps a sliding
+//! window per peer, exports it as metrics and publishes a summary to the cluster metadata
+//! (where the latency gate and `tandemctl cluster latency` read it).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tandem_engine::cluster::{ClusterHandle, Command, LatencyReport, NodeRole};
+use tandem_engine::latency::{PeerWindow, PING_INTERVAL, REPORT_INTERVAL};
+use tandem_engine::wire::WireClient;
+use tokio::sync::watch;
+
+use crate::metrics::Metrics;
+
+/// A ping slower than this counts as lost (and the connection is re-made).
+pub const PING_TIMEOUT: Duration = Duration::from_secs(2);
+
+pub async fn run_prober(
+    cluster: Arc<ClusterHandle>,
+    token: Arc<Vec<u8>>,
+    metrics: Arc<Metrics>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let me = cluster.node_id();
+    let mut clients: HashMap<u64, (String, Arc<WireClient>)> = HashMap::new();
+    let mut windows: HashMap<u64, PeerWindow> = HashMap::new();
+    let mut last_report = Instant::now();
+    loop {
+        tokio::select! {
+            _ = shutdown.changed() => return,
+            _ = tokio::time::sleep(PING_INTERVAL) => {}
+        }
+        let state = cluster.state();
+        let peers: Vec<(u64, String)> = state
+            .nodes
+            .values()
+            .filter(|n| n.id != me && n.role != NodeRole::Witness && !n.data_addr.is_empty())
+            .map(|n| (n.id, n.data_addr.clone()))
+            .collect();
+        let mut tasks = tokio::task::JoinSet::new();
+        for (id, addr) in peers {
+            let existing = clients
+                .get(&id)
+                .filter(|(a, c)| *a == addr && !c.is_closed())
+                .map(|(_, c)| c.clone());
+            let token = token.clone();
+            tasks.spawn(async move {
+                let client = match existing {
+                    Some(c) => c,
+                    None => {
+                        match tokio::time::timeout(
+                            PING_TIMEOUT,
+                            WireClient::connect(&addr, token, me),
+                        )
+                        .await
+                        {
+                            Ok(Ok(c)) => c,
+                            _ => return (id, addr, None, None),
+                        }
+                    }
+                };
+                let rtt = match tokio::time::timeout(PING_TIMEOUT, client.ping()).await {
+                    Ok(Ok(d)) => Some(d),
+                    _ => None,
+                };
+                (id, addr, Some(client), rtt)
+            });
+        }
+        while let Some(Ok((id, addr, client, rtt))) = tasks.join_next().await {
+            match (client, rtt) {
+                (Some(c), Some(d)) => {
+                    clients.insert(id, (addr, c));
+                    windows.entry(id).or_default().record(d);
+                }
+                _ => {
+                    clients.remove(&id);
+                }
+            }
+        }
+        windows.retain(|id, _| state.nodes.contains_key(id));
+        for (id, w) in &windows {
+            if let Some(st) = w.stats() {
+                let name = state
+                    .nodes
+                    .get(id)
+                    .map(|n| n.name.clone())
+                    .unwrap_or_else(|| id.to_string());
+                metrics.set_peer_rtt(&name, st.p50_us, st.p99_us, st.samples);
+            }
+        }
+        if last_report.elapsed() >= REPORT_INTERVAL {
+            last_report = Instant::now();
+            let report = LatencyReport {
+                unix_seconds: std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_secs())
+                    .unwrap_or_default(),
+                peers: windows
+                    .iter()
+                    .filter_map(|(id, w)| Some((*id, w.stats()?)))
+                    .collect(),
+            };
+            let cluster = cluster.clone();
+            // Best effort: a lost report only ages the published numbers.
+            tokio::spawn(async move {
+                let _ = cluster
+                    .propose(Command::ReportLatency { node: me, report })
+                    .await;
+            });
+        }
+    }
+}
