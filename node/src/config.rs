@@ -240,7 +240,7 @@ fn parse_duration(s: &str) -> anyhow::Result<std::time::Duration> {
         "s" => n * 1e6,
         _ => bail!("invalid duration '{s}': units are us, ms, s"),
     };
-    if !(us > 0.0) {
+    if us.is_nan() || us <= 0.0 {
         bail!("invalid duration '{s}': it must be positive");
     }
     Ok(std::time::Duration::from_micros(us as u64))
