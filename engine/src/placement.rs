@@ -4,7 +4,8 @@
 //! rack, then node; ties go to the node with the smallest provisioned fraction of its pool
 //! (volumes are thin, so a volume larger than a pool is allowed; writes that do not fit
 //! fail with ENOSPC on that node). Explicit
-//! requests (`nodes`, `zones`, `domains`) restrict the candidates first. An impossible
+//! requests (`nodes`, `zones`, `domains`) restrict the candidates first; nodes of an
+//! inactive domain are never chosen. An impossible
 //! request is refused with the reason; placement never silently places two replicas on one
 //! node.
 
@@ -67,6 +68,8 @@ pub fn place(state: &ClusterState, req: &PlacementRequest) -> Result<Vec<u64>, P
         }
         if req.unreachable.contains(&n.id) {
             reasons.push(format!("{} is unreachable", n.name));
+        } else if state.inactive_domains.contains(&n.domain) {
+            reasons.push(format!("{} is in inactive domain {}", n.name, n.domain));
         } else if !matches_node(n, &req.nodes) {
             reasons.push(format!("{} not in --nodes", n.name));
         } else if !req.zones.is_empty() && !req.zones.contains(&n.zone) {

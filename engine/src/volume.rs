@@ -404,6 +404,55 @@ impl VolumeManager {
             .map_err(VolumeError::FailedPrecondition)
     }
 
+    /// Activates or deactivates a cluster domain. Activation brings the domain's replicas
+    /// back (out of sync; their coordinators resync them) and passes the latency gate for
+    /// every volume that would replicate across domains again.
+    pub async fn set_domain_active(&self, domain: &str, active: bool) -> Result<()> {
+        let _op = self.ops.lock().await;
+        let state = self.cluster.state();
+        if !state.nodes.values().any(|n| n.domain == domain) {
+            return Err(VolumeError::NotFound(format!("domain {domain}")));
+        }
+        if active && state.inactive_domains.contains(domain) {
+            for v in state.volumes.values() {
+                let returning: Vec<u64> = v
+                    .parked
+                    .iter()
+                    .copied()
+                    .filter(|n| state.nodes.get(n).is_some_and(|r| r.domain == domain))
+                    .collect();
+                if returning.is_empty() {
+                    continue;
+                }
+                let mut nodes: Vec<u64> = v.replicas.iter().map(|r| r.node).collect();
+                nodes.extend(returning);
+                self.check_gate(&state, &nodes)?;
+            }
+        }
+        self.cluster
+            .propose(Command::SetDomainActive {
+                domain: domain.to_string(),
+                active,
+            })
+            .await?;
+        let verb = if active { "activated" } else { "deactivated" };
+        let _ = self
+            .cluster
+            .propose(Command::RaiseAlert {
+                unix_seconds: now_unix(),
+                severity: "warning".into(),
+                kind: format!("domain-{verb}"),
+                resource: format!("domain/{domain}"),
+                message: format!("cluster domain {domain} {verb}"),
+            })
+            .await;
+        // Volumes attached here whose replica set changed: their coordinator adopts the new
+        // set by itself (it refreshes membership from the metadata).
+        self.reconcile().await;
+        tracing::info!(%domain, active, "cluster domain {verb}");
+        Ok(())
+    }
+
     /// The data-path server answering for this node's replicas.
     pub fn replica_server(&self) -> Arc<ReplicaServer> {
         self.replica_server
@@ -569,6 +618,7 @@ impl VolumeManager {
                 })
                 .collect(),
             hot_regions: Default::default(),
+            parked: Vec::new(),
         };
         self.cluster
             .propose(Command::CreateVolume { volume: rec })
@@ -796,7 +846,14 @@ impl VolumeManager {
     async fn open_backend(&self, rec: VolumeRecord) -> Result<Open> {
         let name = rec.name.clone();
         let local = self.local_replica(&rec).await;
-        let backend = if rec.replicas.len() == 1 && rec.replica(self.node_id).is_some() {
+        // The local fast path only for a true RF 1 volume: a replicated volume that is down
+        // to one replica (ejections, a deactivated domain) still needs its coordinator to
+        // bring the others back.
+        let backend = if rec.repl == 1
+            && rec.replicas.len() == 1
+            && rec.parked.is_empty()
+            && rec.replica(self.node_id).is_some()
+        {
             Backend::Local(local.ok_or_else(|| {
                 VolumeError::Unavailable(format!("the local replica of '{name}' cannot be opened"))
             })?)

@@ -344,6 +344,56 @@ impl VolumeService for AdminApi {
     }
 }
 
+fn domains_pb(vm: &VolumeManager) -> pb::ListDomainsResponse {
+    use tandem_engine::cluster::ReplicaState;
+    let state = vm.cluster().state();
+    let names: std::collections::BTreeSet<String> =
+        state.nodes.values().map(|n| n.domain.clone()).collect();
+    let domains = names
+        .into_iter()
+        .map(|d| {
+            let in_d = |id: &u64| state.nodes.get(id).is_some_and(|n| n.domain == d);
+            let volumes = state
+                .volumes
+                .values()
+                .filter(|v| v.replicas.iter().any(|r| in_d(&r.node)) || v.parked.iter().any(in_d))
+                .map(|v| {
+                    let reps: Vec<ReplicaState> = v
+                        .replicas
+                        .iter()
+                        .filter(|r| in_d(&r.node))
+                        .map(|r| r.state)
+                        .collect();
+                    let parked = v.parked.iter().any(in_d);
+                    let status = if !parked && reps.iter().all(|s| *s == ReplicaState::InSync) {
+                        "InSync"
+                    } else if reps.contains(&ReplicaState::Resyncing) {
+                        "Resyncing"
+                    } else {
+                        "NotInSync"
+                    };
+                    pb::DomainVolume {
+                        volume: v.name.clone(),
+                        status: status.into(),
+                    }
+                })
+                .collect();
+            pb::DomainInfo {
+                active: !state.inactive_domains.contains(&d),
+                nodes: state
+                    .nodes
+                    .values()
+                    .filter(|n| n.domain == d)
+                    .map(|n| n.name.clone())
+                    .collect(),
+                volumes,
+                name: d,
+            }
+        })
+        .collect();
+    pb::ListDomainsResponse { domains }
+}
+
 fn role_name(r: NodeRole) -> &'static str {
     match r {
         NodeRole::Voter => "voter",
@@ -498,6 +548,26 @@ impl ClusterService for AdminApi {
             domains: dpairs,
             sync_max_rtt_us: limit.as_micros() as u64,
         }))
+    }
+
+    async fn list_domains(
+        &self,
+        _req: Request<pb::ListDomainsRequest>,
+    ) -> Result<Response<pb::ListDomainsResponse>, Status> {
+        let vm = self.vm()?;
+        Ok(Response::new(domains_pb(vm)))
+    }
+
+    async fn set_domain_active(
+        &self,
+        req: Request<pb::SetDomainActiveRequest>,
+    ) -> Result<Response<pb::ListDomainsResponse>, Status> {
+        let vm = self.vm()?;
+        let r = req.into_inner();
+        vm.set_domain_active(&r.domain, r.active)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(domains_pb(vm)))
     }
 
     async fn list_alerts(

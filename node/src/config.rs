@@ -76,6 +76,9 @@ pub struct Args {
     /// Make this node a raft voter (metadata replica) even beyond the first three
     #[arg(long)]
     pub kvdb: bool,
+    /// Run as a witness: a raft voter that holds no volume data (a third-site tie-breaker)
+    #[arg(long)]
+    pub witness: bool,
     /// Node name [default: generated, e.g. node-3f2a...]
     #[arg(long)]
     pub name: Option<String>,
@@ -105,6 +108,7 @@ pub struct FileConfig {
     pub zone: Option<String>,
     pub rack: Option<String>,
     pub kvdb: Option<bool>,
+    pub witness: Option<bool>,
     pub name: Option<String>,
     pub sync_max_rtt: Option<String>,
 }
@@ -129,6 +133,7 @@ pub struct Config {
     pub zone: String,
     pub rack: String,
     pub kvdb: bool,
+    pub witness: bool,
     pub name: Option<String>,
     pub sync_max_rtt: std::time::Duration,
 }
@@ -155,6 +160,12 @@ impl Config {
             }
             None => None,
         };
+        if (args.witness || file.witness.unwrap_or(false))
+            && args.join.is_none()
+            && file.join.is_none()
+        {
+            bail!("--witness joins an existing cluster: give --join and --token");
+        }
         if args.join.is_some() && args.token.is_none() && file.token.is_none() {
             bail!("--join needs --token: the cluster's join token (`tandemctl cluster token show` on a member)");
         }
@@ -215,6 +226,7 @@ impl Config {
                 .or(file.rack)
                 .unwrap_or_else(|| DEFAULT_TOPOLOGY.into()),
             kvdb: args.kvdb || file.kvdb.unwrap_or(false),
+            witness: args.witness || file.witness.unwrap_or(false),
             name: args.name.or(file.name),
             sync_max_rtt: match args.sync_max_rtt.or(file.sync_max_rtt) {
                 Some(s) => parse_duration(&s)?,

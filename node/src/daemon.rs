@@ -204,8 +204,15 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 domain: config.domain.clone(),
                 zone: config.zone.clone(),
                 rack: config.rack.clone(),
-                role: if config.kvdb { "voter" } else { "auto" }.into(),
-                pool_size_bytes: pool_size,
+                role: if config.witness {
+                    "witness"
+                } else if config.kvdb {
+                    "voter"
+                } else {
+                    "auto"
+                }
+                .into(),
+                pool_size_bytes: if config.witness { 0 } else { pool_size },
                 mac: Vec::new(),
             },
         )

@@ -118,3 +118,137 @@ fn metro_sync_is_allowed_at_2ms_and_refused_at_15ms_with_the_measured_figure() {
     ]);
     assert_eq!(local["replicas"].as_array().unwrap().len(), 2, "{local}");
 }
+
+fn chunk_acked(uri: &str, i: u64) -> bool {
+    let o = tandem_tests::qemu_io(uri, &[&format!("write -P {} {}M 1M", i + 1, i), "flush"]);
+    let t = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    o.status.success() && !t.contains("failed") && !t.contains("error")
+}
+
+fn volume_states(d: &Daemon, vol: &str) -> Vec<String> {
+    d.ctl_json(&["volume", "inspect", vol])["replicas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["state"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// The runbook of docs/operations.md, executed: site east is lost while a writer runs;
+/// the operator deactivates it and attaches the volume in west with every acknowledged
+/// write (RPO 0); east returns, is activated, resyncs, and the volume moves back.
+#[test]
+fn unplanned_site_loss_failover_and_failback_with_a_witness() {
+    let dom = |d: &str| vec!["--domain".to_string(), d.to_string()];
+    let a = Daemon::start(DaemonOpts {
+        extra_args: dom("east"),
+        ..Default::default()
+    });
+    // Voters: a (east), the witness, c (west). b and d are learners.
+    let w = Daemon::join(&a, &["--witness", "--domain", "witness"]);
+    let c = Daemon::join(&a, &["--domain", "west", "--kvdb"]);
+    let b = Daemon::join(&a, &["--domain", "east"]);
+    let d = Daemon::join(&a, &["--domain", "west"]);
+    let mut nodes = vec![a, b, c, d, w];
+    let inspect = nodes[0].ctl_json(&["cluster", "inspect"]);
+    assert_eq!(inspect["voters"].as_array().unwrap().len(), 3, "{inspect}");
+    assert_eq!(
+        inspect["learners"].as_array().unwrap().len(),
+        2,
+        "{inspect}"
+    );
+    measured_pair(&nodes[0]);
+
+    nodes[0].ctl_ok(&["volume", "create", "dr", "--size", "64MiB", "--repl", "2"]);
+    let uri_a = nodes[0].ctl_json(&["volume", "attach", "dr"])["nbd_uri"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let mut acked = Vec::new();
+    for i in 0..8u64 {
+        if chunk_acked(&uri_a, i) {
+            acked.push(i);
+        }
+    }
+    assert_eq!(acked.len(), 8);
+    let shown = nodes[2].ctl_ok(&["cluster", "domains", "show"]);
+    assert!(shown.contains("dr (InSync)"), "{shown}");
+
+    // East is lost: both of its nodes die.
+    nodes[0].kill9();
+    nodes[1].kill9();
+    let c = &nodes[2];
+    eventually(Duration::from_secs(40), "deactivate east from west", || {
+        (c.ctl(&["cluster", "domains", "deactivate", "east"]).code == 0).then_some(())
+    });
+    let doms = c.ctl_json(&["cluster", "domains", "show"]);
+    let east = doms
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["name"] == "east")
+        .unwrap();
+    assert_eq!(east["active"], false, "{doms}");
+    let v = c.ctl_json(&["volume", "attach", "dr"]);
+    assert_eq!(v["state"], "attached");
+    let uri_c = c.nbd_uri("dr");
+    for &i in &acked {
+        tandem_tests::qemu_io_ok(&uri_c, &[&format!("read -P {} {}M 1M", i + 1, i)]);
+    }
+    assert!(
+        chunk_acked(&uri_c, 20),
+        "west serves writes alone (RPO 0 from here)"
+    );
+    let ver = c.ctl_json(&["volume", "verify", "dr"]);
+    assert_eq!(ver["mismatched_blocks"], 0, "{ver}");
+    // An inactive domain cannot take the volume.
+    nodes[0].spawn();
+    nodes[1].spawn();
+    let o = nodes[0].ctl(&["volume", "attach", "dr", "--force"]);
+    assert_ne!(
+        o.code, 0,
+        "a node of an inactive domain must not attach: {}",
+        o.stdout
+    );
+
+    // Failback: activate east (after its RTT is measured again), let it resync, move back.
+    let c = &nodes[2];
+    eventually(Duration::from_secs(60), "activate east", || {
+        (c.ctl(&["cluster", "domains", "activate", "east"]).code == 0).then_some(())
+    });
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let s = volume_states(c, "dr");
+        if s.len() == 2 && s.iter().all(|s| s == "in-sync") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "east replica not in sync: {s:?}\n{}\ncoordinator log tail:\n{}",
+            c.ctl_ok(&["volume", "inspect", "dr"]),
+            c.log()
+                .lines()
+                .rev()
+                .take(30)
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let ver = c.ctl_json(&["volume", "verify", "dr"]);
+    assert_eq!(ver["mismatched_blocks"], 0, "{ver}");
+    c.ctl_ok(&["volume", "detach", "dr"]);
+    let a = &nodes[0];
+    a.ctl_ok(&["volume", "attach", "dr"]);
+    let uri_a = a.nbd_uri("dr");
+    for &i in &acked {
+        tandem_tests::qemu_io_ok(&uri_a, &[&format!("read -P {} {}M 1M", i + 1, i)]);
+    }
+    tandem_tests::qemu_io_ok(&uri_a, &["read -P 21 20M 1M"]);
+    let ver = a.ctl_json(&["volume", "verify", "dr"]);
+    assert_eq!(ver["mismatched_blocks"], 0, "{ver}");
+}

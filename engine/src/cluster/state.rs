@@ -92,6 +92,10 @@ pub struct VolumeRecord {
     /// coordinator dies. Reconciled by the next attach.
     #[serde(default)]
     pub hot_regions: BTreeSet<u64>,
+    /// Replicas taken out of the replica set because their domain was deactivated; they
+    /// come back (out of sync, to be resynced) when it is activated.
+    #[serde(default)]
+    pub parked: Vec<u64>,
 }
 
 impl VolumeRecord {
@@ -215,6 +219,13 @@ pub enum Command {
         node: u64,
         report: LatencyReport,
     },
+    /// Deactivates (takes every replica in it out of every replica set, fences
+    /// coordinators running in it) or activates (returns the replicas, out of sync) a
+    /// cluster domain.
+    SetDomainActive {
+        domain: String,
+        active: bool,
+    },
 }
 
 /// Why a command was refused. The variants map onto gRPC codes in one place.
@@ -253,6 +264,9 @@ pub struct ClusterState {
     /// Latest RTT report of each node.
     #[serde(default)]
     pub latency: BTreeMap<u64, LatencyReport>,
+    /// Deactivated cluster domains (every other domain is active).
+    #[serde(default)]
+    pub inactive_domains: BTreeSet<String>,
     pub next_node_id: u64,
     pub next_volume_seq: u64,
     pub next_alert_id: u64,
@@ -267,6 +281,101 @@ impl ClusterState {
             next_alert_id: 1,
             ..Default::default()
         }
+    }
+
+    /// Whether a node's domain is active.
+    pub fn node_active(&self, id: u64) -> bool {
+        self.nodes
+            .get(&id)
+            .is_some_and(|n| !self.inactive_domains.contains(&n.domain))
+    }
+
+    fn in_domain(&self, node: u64, domain: &str) -> bool {
+        self.nodes.get(&node).is_some_and(|n| n.domain == domain)
+    }
+
+    fn set_domain_active(&mut self, domain: &str, active: bool) -> Result<ApplyOutput, ApplyError> {
+        if !self.nodes.values().any(|n| n.domain == domain) {
+            return Err(ApplyError::FailedPrecondition(format!(
+                "no node is in domain '{domain}'"
+            )));
+        }
+        if active {
+            if !self.inactive_domains.remove(domain) {
+                return Ok(ApplyOutput::None);
+            }
+            let nodes: Vec<u64> = self
+                .nodes
+                .values()
+                .filter(|n| n.domain == domain)
+                .map(|n| n.id)
+                .collect();
+            for v in self.volumes.values_mut() {
+                let back: Vec<u64> = v
+                    .parked
+                    .iter()
+                    .copied()
+                    .filter(|n| nodes.contains(n))
+                    .collect();
+                v.parked.retain(|n| !back.contains(n));
+                for node in back {
+                    if v.replica(node).is_none() {
+                        v.replicas.push(ReplicaRecord {
+                            node,
+                            state: ReplicaState::OutOfSync,
+                            generation: v.generation,
+                            resync_done_bytes: 0,
+                            resync_total_bytes: 0,
+                        });
+                    }
+                }
+            }
+            return Ok(ApplyOutput::None);
+        }
+        if self.inactive_domains.contains(domain) {
+            return Ok(ApplyOutput::None);
+        }
+        // Refuse before changing anything if a volume would lose its last in-sync copy.
+        for v in self.volumes.values() {
+            let inside = v.replicas.iter().any(|r| self.in_domain(r.node, domain));
+            let outside_in_sync = v
+                .replicas
+                .iter()
+                .any(|r| !self.in_domain(r.node, domain) && r.state == ReplicaState::InSync);
+            if inside && !outside_in_sync {
+                return Err(ApplyError::FailedPrecondition(format!(
+                    "deactivating domain '{domain}' would leave volume '{}' without an in-sync replica",
+                    v.name
+                )));
+            }
+        }
+        let in_domain: BTreeSet<u64> = self
+            .nodes
+            .values()
+            .filter(|n| n.domain == domain)
+            .map(|n| n.id)
+            .collect();
+        for v in self.volumes.values_mut() {
+            let parked: Vec<u64> = v
+                .replicas
+                .iter()
+                .filter(|r| in_domain.contains(&r.node))
+                .map(|r| r.node)
+                .collect();
+            if parked.is_empty() && !v.attached_node.is_some_and(|n| in_domain.contains(&n)) {
+                continue;
+            }
+            v.replicas.retain(|r| !in_domain.contains(&r.node));
+            v.parked.extend(parked);
+            // A coordinator inside the domain is fenced: the volume is detached at a new
+            // generation, which every replica outside the domain enforces.
+            if v.attached_node.is_some_and(|n| in_domain.contains(&n)) {
+                v.attached_node = None;
+                v.generation += 1;
+            }
+        }
+        self.inactive_domains.insert(domain.to_string());
+        Ok(ApplyOutput::None)
     }
 
     fn volume_mut(&mut self, name: &str) -> Result<&mut VolumeRecord, ApplyError> {
@@ -386,6 +495,11 @@ impl ClusterState {
             } => {
                 if !self.nodes.contains_key(node) {
                     return Err(ApplyError::NodeNotFound(*node));
+                }
+                if !self.node_active(*node) {
+                    return Err(ApplyError::FailedPrecondition(format!(
+                        "node {node} is in an inactive domain; activate the domain first"
+                    )));
                 }
                 let v = self.volume_mut(name)?;
                 match v.attached_node {
@@ -533,6 +647,7 @@ impl ClusterState {
                 v.hot_regions.extend(add.iter().copied());
                 Ok(ApplyOutput::None)
             }
+            Command::SetDomainActive { domain, active } => self.set_domain_active(domain, *active),
             Command::ReportLatency { node, report } => {
                 if !self.nodes.contains_key(node) {
                     return Err(ApplyError::NodeNotFound(*node));
@@ -608,6 +723,7 @@ mod tests {
                 })
                 .collect(),
             hot_regions: BTreeSet::new(),
+            parked: Vec::new(),
         }
     }
 

@@ -212,6 +212,7 @@ impl TestCluster {
                 })
                 .collect(),
             hot_regions: BTreeSet::new(),
+            parked: Vec::new(),
         };
         meta.apply(&Command::CreateVolume { volume }).unwrap();
         let vol_id = meta.state().volumes[VOLUME].id.clone();

@@ -60,9 +60,23 @@ enum ClusterCmd {
     Inspect,
     /// Measured data-path RTT: node pairs, domain pairs, and the metro-sync gate
     Latency,
+    /// Cluster domains (sites): show, activate, deactivate
+    #[command(subcommand)]
+    Domains(DomainsCmd),
     /// The join token
     #[command(subcommand)]
     Token(TokenCmd),
+}
+
+#[derive(Subcommand)]
+enum DomainsCmd {
+    /// Each domain's nodes, active state and the sync status of its volumes
+    Show,
+    /// Bring a domain's replicas back (they resync); passes the latency gate
+    Activate { name: String },
+    /// Take a domain's replicas out of every replica set; volumes attached in it are
+    /// detached (their coordinators fenced). For failover away from a lost site.
+    Deactivate { name: String },
 }
 
 #[derive(Subcommand)]
@@ -911,6 +925,55 @@ async fn run_cluster(ch: Channel, json: bool, cmd: ClusterCmd) -> Result<(), Fai
             }
             println!("{d}");
             println!("Sync limit (--sync-max-rtt): {}", ms(r.sync_max_rtt_us));
+        }
+        ClusterCmd::Domains(cmd) => {
+            let r = match cmd {
+                DomainsCmd::Show => c.list_domains(pb::ListDomainsRequest {}).await?,
+                DomainsCmd::Activate { name } => {
+                    c.set_domain_active(pb::SetDomainActiveRequest {
+                        domain: name,
+                        active: true,
+                    })
+                    .await?
+                }
+                DomainsCmd::Deactivate { name } => {
+                    c.set_domain_active(pb::SetDomainActiveRequest {
+                        domain: name,
+                        active: false,
+                    })
+                    .await?
+                }
+            }
+            .into_inner();
+            if json {
+                let v: Vec<_> = r
+                    .domains
+                    .iter()
+                    .map(|d| {
+                        serde_json::json!({
+                            "name": d.name, "active": d.active, "nodes": d.nodes,
+                            "volumes": d.volumes.iter().map(|v| serde_json::json!({"volume": v.volume, "status": v.status})).collect::<Vec<_>>(),
+                        })
+                    })
+                    .collect();
+                print_json(&v);
+                return Ok(());
+            }
+            let mut t = table();
+            t.set_header(vec!["DOMAIN", "STATE", "NODES", "VOLUMES"]);
+            for d in r.domains {
+                t.add_row(vec![
+                    d.name,
+                    if d.active { "active" } else { "inactive" }.to_string(),
+                    d.nodes.join(", "),
+                    d.volumes
+                        .iter()
+                        .map(|v| format!("{} ({})", v.volume, v.status))
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                ]);
+            }
+            println!("{t}");
         }
         ClusterCmd::Token(TokenCmd::Show) => {
             let r = c.show_token(pb::ShowTokenRequest {}).await?.into_inner();
