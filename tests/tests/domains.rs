@@ -153,7 +153,7 @@ fn unplanned_site_loss_failover_and_failback_with_a_witness() {
     let c = Daemon::join(&a, &["--domain", "west", "--kvdb"]);
     let b = Daemon::join(&a, &["--domain", "east"]);
     let d = Daemon::join(&a, &["--domain", "west"]);
-    let mut nodes = vec![a, b, c, d, w];
+    let mut nodes = [a, b, c, d, w];
     let inspect = nodes[0].ctl_json(&["cluster", "inspect"]);
     assert_eq!(inspect["voters"].as_array().unwrap().len(), 3, "{inspect}");
     assert_eq!(
