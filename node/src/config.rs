@@ -86,6 +86,10 @@ pub struct Args {
     /// may enter, e.g. 10ms [default: 10ms]
     #[arg(long)]
     pub sync_max_rtt: Option<String>,
+    /// What happens when a synchronous domain pair goes above --sync-max-rtt at run time:
+    /// `alert` (raise an alert, stay synchronous) [default: alert]
+    #[arg(long)]
+    pub on_rtt_exceeded: Option<String>,
 }
 
 /// The config file's keys: the same names as the flags, with underscores.
@@ -111,6 +115,7 @@ pub struct FileConfig {
     pub witness: Option<bool>,
     pub name: Option<String>,
     pub sync_max_rtt: Option<String>,
+    pub on_rtt_exceeded: Option<String>,
 }
 
 /// Resolved configuration.
@@ -165,6 +170,17 @@ impl Config {
             && file.join.is_none()
         {
             bail!("--witness joins an existing cluster: give --join and --token");
+        }
+        match args
+            .on_rtt_exceeded
+            .as_deref()
+            .or(file.on_rtt_exceeded.as_deref())
+        {
+            None | Some("alert") => {}
+            Some("degrade") => bail!(
+                "--on-rtt-exceeded degrade (async far replicas) is not available in this build; use alert"
+            ),
+            Some(other) => bail!("invalid --on-rtt-exceeded '{other}': expected alert"),
         }
         if args.join.is_some() && args.token.is_none() && file.token.is_none() {
             bail!("--join needs --token: the cluster's join token (`tandemctl cluster token show` on a member)");

@@ -306,6 +306,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .context("open volumes")?;
     volumes.set_sync_max_rtt(config.sync_max_rtt);
     api.bind(volumes.clone());
+    let rtt_watch_task = tokio::spawn(crate::latency::run_rtt_watch(
+        volumes.clone(),
+        shutdown_rx.clone(),
+    ));
     let prober_task = tokio::spawn(crate::latency::run_prober(
         cluster.clone(),
         token.clone(),
@@ -360,6 +364,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let _ = admin_task.await;
     let _ = metrics_task.await;
     let _ = prober_task.await;
+    let _ = rtt_watch_task.await;
     raft.stop();
     tracing::info!("tandemd stopped cleanly");
     Ok(())

@@ -16,6 +16,78 @@ use crate::metrics::Metrics;
 /// A ping slower than this counts as lost (and the connection is re-made).
 pub const PING_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// Watches the domain pairs that volumes attached on this node replicate across, and
+/// raises an alert when a pair's measured RTT goes above `--sync-max-rtt` (policy
+/// `alert`: replication stays synchronous, and the latency cost is visible) and again
+/// when it is back under.
+pub async fn run_rtt_watch(
+    volumes: Arc<tandem_engine::volume::VolumeManager>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    use std::collections::{BTreeSet, HashSet};
+    let mut above: HashSet<(String, String, String)> = HashSet::new();
+    loop {
+        tokio::select! {
+            _ = shutdown.changed() => return,
+            _ = tokio::time::sleep(REPORT_INTERVAL) => {}
+        }
+        let cluster = volumes.cluster();
+        let state = cluster.state();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or_default();
+        let limit_us = volumes.sync_max_rtt().as_micros() as u64;
+        for name in volumes.attached_names() {
+            let Some(v) = state.volumes.get(&name) else {
+                continue;
+            };
+            let domains: BTreeSet<String> = v
+                .replicas
+                .iter()
+                .filter_map(|r| state.nodes.get(&r.node).map(|n| n.domain.clone()))
+                .collect();
+            let ds: Vec<&String> = domains.iter().collect();
+            for i in 0..ds.len() {
+                for j in i + 1..ds.len() {
+                    let key = (name.clone(), ds[i].clone(), ds[j].clone());
+                    let Some(r) =
+                        tandem_engine::latency::domain_pair_rtt(&state, ds[i], ds[j], now)
+                    else {
+                        continue;
+                    };
+                    let over = r.p50_us > limit_us;
+                    let change = if over && above.insert(key.clone()) {
+                        Some(("warning", "rtt-exceeded", format!(
+                            "volume {name}: RTT between domains {} and {} is p50 {:.1} ms p99 {:.1} ms, above the {:.1} ms sync limit; replication stays synchronous (policy alert) and writes pay the round trip",
+                            ds[i], ds[j], r.p50_us as f64 / 1e3, r.p99_us as f64 / 1e3, limit_us as f64 / 1e3
+                        )))
+                    } else if !over && above.remove(&key) {
+                        Some(("info", "rtt-recovered", format!(
+                            "volume {name}: RTT between domains {} and {} is back under the limit (p50 {:.1} ms)",
+                            ds[i], ds[j], r.p50_us as f64 / 1e3
+                        )))
+                    } else {
+                        None
+                    };
+                    if let Some((severity, kind, message)) = change {
+                        tracing::warn!(volume = %name, %message, "latency gate");
+                        let _ = cluster
+                            .propose(Command::RaiseAlert {
+                                unix_seconds: now,
+                                severity: severity.into(),
+                                kind: kind.into(),
+                                resource: format!("volume/{name}"),
+                                message,
+                            })
+                            .await;
+                    }
+                }
+            }
+        }
+    }
+}
+
 pub async fn run_prober(
     cluster: Arc<ClusterHandle>,
     token: Arc<Vec<u8>>,

@@ -80,6 +80,32 @@ fn metro_sync_is_allowed_at_2ms_and_refused_at_15ms_with_the_measured_figure() {
         a.metrics().contains("tandem_peer_rtt_seconds"),
         "RTT is exported as metrics"
     );
+    // The RTT rises above the limit at run time: policy `alert` raises an alert and keeps
+    // replicating synchronously.
+    a.ctl_ok(&["volume", "attach", "metro"]);
+    for n in &nodes {
+        n.proxy
+            .as_ref()
+            .unwrap()
+            .set_delay(Duration::from_micros(7_500));
+    }
+    let alert = eventually(Duration::from_secs(60), "an rtt-exceeded alert", || {
+        let alerts = a.ctl_json(&["alerts", "show"]);
+        alerts
+            .as_array()?
+            .iter()
+            .find(|al| al["kind"] == "rtt-exceeded")
+            .cloned()
+    });
+    let msg = alert["message"].as_str().unwrap();
+    assert!(
+        msg.contains("east and west") && msg.contains("10.0 ms sync limit"),
+        "{msg}"
+    );
+    tandem_tests::qemu_io_ok(
+        &a.nbd_uri("metro"),
+        &["write -P 0x5 0 64k", "read -P 0x5 0 64k"],
+    );
     drop(nodes);
 
     // About 15 ms RTT: the same create is refused with the measured figure; a volume kept
