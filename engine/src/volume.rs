@@ -288,6 +288,15 @@ impl AttachedVolume {
         }
     }
 
+    /// Makes the coordinator adopt committed replica-state changes (async on/off) now.
+    pub async fn adopt_replica_states(&self) -> bool {
+        let g = self.gate.read().await;
+        match g.as_ref().map(|o| &o.backend) {
+            Some(Backend::Replicated(c)) => c.adopt_replica_states().await,
+            _ => false,
+        }
+    }
+
     pub async fn is_open(&self) -> bool {
         self.gate.read().await.is_some()
     }

@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use tonic::{Request, Response, Status};
 
-use tandem_engine::cluster::{ClusterState, NodeRole, VolumeRecord};
+use tandem_engine::cluster::{ClusterState, NodeRole, ReplicaState, VolumeRecord};
 use tandem_engine::meta::IoPriority;
 use tandem_engine::placement::provisioned_by_node;
 use tandem_engine::volume::{CreateSpec, UpdateSpec, VolumeError, VolumeInfo, VolumeManager};
@@ -95,9 +95,20 @@ fn replicas_pb(
     r: &VolumeRecord,
     v: &VolumeInfo,
 ) -> Vec<pb::Replica> {
+    let stats = if r.attached_node == Some(vm.node_id()) {
+        vm.attached(&r.name).ok().and_then(|a| a.stats())
+    } else {
+        None
+    };
     r.replicas
         .iter()
         .map(|rep| {
+            let lag = stats
+                .as_ref()
+                .and_then(|s| s.replicas.iter().find(|x| x.node == rep.node))
+                .filter(|x| x.state == ReplicaState::Async)
+                .map(|x| (x.async_lag_bytes, x.async_lag_seconds))
+                .unwrap_or((0, 0.0));
             let mut s = rep.state.to_string();
             if rep.resync_total_bytes > 0 {
                 s = format!(
@@ -116,6 +127,8 @@ fn replicas_pb(
                 resync_done_bytes: rep.resync_done_bytes,
                 resync_total_bytes: rep.resync_total_bytes,
                 generation: rep.generation,
+                async_lag_bytes: lag.0,
+                async_lag_seconds: lag.1,
             }
         })
         .collect()
@@ -345,7 +358,6 @@ impl VolumeService for AdminApi {
 }
 
 fn domains_pb(vm: &VolumeManager) -> pb::ListDomainsResponse {
-    use tandem_engine::cluster::ReplicaState;
     let state = vm.cluster().state();
     let names: std::collections::BTreeSet<String> =
         state.nodes.values().map(|n| n.domain.clone()).collect();
@@ -369,6 +381,8 @@ fn domains_pb(vm: &VolumeManager) -> pb::ListDomainsResponse {
                         "InSync"
                     } else if reps.contains(&ReplicaState::Resyncing) {
                         "Resyncing"
+                    } else if !parked && reps.iter().all(|s| *s == ReplicaState::Async) {
+                        "Async"
                     } else {
                         "NotInSync"
                     };

@@ -87,7 +87,9 @@ pub struct Args {
     #[arg(long)]
     pub sync_max_rtt: Option<String>,
     /// What happens when a synchronous domain pair goes above --sync-max-rtt at run time:
-    /// `alert` (raise an alert, stay synchronous) [default: alert]
+    /// `alert` (raise an alert, stay synchronous) or `degrade` (the replicas in the other
+    /// domain turn async, with an alert; they resync and return to in-sync when the RTT is
+    /// back under the limit) [default: alert]
     #[arg(long)]
     pub on_rtt_exceeded: Option<String>,
 }
@@ -141,6 +143,17 @@ pub struct Config {
     pub witness: bool,
     pub name: Option<String>,
     pub sync_max_rtt: std::time::Duration,
+    pub on_rtt_exceeded: RttPolicy,
+}
+
+/// `--on-rtt-exceeded`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RttPolicy {
+    /// Raise an alert; replication stays synchronous.
+    #[default]
+    Alert,
+    /// Turn the far replicas async (committed, with an alert) until the RTT recovers.
+    Degrade,
 }
 
 fn addr(what: &str, s: &str) -> anyhow::Result<SocketAddr> {
@@ -171,17 +184,17 @@ impl Config {
         {
             bail!("--witness joins an existing cluster: give --join and --token");
         }
-        match args
+        let on_rtt_exceeded = match args
             .on_rtt_exceeded
             .as_deref()
             .or(file.on_rtt_exceeded.as_deref())
         {
-            None | Some("alert") => {}
-            Some("degrade") => bail!(
-                "--on-rtt-exceeded degrade (async far replicas) is not available in this build; use alert"
-            ),
-            Some(other) => bail!("invalid --on-rtt-exceeded '{other}': expected alert"),
-        }
+            None | Some("alert") => RttPolicy::Alert,
+            Some("degrade") => RttPolicy::Degrade,
+            Some(other) => {
+                bail!("invalid --on-rtt-exceeded '{other}': expected alert or degrade")
+            }
+        };
         if args.join.is_some() && args.token.is_none() && file.token.is_none() {
             bail!("--join needs --token: the cluster's join token (`tandemctl cluster token show` on a member)");
         }
@@ -248,6 +261,7 @@ impl Config {
                 Some(s) => parse_duration(&s)?,
                 None => tandem_engine::latency::DEFAULT_SYNC_MAX_RTT,
             },
+            on_rtt_exceeded,
         })
     }
 }

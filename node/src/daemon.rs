@@ -308,6 +308,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     api.bind(volumes.clone());
     let rtt_watch_task = tokio::spawn(crate::latency::run_rtt_watch(
         volumes.clone(),
+        config.on_rtt_exceeded,
         shutdown_rx.clone(),
     ));
     let prober_task = tokio::spawn(crate::latency::run_prober(

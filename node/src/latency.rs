@@ -6,26 +6,40 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tandem_engine::cluster::{ClusterHandle, Command, LatencyReport, NodeRole};
+use tandem_engine::cluster::{
+    ClusterHandle, ClusterState, Command, LatencyReport, NodeRole, ReplicaState, VolumeRecord,
+};
 use tandem_engine::latency::{PeerWindow, PING_INTERVAL, REPORT_INTERVAL};
 use tandem_engine::wire::WireClient;
 use tokio::sync::watch;
 
+use crate::config::RttPolicy;
 use crate::metrics::Metrics;
 
 /// A ping slower than this counts as lost (and the connection is re-made).
 pub const PING_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Watches the domain pairs that volumes attached on this node replicate across, and
-/// raises an alert when a pair's measured RTT goes above `--sync-max-rtt` (policy
-/// `alert`: replication stays synchronous, and the latency cost is visible) and again
+/// raises an alert when a pair's measured RTT (p50) goes above `--sync-max-rtt` and again
 /// when it is back under.
+///
+/// Policy `alert`: replication stays synchronous, and the latency cost is visible.
+///
+/// Policy `degrade`: while the pair between this (the coordinator's) domain and another
+/// domain is above the limit, every in-sync replica in that other domain is committed
+/// `Async` (the coordinator stops waiting for it; its lag is in `volume inspect` and the
+/// metrics). When the pair is back under the limit, each async replica is committed
+/// `Resyncing`: the coordinator resyncs its dirty regions and commits it `InSync`. Each
+/// of these mode changes is a committed metadata entry with an alert.
 pub async fn run_rtt_watch(
     volumes: Arc<tandem_engine::volume::VolumeManager>,
+    policy: RttPolicy,
     mut shutdown: watch::Receiver<bool>,
 ) {
     use std::collections::{BTreeSet, HashSet};
     let mut above: HashSet<(String, String, String)> = HashSet::new();
+    // Replicas this watcher sent back to resync, until they are in sync again.
+    let mut returning: HashSet<(String, u64)> = HashSet::new();
     loop {
         tokio::select! {
             _ = shutdown.changed() => return,
@@ -38,7 +52,9 @@ pub async fn run_rtt_watch(
             .map(|d| d.as_secs())
             .unwrap_or_default();
         let limit_us = volumes.sync_max_rtt().as_micros() as u64;
-        for name in volumes.attached_names() {
+        let attached = volumes.attached_names();
+        returning.retain(|(name, _)| attached.contains(name));
+        for name in attached {
             let Some(v) = state.volumes.get(&name) else {
                 continue;
             };
@@ -57,9 +73,17 @@ pub async fn run_rtt_watch(
                         continue;
                     };
                     let over = r.p50_us > limit_us;
+                    let consequence = match policy {
+                        RttPolicy::Alert => {
+                            "replication stays synchronous (policy alert) and writes pay the round trip"
+                        }
+                        RttPolicy::Degrade => {
+                            "the coordinator's far replicas turn async (policy degrade)"
+                        }
+                    };
                     let change = if over && above.insert(key.clone()) {
                         Some(("warning", "rtt-exceeded", format!(
-                            "volume {name}: RTT between domains {} and {} is p50 {:.1} ms p99 {:.1} ms, above the {:.1} ms sync limit; replication stays synchronous (policy alert) and writes pay the round trip",
+                            "volume {name}: RTT between domains {} and {} is p50 {:.1} ms p99 {:.1} ms, above the {:.1} ms sync limit; {consequence}",
                             ds[i], ds[j], r.p50_us as f64 / 1e3, r.p99_us as f64 / 1e3, limit_us as f64 / 1e3
                         )))
                     } else if !over && above.remove(&key) {
@@ -72,19 +96,136 @@ pub async fn run_rtt_watch(
                     };
                     if let Some((severity, kind, message)) = change {
                         tracing::warn!(volume = %name, %message, "latency gate");
-                        let _ = cluster
-                            .propose(Command::RaiseAlert {
-                                unix_seconds: now,
-                                severity: severity.into(),
-                                kind: kind.into(),
-                                resource: format!("volume/{name}"),
-                                message,
-                            })
-                            .await;
+                        alert(&cluster, now, severity, kind, &name, message).await;
                     }
                 }
             }
+            if policy == RttPolicy::Degrade {
+                degrade_volume(&volumes, &state, v, limit_us, now, &mut returning).await;
+            }
         }
+    }
+}
+
+async fn alert(
+    cluster: &ClusterHandle,
+    now: u64,
+    severity: &str,
+    kind: &str,
+    volume: &str,
+    message: String,
+) {
+    let _ = cluster
+        .propose(Command::RaiseAlert {
+            unix_seconds: now,
+            severity: severity.into(),
+            kind: kind.into(),
+            resource: format!("volume/{volume}"),
+            message,
+        })
+        .await;
+}
+
+/// Policy `degrade` for one volume attached here (see [`run_rtt_watch`]).
+async fn degrade_volume(
+    volumes: &tandem_engine::volume::VolumeManager,
+    state: &ClusterState,
+    v: &VolumeRecord,
+    limit_us: u64,
+    now: u64,
+    returning: &mut std::collections::HashSet<(String, u64)>,
+) {
+    let cluster = volumes.cluster();
+    let me = volumes.node_id();
+    if v.attached_node != Some(me) {
+        return;
+    }
+    let Some(my_domain) = state.nodes.get(&me).map(|n| n.domain.clone()) else {
+        return;
+    };
+    let Ok(attached) = volumes.attached(&v.name) else {
+        return;
+    };
+    let name = &v.name;
+    for rep in &v.replicas {
+        let key = (name.clone(), rep.node);
+        if rep.state == ReplicaState::InSync && returning.remove(&key) {
+            alert(
+                cluster,
+                now,
+                "info",
+                "replica-in-sync",
+                name,
+                format!(
+                    "volume {name}: replica on node {} is synchronous again (resync finished)",
+                    volumes.node_name(state, rep.node)
+                ),
+            )
+            .await;
+        }
+        let Some(domain) = state.nodes.get(&rep.node).map(|n| n.domain.clone()) else {
+            continue;
+        };
+        if domain == my_domain {
+            continue;
+        }
+        // No samples yet (or stale): no decision either way.
+        let Some(r) = tandem_engine::latency::domain_pair_rtt(state, &my_domain, &domain, now)
+        else {
+            continue;
+        };
+        let over = r.p50_us > limit_us;
+        let node_name = volumes.node_name(state, rep.node);
+        let target = match (over, rep.state) {
+            (true, ReplicaState::InSync) => ReplicaState::Async,
+            (false, ReplicaState::Async) => ReplicaState::Resyncing,
+            _ => continue,
+        };
+        // The lag it leaves async with (before the coordinator stops its queue).
+        let lag = attached.stats().and_then(|s| {
+            s.replicas
+                .iter()
+                .find(|x| x.node == rep.node)
+                .map(|x| (x.async_lag_bytes, x.async_lag_seconds))
+        });
+        let res = cluster
+            .propose(Command::SetReplicaState {
+                name: name.clone(),
+                node: rep.node,
+                state: target,
+                generation: v.generation,
+            })
+            .await;
+        if let Err(e) = res {
+            tracing::warn!(volume = %name, node = rep.node, error = %e, "latency gate: cannot change the replica's mode");
+            continue;
+        }
+        attached.adopt_replica_states().await;
+        let (kind, severity, message) = if target == ReplicaState::Async {
+            (
+                "replica-async",
+                "warning",
+                format!(
+                    "volume {name}: replica on node {node_name} (domain {domain}) is now async: RTT p50 {:.1} ms is above the {:.1} ms sync limit (policy degrade); writes are acked without waiting for it, its lag (RPO) is in `tandemctl volume inspect` and tandem_replica_async_lag_seconds (now 0 bytes, 0.0 s)",
+                    r.p50_us as f64 / 1e3,
+                    limit_us as f64 / 1e3
+                ),
+            )
+        } else {
+            returning.insert((name.clone(), rep.node));
+            let (bytes, secs) = lag.unwrap_or((0, 0.0));
+            (
+                "replica-resync",
+                "info",
+                format!(
+                    "volume {name}: replica on node {node_name} (domain {domain}) leaves async: RTT p50 {:.1} ms is back under the {:.1} ms limit; its lag was {bytes} bytes, {secs:.1} s; it resyncs its dirty regions and then is in sync",
+                    r.p50_us as f64 / 1e3,
+                    limit_us as f64 / 1e3
+                ),
+            )
+        };
+        tracing::warn!(volume = %name, node = rep.node, %message, "latency gate");
+        alert(cluster, now, severity, kind, name, message).await;
     }
 }
 

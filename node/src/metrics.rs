@@ -36,6 +36,8 @@ pub struct Metrics {
     resync_done: prometheus::IntGaugeVec,
     resync_total: prometheus::IntGaugeVec,
     hot_regions: prometheus::IntGaugeVec,
+    async_lag_bytes: prometheus::IntGaugeVec,
+    async_lag_seconds: prometheus::GaugeVec,
     peer_rtt: prometheus::GaugeVec,
     peer_rtt_samples: prometheus::IntGaugeVec,
     raft_term: IntGauge,
@@ -183,6 +185,24 @@ impl Metrics {
                 "Regions in the coordinator activity log",
                 &["volume"],
             ),
+            async_lag_bytes: gauge_vec(
+                &r,
+                "tandem_replica_async_lag_bytes",
+                "Bytes of writes an async replica has not acked (queued, plus dirty regions once its queue stopped)",
+                &["volume", "node"],
+            ),
+            async_lag_seconds: {
+                let g = prometheus::GaugeVec::new(
+                    Opts::new(
+                        "tandem_replica_async_lag_seconds",
+                        "Age of the oldest write an async replica has not acked (its RPO)",
+                    ),
+                    &["volume", "node"],
+                )
+                .expect("valid metric");
+                r.register(Box::new(g.clone())).expect("unique metric");
+                g
+            },
             peer_rtt: {
                 let g = prometheus::GaugeVec::new(
                     Opts::new(
@@ -263,7 +283,7 @@ impl Metrics {
         let state = cluster.state();
         self.replicas.reset();
         for v in state.volumes.values() {
-            for st in ["in-sync", "resyncing", "out-of-sync"] {
+            for st in ["in-sync", "resyncing", "out-of-sync", "async"] {
                 let n = v
                     .replicas
                     .iter()
@@ -276,6 +296,8 @@ impl Metrics {
         }
         self.resync_done.reset();
         self.resync_total.reset();
+        self.async_lag_bytes.reset();
+        self.async_lag_seconds.reset();
         for name in volumes.attached_names() {
             let Ok(vol) = volumes.attached(&name) else {
                 continue;
@@ -297,6 +319,14 @@ impl Metrics {
                 self.resync_total
                     .with_label_values(&[&name, &node])
                     .set(r.resync_total_bytes as i64);
+                if r.state == tandem_engine::cluster::ReplicaState::Async {
+                    self.async_lag_bytes
+                        .with_label_values(&[&name, &node])
+                        .set(r.async_lag_bytes as i64);
+                    self.async_lag_seconds
+                        .with_label_values(&[&name, &node])
+                        .set(r.async_lag_seconds);
+                }
             }
         }
         let mut out = Vec::new();

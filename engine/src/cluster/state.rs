@@ -51,6 +51,10 @@ pub enum ReplicaState {
     InSync,
     Resyncing,
     OutOfSync,
+    /// Receives every write in the background: acks do not wait for it, so it may lag
+    /// (the RPO). Never counts as in sync. Entered only from in-sync (policy `degrade`
+    /// of the latency gate); it leaves through resyncing (or out-of-sync on a failure).
+    Async,
 }
 
 impl std::fmt::Display for ReplicaState {
@@ -59,6 +63,7 @@ impl std::fmt::Display for ReplicaState {
             ReplicaState::InSync => "in-sync",
             ReplicaState::Resyncing => "resyncing",
             ReplicaState::OutOfSync => "out-of-sync",
+            ReplicaState::Async => "async",
         })
     }
 }
@@ -568,6 +573,14 @@ impl ClusterState {
                 {
                     return Err(ApplyError::FailedPrecondition(format!(
                         "replica on node {node} is the last in-sync replica of '{name}'"
+                    )));
+                }
+                if *state == ReplicaState::Async
+                    && !matches!(r.state, ReplicaState::InSync | ReplicaState::Async)
+                {
+                    return Err(ApplyError::FailedPrecondition(format!(
+                        "replica on node {node} of '{name}' is {}; only an in-sync replica can turn async",
+                        r.state
                     )));
                 }
                 r.state = *state;

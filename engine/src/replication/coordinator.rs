@@ -37,13 +37,15 @@ use bytes::Bytes;
 use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
 
+use super::asyncq::{AsyncOp, AsyncQueue};
 use super::bitmap::RegionBitmap;
 use super::hot::HotSet;
 use super::range_lock::RangeLock;
 use super::server::{LocalReplicas, ReplicaServer};
 use super::target::{Ctx, Endpoint, Target, TargetError};
 use super::{
-    MetaProposer, ProposeError, ReplicationError, DIRTY_REGION_BYTES, HOT_REGION_BYTES,
+    MetaProposer, ProposeError, ReplicationError, ASYNC_MAX_LAG_BYTES, ASYNC_MAX_LAG_OPS,
+    DIRTY_REGION_BYTES, HOT_REGION_BYTES,
     HOT_REGION_IDLE_RETIRE, MAX_HOT_REGIONS, REPLICA_IO_TIMEOUT, RESYNC_PROGRESS_INTERVAL,
     RESYNC_RETRY_INTERVAL, VERIFY_CHUNK_BYTES, VERIFY_MAX_REPORTED_BLOCKS, ZEROES_CHUNK_BYTES,
 };
@@ -76,6 +78,10 @@ pub struct CoordinatorConfig {
     pub hot_idle_retire: Duration,
     /// [`MAX_HOT_REGIONS`].
     pub max_hot_regions: usize,
+    /// [`ASYNC_MAX_LAG_BYTES`].
+    pub async_max_lag_bytes: u64,
+    /// [`ASYNC_MAX_LAG_OPS`].
+    pub async_max_lag_ops: usize,
 }
 
 impl CoordinatorConfig {
@@ -89,6 +95,8 @@ impl CoordinatorConfig {
             resync_progress_interval: RESYNC_PROGRESS_INTERVAL,
             hot_idle_retire: HOT_REGION_IDLE_RETIRE,
             max_hot_regions: MAX_HOT_REGIONS,
+            async_max_lag_bytes: ASYNC_MAX_LAG_BYTES,
+            async_max_lag_ops: ASYNC_MAX_LAG_OPS,
         }
     }
 }
@@ -121,6 +129,12 @@ pub struct ReplicaStats {
     /// Bytes actually copied by resync (regions whose checksums matched are skipped).
     pub resync_copied_bytes: u64,
     pub last_error: Option<String>,
+    /// Async replicas only (0 otherwise): bytes of writes it has not acked, i.e. queued
+    /// and not acked, plus its dirty regions (x region size) once its queue stopped.
+    pub async_lag_bytes: u64,
+    /// Async replicas only (0 otherwise): age in seconds of the oldest write it has not
+    /// acked (the RPO).
+    pub async_lag_seconds: f64,
 }
 
 /// Counters and per-replica state, for metrics and `volume inspect`.
@@ -185,6 +199,10 @@ pub(super) struct Member {
     pub(super) resync_done_bytes: u64,
     pub(super) resync_copied_bytes: u64,
     pub(super) last_error: Option<String>,
+    /// While async: its queue and worker (`None` once cancelled).
+    pub(super) async_q: Option<AsyncQueue>,
+    /// While async: since when it misses a write that is only in its dirty bitmap.
+    pub(super) async_behind_since: Option<std::time::Instant>,
 }
 
 impl Member {
@@ -199,7 +217,48 @@ impl Member {
             resync_done_bytes: 0,
             resync_copied_bytes: 0,
             last_error: None,
+            async_q: None,
+            async_behind_since: None,
         }
+    }
+
+    /// Async: `ranges` are missing on the replica since `since` at the latest.
+    pub(super) fn mark_behind(&mut self, size_bytes: u64, ranges: &[(u64, u64)], since: std::time::Instant) {
+        let d = self
+            .dirty
+            .get_or_insert_with(|| RegionBitmap::empty(size_bytes.div_ceil(DIRTY_REGION_BYTES)));
+        for &(off, len) in ranges {
+            d.set_bytes(off, len, DIRTY_REGION_BYTES);
+        }
+        if !ranges.is_empty() {
+            self.async_behind_since = Some(match self.async_behind_since {
+                Some(t) => t.min(since),
+                None => since,
+            });
+        }
+    }
+
+    /// (lag bytes, lag seconds) of an async replica; zero for any other.
+    pub(super) fn async_lag(&self, size_bytes: u64) -> (u64, f64) {
+        if self.state != ReplicaState::Async {
+            return (0, 0.0);
+        }
+        let (queued, oldest) = match &self.async_q {
+            Some(q) => {
+                let (b, at, _) = q.lag();
+                (b, at)
+            }
+            None => (0, None),
+        };
+        let dirty = self.dirty_bytes(size_bytes).unwrap_or(size_bytes);
+        let since = match (oldest, self.async_behind_since) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        (
+            queued + dirty,
+            since.map(|t| t.elapsed().as_secs_f64()).unwrap_or(0.0),
+        )
     }
 
     pub(super) fn dirty_bytes(&self, size_bytes: u64) -> Option<u64> {
@@ -539,6 +598,13 @@ impl Coordinator {
         self.run(|inner| async move { inner.verify().await }).await
     }
 
+    /// Adopts committed replica-state changes made outside this coordinator (an in-sync
+    /// replica committed `Async`, an async one committed `Resyncing`) now, rather than at
+    /// the next membership refresh (every `resync_retry`). Returns whether one changed.
+    pub async fn adopt_replica_states(&self) -> bool {
+        self.inner.adopt_async_changes().await
+    }
+
     pub fn stats(&self) -> CoordinatorStats {
         let inner = &self.inner;
         let replicas = inner
@@ -555,6 +621,8 @@ impl Coordinator {
                     + m.dirty_bytes(inner.size_bytes).unwrap_or(0),
                 resync_copied_bytes: m.resync_copied_bytes,
                 last_error: m.last_error.clone(),
+                async_lag_bytes: m.async_lag(inner.size_bytes).0,
+                async_lag_seconds: m.async_lag(inner.size_bytes).1,
             })
             .collect();
         CoordinatorStats {
@@ -884,6 +952,14 @@ impl Inner {
         let Some(m) = members.iter_mut().find(|m| m.node == node) else {
             return;
         };
+        if let Some(q) = m.async_q.take() {
+            // Its worker ends after its current send; the connection is replaced below,
+            // so nothing it still has queued can land after a resync.
+            let (_, drain) = q.cancel();
+            let (ranges, since) = drain.take();
+            m.mark_behind(size, &ranges, since.unwrap_or_else(std::time::Instant::now));
+        }
+        m.async_behind_since = None;
         if m.state != ReplicaState::OutOfSync {
             m.state = ReplicaState::OutOfSync;
             if m.dirty.is_none() && m.instance.is_some() {
@@ -906,17 +982,34 @@ impl Inner {
 
     /// Who gets a write or flush now: every in-sync replica and every connected resyncing
     /// one. Out-of-sync replicas get `range` marked dirty instead, under the same lock,
-    /// so a replica is always either sent a write or marked as missing it.
+    /// so a replica is always either sent a write or marked as missing it. Async replicas
+    /// get `op` queued (not waited for), or `range` marked dirty when their queue is
+    /// stopped or full; a flush (`op` = `None`) does not reach them.
     pub(super) fn snapshot_targets(
         &self,
         range: Option<(u64, u64)>,
+        op: Option<AsyncOp>,
     ) -> Vec<(u64, ReplicaState, Option<Target>)> {
         let mut out = Vec::new();
+        let (max_bytes, max_ops) = (self.cfg.async_max_lag_bytes, self.cfg.async_max_lag_ops);
         for m in self.lock_members().iter_mut() {
             match m.state {
                 ReplicaState::InSync => out.push((m.node, m.state, m.target.clone())),
                 ReplicaState::Resyncing if m.target.is_some() => {
                     out.push((m.node, m.state, m.target.clone()))
+                }
+                ReplicaState::Async => {
+                    let Some((off, len)) = range else { continue };
+                    let queued = match (&m.async_q, &op) {
+                        (Some(q), Some(op)) => q.push(op.clone(), max_bytes, max_ops),
+                        _ => false,
+                    };
+                    if !queued {
+                        if m.async_behind_since.is_none() {
+                            tracing::warn!(volume = %self.name, node = m.node, "async replica is too far behind (or failed); tracking it by dirty regions until it is resynced");
+                        }
+                        m.mark_behind(self.size_bytes, &[(off, len)], std::time::Instant::now());
+                    }
                 }
                 _ => {
                     if let (Some((off, len)), Some(d)) = (range, m.dirty.as_mut()) {
@@ -1089,7 +1182,13 @@ impl Inner {
         self.check_fenced()?;
         let (r0, r1) = hot_range(offset, len);
         self.hot_enter(r0, r1).await?;
-        let targets = self.snapshot_targets(Some((offset, len)));
+        let targets = self.snapshot_targets(
+            Some((offset, len)),
+            Some(AsyncOp::Write {
+                offset,
+                data: data.clone(),
+            }),
+        );
         let ctx = self.ctx;
         let results = self
             .fan_out(targets, |t| {
@@ -1114,7 +1213,13 @@ impl Inner {
             self.check_fenced()?;
             let (r0, r1) = hot_range(pos, piece);
             self.hot_enter(r0, r1).await?;
-            let targets = self.snapshot_targets(Some((pos, piece)));
+            let targets = self.snapshot_targets(
+                Some((pos, piece)),
+                Some(AsyncOp::Zeroes {
+                    offset: pos,
+                    len: piece as u32,
+                }),
+            );
             let ctx = self.ctx;
             let at = pos;
             let results = self
@@ -1136,7 +1241,7 @@ impl Inner {
     pub(super) async fn flush_all(&self) -> Result<()> {
         self.check_fenced()?;
         let seq = self.hot.write_seq();
-        let targets = self.snapshot_targets(None);
+        let targets = self.snapshot_targets(None, None);
         let ctx = self.ctx;
         let results = self
             .fan_out(targets, |t| async move { t.flush(ctx).await })
@@ -1250,7 +1355,7 @@ impl Inner {
             let mut v: Vec<_> = self
                 .lock_members()
                 .iter()
-                .filter(|m| m.state != ReplicaState::OutOfSync)
+                .filter(|m| matches!(m.state, ReplicaState::InSync | ReplicaState::Resyncing))
                 .filter_map(|m| m.target.clone().map(|t| (m.node, m.state, t)))
                 .collect();
             v.sort_by_key(|(_, s, t)| (*s != ReplicaState::InSync, !t.is_local()));

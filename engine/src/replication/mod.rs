@@ -27,6 +27,7 @@
 //!
 //! Every number below is a default a deployment may tune through [`CoordinatorConfig`].
 
+mod asyncq;
 mod bitmap;
 pub mod coordinator;
 mod hot;
@@ -105,6 +106,16 @@ pub const VERIFY_CHUNK_BYTES: u64 = 4 << 20;
 /// A zeroing request larger than this is split: each piece takes its own range lock and
 /// hot regions, so zeroing a whole volume neither blocks all I/O nor floods the hot set.
 pub const ZEROES_CHUNK_BYTES: u64 = 64 << 20;
+
+/// Most bytes of writes (and write-zeroes) queued for one async replica and not acked
+/// by it yet. 64 MiB is a few seconds of a busy volume over a WAN link; beyond it the
+/// replica is tracked by dirty regions instead (see `asyncq`), so the queue's memory is
+/// bounded. A single larger operation is accepted into an empty queue.
+pub const ASYNC_MAX_LAG_BYTES: u64 = 64 << 20;
+
+/// Most operations queued for one async replica (bounds per-op overhead for small
+/// writes the same way).
+pub const ASYNC_MAX_LAG_OPS: usize = 16384;
 
 /// Why a proposal did not take effect.
 #[derive(Debug, Clone, thiserror::Error)]

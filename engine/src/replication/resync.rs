@@ -89,7 +89,7 @@ impl Inner {
             let nodes: Vec<u64> = self
                 .lock_members()
                 .iter()
-                .filter(|m| m.state != ReplicaState::InSync)
+                .filter(|m| matches!(m.state, ReplicaState::OutOfSync | ReplicaState::Resyncing))
                 .map(|m| m.node)
                 .collect();
             let mut all_done = true;
@@ -117,8 +117,11 @@ impl Inner {
     }
 
     /// Adopts the metadata's replica set: new replicas join as out-of-sync (a full
-    /// comparison), removed ones leave the fan-out. Notices a newer generation.
-    async fn refresh_membership(&self) {
+    /// comparison), removed ones leave the fan-out. Notices a newer generation. Adopts
+    /// committed async changes: an in-sync replica committed `Async` gets a queue (see
+    /// `asyncq`); an async replica committed `Resyncing` (or out-of-sync) is stopped and
+    /// resynced from its dirty regions.
+    pub(super) async fn refresh_membership(self: &Arc<Self>) {
         let state = self.meta.state();
         let Some(vol) = state.volumes.get(&self.name) else {
             let _ = self.fence("the volume is gone from the cluster metadata".into());
@@ -163,8 +166,106 @@ impl Inner {
                 }
             }
         }
+        self.adopt_async_changes().await;
         // No wake-up here: the caller resyncs the new members in this same round (a
         // wake-up stored now would make the loop spin without ever sleeping).
+    }
+
+    /// See [`Inner::refresh_membership`]. Returns whether anything changed.
+    pub(super) async fn adopt_async_changes(self: &Arc<Self>) -> bool {
+        let _s = self.state_lock.lock().await;
+        if self.check_fenced().is_err() {
+            return false;
+        }
+        let state = self.meta.state();
+        let Some(vol) = state.volumes.get(&self.name) else {
+            return false;
+        };
+        if vol.generation != self.ctx.generation {
+            return false;
+        }
+        let mut enter = Vec::new();
+        let mut leave = Vec::new();
+        for m in self.lock_members().iter() {
+            let Some(rec) = vol.replica(m.node) else {
+                continue;
+            };
+            match (m.state, rec.state) {
+                (ReplicaState::InSync, ReplicaState::Async) => enter.push(m.node),
+                (ReplicaState::Async, s) if s != ReplicaState::Async => leave.push(m.node),
+                _ => {}
+            }
+        }
+        let changed = !enter.is_empty() || !leave.is_empty();
+        for node in enter {
+            let size = self.size_bytes;
+            let mut members = self.lock_members();
+            let Some(m) = members.iter_mut().find(|m| m.node == node) else {
+                continue;
+            };
+            m.state = ReplicaState::Async;
+            m.async_behind_since = None;
+            match m.target.clone() {
+                Some(t) => {
+                    // Everything before this moment was acked by it (it was in sync).
+                    m.dirty = Some(RegionBitmap::empty(size.div_ceil(DIRTY_REGION_BYTES)));
+                    m.async_q = Some(super::asyncq::AsyncQueue::start(
+                        Arc::downgrade(self),
+                        node,
+                        t,
+                        self.ctx,
+                        self.shutdown.subscribe(),
+                    ));
+                }
+                None => m.dirty = None,
+            }
+            tracing::warn!(volume = %self.name, node, "replica is async: writes are acked without waiting for it");
+        }
+        for node in leave {
+            let cancelled = {
+                let mut members = self.lock_members();
+                members
+                    .iter_mut()
+                    .find(|m| m.node == node)
+                    .and_then(|m| m.async_q.take())
+                    .map(|q| q.cancel())
+            };
+            // At most one send is in flight (bounded by the replica timeout).
+            let drain = match cancelled {
+                Some((worker, drain)) => {
+                    if let Some(w) = worker {
+                        let _ = w.await;
+                    }
+                    Some(drain)
+                }
+                None => None,
+            };
+            let size = self.size_bytes;
+            let mut members = self.lock_members();
+            let Some(m) = members.iter_mut().find(|m| m.node == node) else {
+                continue;
+            };
+            if let Some(d) = drain {
+                let (ranges, since) = d.take();
+                m.mark_behind(size, &ranges, since.unwrap_or_else(Instant::now));
+            }
+            m.async_behind_since = None;
+            m.state = ReplicaState::OutOfSync;
+            // A new connection (a new session) for the resync: a frame still queued in
+            // the old one can never land after the copy.
+            if let Some(t) = m.target.take() {
+                if let super::target::Endpoint::Remote(c) = &t.endpoint {
+                    m.old_client = Some(Arc::downgrade(c));
+                } else {
+                    m.target = Some(t);
+                }
+            }
+            tracing::info!(volume = %self.name, node, dirty_bytes = ?m.dirty_bytes(size), "async replica leaves async; resyncing its dirty regions");
+        }
+        if changed {
+            self.resync_wake.notify_one();
+        }
+        changed
     }
 
     fn set_last_error(&self, node: u64, error: String) {

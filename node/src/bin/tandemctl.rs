@@ -226,6 +226,10 @@ struct ReplicaOut {
     resync_done_bytes: u64,
     resync_total_bytes: u64,
     generation: u64,
+    /// Async replicas (from the coordinator, when inspected on its node): bytes it has
+    /// not acked and the age of the oldest such write (RPO).
+    async_lag_bytes: u64,
+    async_lag_seconds: f64,
 }
 
 fn prio_name(v: i32) -> String {
@@ -267,6 +271,8 @@ fn volume_out(v: pb::Volume) -> VolumeOut {
                 resync_done_bytes: r.resync_done_bytes,
                 resync_total_bytes: r.resync_total_bytes,
                 generation: r.generation,
+                async_lag_bytes: r.async_lag_bytes,
+                async_lag_seconds: r.async_lag_seconds,
             })
             .collect(),
         id: v.id,
@@ -333,6 +339,7 @@ fn print_volume(v: &VolumeOut) {
         "STATE",
         "GENERATION",
         "RESYNC",
+        "ASYNC LAG",
         "ALLOCATED (local)",
     ]);
     for rep in &v.replicas {
@@ -345,6 +352,15 @@ fn print_volume(v: &VolumeOut) {
                     "{} / {}",
                     format_size(rep.resync_done_bytes),
                     format_size(rep.resync_total_bytes)
+                )
+            } else {
+                "-".into()
+            },
+            if rep.state.starts_with("async") {
+                format!(
+                    "{} / {:.1}s",
+                    format_size(rep.async_lag_bytes),
+                    rep.async_lag_seconds
                 )
             } else {
                 "-".into()
