@@ -278,3 +278,107 @@ fn unplanned_site_loss_failover_and_failback_with_a_witness() {
     let ver = a.ctl_json(&["volume", "verify", "dr"]);
     assert_eq!(ver["mismatched_blocks"], 0, "{ver}");
 }
+
+/// Policy `degrade`: when the east-west RTT goes above the limit, the coordinator's far
+/// (west) replica turns async with its lag in `volume inspect`; when the RTT recovers it
+/// resyncs and is in sync again, and the replicas verify clean.
+#[test]
+fn degrade_turns_the_far_replica_async_and_back_in_sync() {
+    let opts = DaemonOpts {
+        data_proxy: true,
+        ..Default::default()
+    };
+    let policy = ["--on-rtt-exceeded", "degrade"];
+    let mut a_opts = opts.clone();
+    a_opts.extra_args = ["--domain", "east", "--on-rtt-exceeded", "degrade"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let a = Daemon::start(a_opts);
+    let b = Daemon::join_with(
+        &a,
+        &["--domain", "east", policy[0], policy[1]],
+        opts.clone(),
+    );
+    let c = Daemon::join_with(&a, &["--domain", "west", policy[0], policy[1]], opts);
+    let nodes = [a, b, c];
+    for n in &nodes {
+        n.proxy
+            .as_ref()
+            .unwrap()
+            .set_delay(Duration::from_millis(1));
+    }
+    let a = &nodes[0];
+    measured_pair(a);
+    a.ctl_ok(&[
+        "volume", "create", "metro", "--size", "64MiB", "--repl", "2",
+    ]);
+    let uri = a.ctl_json(&["volume", "attach", "metro"])["nbd_uri"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let west = nodes[2].ctl_json(&["status"])["node_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let replica = |d: &Daemon| -> serde_json::Value {
+        d.ctl_json(&["volume", "inspect", "metro"])["replicas"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["node_id"] == west.as_str())
+            .cloned()
+            .expect("a west replica")
+    };
+    assert_eq!(replica(a)["state"], "in-sync");
+    tandem_tests::qemu_io_ok(&uri, &["write -P 0x11 0 1M", "flush"]);
+
+    for n in &nodes {
+        n.proxy
+            .as_ref()
+            .unwrap()
+            .set_delay(Duration::from_micros(7_500));
+    }
+    let r = eventually(Duration::from_secs(90), "west replica async", || {
+        let r = replica(a);
+        (r["state"] == "async").then_some(r)
+    });
+    assert!(r["async_lag_bytes"].is_u64(), "{r}");
+    assert!(r["async_lag_seconds"].is_number(), "{r}");
+    let alerts = a.ctl_json(&["alerts", "show"]);
+    assert!(
+        alerts
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|al| al["kind"] == "replica-async"),
+        "{alerts}"
+    );
+    tandem_tests::qemu_io_ok(&uri, &["write -P 0x22 1M 2M", "flush"]);
+    assert!(
+        a.metrics().contains("tandem_replica_async_lag_seconds"),
+        "lag is exported as metrics"
+    );
+
+    for n in &nodes {
+        n.proxy
+            .as_ref()
+            .unwrap()
+            .set_delay(Duration::from_millis(1));
+    }
+    eventually(Duration::from_secs(90), "west replica in sync", || {
+        (replica(a)["state"] == "in-sync").then_some(())
+    });
+    let alerts = a.ctl_json(&["alerts", "show"]);
+    assert!(
+        alerts
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|al| al["kind"] == "replica-resync"),
+        "{alerts}"
+    );
+    let ver = a.ctl_json(&["volume", "verify", "metro"]);
+    assert_eq!(ver["mismatched_blocks"], 0, "{ver}");
+    tandem_tests::qemu_io_ok(&uri, &["read -P 0x11 0 1M", "read -P 0x22 1M 2M"]);
+}

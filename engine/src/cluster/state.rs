@@ -829,4 +829,57 @@ mod tests {
             Err(ApplyError::FailedPrecondition(_))
         ));
     }
+
+    /// Async follows the generation fence, never counts as in sync, is entered only from
+    /// in-sync, and the last in-sync replica cannot turn async.
+    #[test]
+    fn async_is_fenced_not_in_sync_and_only_from_in_sync() {
+        let mut s = ClusterState::new("c");
+        for n in ["a", "b", "c"] {
+            s.apply(&Command::AddNode { node: node(n) }).unwrap();
+        }
+        s.apply(&Command::CreateVolume {
+            volume: volume("v", &[1, 2, 3]),
+        })
+        .unwrap();
+        s.apply(&Command::Attach {
+            name: "v".into(),
+            node: 1,
+            takeover: false,
+        })
+        .unwrap();
+        let set = |s: &mut ClusterState, node, state, generation| {
+            s.apply(&Command::SetReplicaState {
+                name: "v".into(),
+                node,
+                state,
+                generation,
+            })
+        };
+        assert!(matches!(
+            set(&mut s, 3, ReplicaState::Async, 0),
+            Err(ApplyError::Fenced { .. })
+        ));
+        set(&mut s, 3, ReplicaState::Async, 1).unwrap();
+        assert_eq!(ReplicaState::Async.to_string(), "async");
+        assert_eq!(
+            serde_json::to_string(&ReplicaState::Async).unwrap(),
+            "\"async\""
+        );
+        assert_eq!(s.volumes["v"].in_sync_nodes(), vec![1, 2]);
+        set(&mut s, 2, ReplicaState::OutOfSync, 1).unwrap();
+        assert!(matches!(
+            set(&mut s, 2, ReplicaState::Async, 1),
+            Err(ApplyError::FailedPrecondition(_))
+        ));
+        assert!(matches!(
+            set(&mut s, 1, ReplicaState::Async, 1),
+            Err(ApplyError::FailedPrecondition(_))
+        ));
+        set(&mut s, 3, ReplicaState::Resyncing, 1).unwrap();
+        set(&mut s, 3, ReplicaState::InSync, 1).unwrap();
+        // The last in-sync replica cannot turn async.
+        set(&mut s, 1, ReplicaState::Async, 1).unwrap();
+        set(&mut s, 3, ReplicaState::Async, 1).unwrap_err();
+    }
 }

@@ -97,14 +97,7 @@ impl AsyncQueue {
             wake: Notify::new(),
             cancel: AtomicBool::new(false),
         });
-        let worker = tokio::spawn(worker(
-            inner,
-            node,
-            target,
-            ctx,
-            shared.clone(),
-            shutdown,
-        ));
+        let worker = tokio::spawn(worker(inner, node, target, ctx, shared.clone(), shutdown));
         AsyncQueue {
             shared,
             worker: Some(worker),
@@ -122,9 +115,7 @@ impl AsyncQueue {
         if q.stopped {
             return false;
         }
-        if !q.pending.is_empty()
-            && (q.bytes + op.len() > max_bytes || q.pending.len() >= max_ops)
-        {
+        if !q.pending.is_empty() && (q.bytes + op.len() > max_bytes || q.pending.len() >= max_ops) {
             q.stopped = true;
             return false;
         }

@@ -45,9 +45,9 @@ use super::server::{LocalReplicas, ReplicaServer};
 use super::target::{Ctx, Endpoint, Target, TargetError};
 use super::{
     MetaProposer, ProposeError, ReplicationError, ASYNC_MAX_LAG_BYTES, ASYNC_MAX_LAG_OPS,
-    DIRTY_REGION_BYTES, HOT_REGION_BYTES,
-    HOT_REGION_IDLE_RETIRE, MAX_HOT_REGIONS, REPLICA_IO_TIMEOUT, RESYNC_PROGRESS_INTERVAL,
-    RESYNC_RETRY_INTERVAL, VERIFY_CHUNK_BYTES, VERIFY_MAX_REPORTED_BLOCKS, ZEROES_CHUNK_BYTES,
+    DIRTY_REGION_BYTES, HOT_REGION_BYTES, HOT_REGION_IDLE_RETIRE, MAX_HOT_REGIONS,
+    REPLICA_IO_TIMEOUT, RESYNC_PROGRESS_INTERVAL, RESYNC_RETRY_INTERVAL, VERIFY_CHUNK_BYTES,
+    VERIFY_MAX_REPORTED_BLOCKS, ZEROES_CHUNK_BYTES,
 };
 use crate::cluster::{ApplyError, Command, ReplicaState, VolumeRecord};
 use crate::store::{Replica, BLOCK_SIZE, MAX_IO_BYTES};
@@ -223,7 +223,12 @@ impl Member {
     }
 
     /// Async: `ranges` are missing on the replica since `since` at the latest.
-    pub(super) fn mark_behind(&mut self, size_bytes: u64, ranges: &[(u64, u64)], since: std::time::Instant) {
+    pub(super) fn mark_behind(
+        &mut self,
+        size_bytes: u64,
+        ranges: &[(u64, u64)],
+        since: std::time::Instant,
+    ) {
         let d = self
             .dirty
             .get_or_insert_with(|| RegionBitmap::empty(size_bytes.div_ceil(DIRTY_REGION_BYTES)));

@@ -87,11 +87,30 @@ struct Faulty {
     server: Arc<ReplicaServer>,
     hold: Mutex<Option<(u64, watch::Receiver<bool>)>>,
     held_status: Mutex<Option<u32>>,
+    /// Every `Write` waits this long before it reaches the server (a slow replica).
+    write_delay: Mutex<Duration>,
+    /// While set (and not released), every `Write` and `WriteZeroes` waits (a stall).
+    stall: Mutex<Option<watch::Receiver<bool>>>,
+    /// Offsets of the `Write` frames that reached the server, in order.
+    seen_writes: Mutex<Vec<u64>>,
 }
 
 #[async_trait::async_trait]
 impl FrameHandler for Faulty {
     async fn handle(&self, peer_node_id: u64, req: Frame) -> Frame {
+        if matches!(req.kind, Kind::Write | Kind::WriteZeroes) {
+            let stall = self.stall.lock().unwrap().clone();
+            if let Some(mut release) = stall {
+                let _ = release.wait_for(|r| *r).await;
+            }
+            let delay = *self.write_delay.lock().unwrap();
+            if !delay.is_zero() {
+                tokio::time::sleep(delay).await;
+            }
+            if req.kind == Kind::Write {
+                self.seen_writes.lock().unwrap().push(req.offset);
+            }
+        }
         let held = {
             let mut hold = self.hold.lock().unwrap();
             match &*hold {
@@ -181,6 +200,9 @@ impl TestCluster {
                 server: server.clone(),
                 hold: Mutex::new(None),
                 held_status: Mutex::new(None),
+                write_delay: Mutex::new(Duration::ZERO),
+                stall: Mutex::new(None),
+                seen_writes: Mutex::new(Vec::new()),
             });
             nodes.push(Node {
                 pool,
@@ -1168,4 +1190,187 @@ async fn errno_mapping_matches_the_nbd_contract() {
         .errno(),
         libc::EIO
     );
+}
+
+/// Commits `state` for the replica on `node` at the current generation (what the
+/// latency watcher does under policy `degrade`) and has the coordinator adopt it.
+async fn set_mode(c: &TestCluster, coord: &Coordinator, node: u64, state: ReplicaState) {
+    c.meta
+        .apply(&Command::SetReplicaState {
+            name: VOLUME.into(),
+            node,
+            state,
+            generation: c.volume().generation,
+        })
+        .unwrap();
+    coord.adopt_replica_states().await;
+}
+
+fn replica_stats(coord: &Coordinator, node: u64) -> ReplicaStats {
+    coord
+        .stats()
+        .replicas
+        .into_iter()
+        .find(|r| r.node == node)
+        .unwrap()
+}
+
+/// An async replica is sent every write in order in the background: a slow one holds up
+/// no ack (nor a flush), its lag is reported while it is behind, and after it goes back
+/// through resync it is byte-identical and in sync.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn async_replica_does_not_hold_up_acks_and_receives_writes_in_order() {
+    bounded(async {
+        let c = TestCluster::new(&[1, 2, 3]).await;
+        let coord = c.coordinator(1).await;
+        coord
+            .write(0, pattern(100, 4 * MIB as usize), false)
+            .await
+            .unwrap();
+        set_mode(&c, &coord, 3, ReplicaState::Async).await;
+        assert_eq!(c.replica_state(3), ReplicaState::Async);
+        assert_eq!(replica_stats(&coord, 3).state, ReplicaState::Async);
+        // An async replica does not count as in sync.
+        assert_eq!(c.volume().in_sync_nodes(), vec![1, 2]);
+
+        *c.node(3).faulty.write_delay.lock().unwrap() = Duration::from_millis(300);
+        c.node(3).faulty.seen_writes.lock().unwrap().clear();
+        let mut order = Vec::new();
+        let started = std::time::Instant::now();
+        for i in 0..12u64 {
+            // Overlapping writes: the last one to each offset must win on every replica.
+            let off = (i % 3) * MIB + 4096 * (i % 2);
+            coord
+                .write(off, pattern(i + 1, 64 << 10), i == 5)
+                .await
+                .unwrap();
+            order.push(off);
+        }
+        coord.flush().await.unwrap();
+        let elapsed = started.elapsed();
+        // Synchronously, 12 writes to a replica that takes 300 ms each need 3.6 s.
+        assert!(
+            elapsed < Duration::from_millis(1800),
+            "writes waited for the async replica: {elapsed:?}"
+        );
+        let s = replica_stats(&coord, 3);
+        assert!(s.async_lag_bytes > 0, "{s:?}");
+        assert!(s.async_lag_seconds > 0.0, "{s:?}");
+        // The other replicas carry no lag.
+        assert_eq!(replica_stats(&coord, 2).async_lag_bytes, 0);
+
+        eventually("async replica caught up", || {
+            replica_stats(&coord, 3).async_lag_bytes == 0
+        })
+        .await;
+        assert_eq!(replica_stats(&coord, 3).async_lag_seconds, 0.0);
+        assert_eq!(*c.node(3).faulty.seen_writes.lock().unwrap(), order);
+        // Caught up in order: identical even before it is resynced.
+        c.assert_identical(&[1, 2, 3]).await;
+
+        *c.node(3).faulty.write_delay.lock().unwrap() = Duration::ZERO;
+        set_mode(&c, &coord, 3, ReplicaState::Resyncing).await;
+        eventually("node 3 back in sync", || {
+            c.replica_state(3) == ReplicaState::InSync
+        })
+        .await;
+        assert_eq!(replica_stats(&coord, 3).async_lag_bytes, 0);
+        coord.write(5 * MIB, pattern(77, 8192), true).await.unwrap();
+        assert_verify_clean(&coord, 3).await;
+        c.assert_identical(&[1, 2, 3]).await;
+        coord.close().await.unwrap();
+    })
+    .await
+}
+
+/// A stalled async replica: the queue stops at its bound, every write it does not carry
+/// is tracked in its dirty bitmap (lag keeps growing), acks never wait, and resync
+/// catches it up from the dirty regions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_async_replica_beyond_the_bound_is_tracked_dirty_and_resynced() {
+    bounded(async {
+        let c = TestCluster::new(&[1, 2, 3]).await;
+        let mut cfg = c.config(1);
+        cfg.async_max_lag_bytes = MIB;
+        cfg.replica_timeout = Duration::from_secs(5);
+        let coord = c.coordinator_with(cfg).await;
+        coord
+            .write(0, pattern(1, 8 * MIB as usize), false)
+            .await
+            .unwrap();
+        set_mode(&c, &coord, 2, ReplicaState::Async).await;
+        let (release, rx) = watch::channel(false);
+        *c.node(2).faulty.stall.lock().unwrap() = Some(rx);
+
+        let started = std::time::Instant::now();
+        for i in 0..8u64 {
+            coord
+                .write(10 * MIB + i * 3 * MIB, pattern(i + 10, 256 << 10), false)
+                .await
+                .unwrap();
+        }
+        coord.write_zeroes(MIB, 2 * MIB, false).await.unwrap();
+        coord.flush().await.unwrap();
+        let elapsed = started.elapsed();
+        assert!(
+            elapsed < Duration::from_millis(1500),
+            "writes waited for the stalled async replica: {elapsed:?}"
+        );
+        let s = replica_stats(&coord, 2);
+        assert_eq!(s.state, ReplicaState::Async);
+        // Beyond 1 MiB queued, writes went to the dirty bitmap.
+        let dirty = s.dirty_bytes.expect("dirty tracking");
+        assert!(dirty >= 4 * MIB, "{s:?}");
+        assert!(s.async_lag_bytes >= dirty + MIB - (256 << 10), "{s:?}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(replica_stats(&coord, 2).async_lag_seconds >= 0.3);
+
+        // The link recovers and the watcher sends it back through resync.
+        release.send_replace(true);
+        set_mode(&c, &coord, 2, ReplicaState::Resyncing).await;
+        eventually("node 2 back in sync", || {
+            c.replica_state(2) == ReplicaState::InSync
+        })
+        .await;
+        assert!(replica_stats(&coord, 2).resync_done_bytes > 0);
+        assert_verify_clean(&coord, 3).await;
+        c.assert_identical(&[1, 2, 3]).await;
+        assert_eq!(coord.read(MIB, 4096).await.unwrap(), vec![0u8; 4096]);
+        coord.close().await.unwrap();
+    })
+    .await
+}
+
+/// A replica that fails while async (its node dies) is tracked by dirty regions and
+/// resynced when it leaves async; it never counted for acks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn async_replica_that_dies_is_resynced_from_dirty_regions() {
+    bounded(async {
+        let mut c = TestCluster::new(&[1, 2, 3]).await;
+        let coord = c.coordinator(1).await;
+        set_mode(&c, &coord, 3, ReplicaState::Async).await;
+        c.stop(3).await;
+        for i in 0..4u64 {
+            coord
+                .write(i * 7 * MIB, pattern(i + 40, 100_000), false)
+                .await
+                .unwrap();
+        }
+        eventually("failure tracked", || {
+            replica_stats(&coord, 3).dirty_bytes.unwrap_or(0) > 0
+        })
+        .await;
+        assert_eq!(c.replica_state(3), ReplicaState::Async);
+        assert_eq!(coord.stats().ejections, 0);
+        c.start(3).await;
+        set_mode(&c, &coord, 3, ReplicaState::Resyncing).await;
+        eventually("node 3 back in sync", || {
+            c.replica_state(3) == ReplicaState::InSync
+        })
+        .await;
+        assert_verify_clean(&coord, 3).await;
+        c.assert_identical(&[1, 2, 3]).await;
+        coord.close().await.unwrap();
+    })
+    .await
 }
