@@ -96,7 +96,7 @@ pub async fn run_rtt_watch(
                     };
                     if let Some((severity, kind, message)) = change {
                         tracing::warn!(volume = %name, %message, "latency gate");
-                        alert(&cluster, now, severity, kind, &name, message).await;
+                        alert(cluster, now, severity, kind, &name, message).await;
                     }
                 }
             }
