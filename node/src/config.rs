@@ -333,4 +333,25 @@ mod tests {
         .unwrap_err();
         assert!(err.to_string().contains("unknown I/O engine"));
     }
+
+    #[test]
+    fn on_rtt_exceeded_defaults_to_alert_and_accepts_degrade() {
+        let c = Config::resolve(Args::default()).unwrap();
+        assert_eq!(c.on_rtt_exceeded, RttPolicy::Alert);
+        let c = Config::resolve(Args {
+            on_rtt_exceeded: Some("degrade".into()),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(c.on_rtt_exceeded, RttPolicy::Degrade);
+        let err = Config::resolve(Args {
+            on_rtt_exceeded: Some("panic".into()),
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert!(
+            err.to_string().contains("expected alert or degrade"),
+            "{err}"
+        );
+    }
 }
