@@ -51,9 +51,11 @@ fn metro_sync_is_allowed_at_2ms_and_refused_at_15ms_with_the_measured_figure() {
     let a = &nodes[0];
     let pair = measured_pair(a);
     let p50 = pair["p50_us"].as_u64().unwrap();
+    // The proxy adds 2 ms; loopback and the proxy threads add scheduling delay on a busy
+    // 2-core machine, so allow 1 ms below and 2 ms above (unloaded runs land within 1 ms).
     assert!(
-        (1_000..=3_000).contains(&p50),
-        "measured RTT must be within 1 ms of the injected 2 ms: {pair}"
+        (1_000..=4_000).contains(&p50),
+        "measured RTT must be close to the injected 2 ms: {pair}"
     );
     assert_eq!(pair["sync_allowed"], true, "{pair}");
     let human = a.ctl_ok(&["cluster", "latency"]);
