@@ -30,7 +30,9 @@
 # * CPU accounting: user + system time of each tandemd process (all threads) from
 #   /proc/<pid>/stat before and after each job, and the context switches of all their
 #   threads, divided by the I/Os fio completed (scaled by runtime/(runtime+ramp), since fio
-#   excludes the ramp from its I/O count).
+#   excludes the ramp from its I/O count). Also recorded: machine-wide busy CPU (percent of
+#   all CPUs, from /proc/stat) during each job, which shows whether a job was CPU-bound, and
+#   the part of it that was neither tandemd nor fio (kernel writeback, other load).
 #
 # Workloads (one NBD connection, the same random offset sequence for every volume):
 #   randwrite-qd1        4 KiB random write QD1    p50/p99 latency (µs), IOPS
@@ -61,8 +63,8 @@
 #   BUILD=1           run `cargo build --release -p tandem-node` first (0 to use what is built)
 #   KEEP=0            1 keeps the temporary data directory
 #
-# Quick mode for testing: RUNTIME=3 ROUNDS=1 scripts/bench-rf.sh  (about 2 minutes, most of
-# it the precondition fill)
+# Quick mode for testing: RUNTIME=3 ROUNDS=1 scripts/bench-rf.sh  (about a minute once built,
+# a third of it the precondition fill)
 
 set -euo pipefail
 
@@ -166,6 +168,16 @@ def parse(path, row):
         cs = float(row[col["cs_" + n]])
         r["cpu_" + n] = cpu * scale / ios * 1e6 if ios else 0.0
         r["cs_" + n] = cs * scale / ios if ios else 0.0
+    # Machine-wide CPU during the job (CPU-seconds over all CPUs): busy share, and the share
+    # of busy time that is neither tandemd nor fio (kernel writeback workers, other load).
+    if "busy_s" in col:
+        busy_s, total_s = float(row[col["busy_s"]]), float(row[col["total_s"]])
+        tandem_s = sum(float(row[col["cpu_" + n]]) for n in NODES)
+        fio_s = (j["usr_cpu"] + j["sys_cpu"]) / 100 * (runtime + ramp)
+        r["busy"] = 100 * busy_s / total_s if total_s else float("nan")
+        r["other"] = 100 * max(busy_s - tandem_s - fio_s, 0) / total_s if total_s else float("nan")
+    else:
+        r["busy"] = r["other"] = float("nan")
     r["cpu_all"] = sum(r["cpu_" + n] for n in NODES)
     r["cs_all"] = sum(r["cs_" + n] for n in NODES)
     return r
@@ -246,7 +258,8 @@ out.append("")
 
 out.append(f"### Ratios to {base} (per round, then the median over rounds)\n")
 out.append("Latency ratio: lower is better (1.00 = as fast as RF 1). IOPS and MB/s ratios: higher")
-out.append("is better.\n")
+out.append("is better. CPU/IO ratios: how much more tandemd CPU one I/O costs than at RF 1 (all three")
+out.append("processes, or node 1 alone: the coordinator node's share).\n")
 out.append("| metric | volume | median ratio | per round |")
 out.append("|---|---|---:|---|")
 ratio_rows = [("randwrite-qd1", "p50", "QD1 write p50 latency"),
@@ -256,7 +269,13 @@ ratio_rows = [("randwrite-qd1", "p50", "QD1 write p50 latency"),
               ("randwrite-qd32", "p50", "QD32 write p50 latency"),
               ("seqwrite-1m", "mbps", "1 MiB sequential MB/s"),
               ("randwrite-qd1-fsync", "iops", "QD1 write+flush per s"),
-              ("randwrite-qd1-fsync", "flush_p50", "flush p50 latency")]
+              ("randwrite-qd1-fsync", "flush_p50", "flush p50 latency"),
+              ("randwrite-qd1", "cpu_all", "QD1 write tandemd CPU/IO (3 nodes)"),
+              ("randwrite-qd1", "cpu_n1", "QD1 write node 1 CPU/IO"),
+              ("randwrite-qd32", "cpu_all", "QD32 write tandemd CPU/IO (3 nodes)"),
+              ("randwrite-qd32", "cpu_n1", "QD32 write node 1 CPU/IO"),
+              ("seqwrite-1m", "cpu_all", "1 MiB write tandemd CPU/IO (3 nodes)"),
+              ("seqwrite-1m", "cpu_n1", "1 MiB write node 1 CPU/IO")]
 for wl, key, label in ratio_rows:
     for t in names[1:]:
         p = paired(wl, t, base, key)
@@ -282,27 +301,30 @@ out.append("")
 out.append("### Where the CPU goes (median over rounds, per I/O fio completed)\n")
 out.append("CPU µs/IO: user + system time of each tandemd process (all threads) during the job.")
 out.append("node 1 runs the NBD server and the coordinator (and the local replica); nodes 2 and 3")
-out.append("only serve replica frames. ctx sw/IO: context switches of all tandemd threads.\n")
-out.append("| workload | volume | node 1 µs | node 2 µs | node 3 µs | tandemd total µs | fio µs | ctx sw/IO (n1, n2, n3) |")
-out.append("|---|---|---:|---:|---:|---:|---:|---|")
+out.append("only serve replica frames. fio µs: fio's own user + system CPU. ctx sw/IO: context switches")
+out.append("of all tandemd threads. busy %: machine-wide non-idle CPU time during the job, percent of")
+out.append("all CPUs; other %: the part of it that is neither tandemd nor fio (kernel writeback")
+out.append("workers, softirqs charged elsewhere, and any other load on the machine).\n")
+out.append("| workload | volume | node 1 µs | node 2 µs | node 3 µs | tandemd total µs | fio µs | ctx sw/IO (n1, n2, n3) | busy % | other % |")
+out.append("|---|---|---:|---:|---:|---:|---:|---|---:|---:|")
 for wl in order:
     for t in names:
         if (wl, t) not in data:
             continue
         cs = ", ".join(f"{med(wl, t, 'cs_' + n):.1f}" for n in NODES)
         out.append(f"| {wl} | {t} | " + " | ".join(f"{med(wl, t, 'cpu_' + n):.1f}" for n in NODES)
-                   + f" | {med(wl, t, 'cpu_all'):.1f} | {med(wl, t, 'fio_cpu_us'):.1f} | {cs} |")
+                   + f" | {med(wl, t, 'cpu_all'):.1f} | {med(wl, t, 'fio_cpu_us'):.1f} | {cs} | {med(wl, t, 'busy'):.0f} | {med(wl, t, 'other'):.0f} |")
 out.append("")
 
 out.append("### Per-round detail (in the order the jobs ran)\n")
-out.append("| round | workload | volume | IOPS | MB/s | lat p50 µs | lat p99 µs | clat p50 µs | slat mean µs | flush p50 µs | tandemd CPU µs/IO | ctx sw/IO |")
-out.append("|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+out.append("| round | workload | volume | IOPS | MB/s | lat p50 µs | lat p99 µs | clat p50 µs | slat mean µs | flush p50 µs | tandemd CPU µs/IO | ctx sw/IO | busy % | other % |")
+out.append("|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
 for row in rows:
     rnd, wl, t = row[col["round"]], row[col["workload"]], row[col["target"]]
     r = data[(wl, t)][int(rnd)]
     out.append(f"| {rnd} | {wl} | {t} | {r['iops']:.0f} | {r['mbps']:.1f} | {r['p50']:.1f} | {r['p99']:.1f}"
                f" | {r['clat_p50']:.1f} | {r['slat_mean']:.1f} | {r['flush_p50']:.0f}"
-               f" | {r['cpu_all']:.1f} | {r['cs_all']:.1f} |")
+               f" | {r['cpu_all']:.1f} | {r['cs_all']:.1f} | {r['busy']:.0f} | {r['other']:.0f} |")
 out.append("")
 print("\n".join(out))
 EOF
@@ -529,11 +551,21 @@ EOF
 
 # CPU time (user+system, all threads) of a process, in clock ticks. (From bench-nbd.sh.)
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat" 2>/dev/null || echo 0; }
-# Context switches (voluntary + involuntary) summed over all threads of a process.
-ctx_switches() {
-    cat /proc/"$1"/task/*/status 2>/dev/null | awk '/ctxt_switches/ {s += $2} END {print s + 0}'
+# Context switches (voluntary + involuntary) of every thread of a process: "tid count" lines.
+# A delta is taken per thread (tokio's blocking-pool threads come and go), so a thread that
+# exits during a job loses its switches (an undercount) but never makes the delta negative.
+ctx_snapshot() {
+    awk 'FNR == 1 {n = split(FILENAME, p, "/"); tid = p[n - 1]} /ctxt_switches/ {s[tid] += $2}
+         END {for (t in s) print t, s[t]}' /proc/"$1"/task/*/status 2>/dev/null || true
+}
+ctx_delta() {  # ctx_delta BEFORE_FILE AFTER_FILE
+    awk 'NR == FNR {b[$1] = $2; next} {d += $2 - (($1 in b) ? b[$1] : 0)} END {print d + 0}' "$1" "$2"
 }
 CLK_TCK=$(getconf CLK_TCK)
+# Machine-wide CPU counters from /proc/stat: "busy idle" in clock ticks (idle includes iowait).
+cpu_busy_idle() {
+    awk '/^cpu / {idle = $5 + $6; t = 0; for (i = 2; i <= 9; i++) t += $i; print t - idle, idle}' /proc/stat
+}
 
 sync_fs() { timeout 120 sync -f "$WORK" || log "warning: sync timed out"; }
 
@@ -567,7 +599,7 @@ for w in "${WORKLOADS[@]}"; do
 done
 
 INDEX=$RESULTS/index.tsv
-printf 'round\tworkload\ttarget\tfile\tcpu_n1\tcpu_n2\tcpu_n3\tcs_n1\tcs_n2\tcs_n3\n' > "$INDEX"
+printf 'round\tworkload\ttarget\tfile\tcpu_n1\tcpu_n2\tcpu_n3\tcs_n1\tcs_n2\tcs_n3\tbusy_s\ttotal_s\n' > "$INDEX"
 n_targets=${#TARGETS[@]}
 total=$((ROUNDS * ${#WORKLOADS[@]} * n_targets))
 done_jobs=0
@@ -582,19 +614,26 @@ for round in $(seq 1 "$ROUNDS"); do
             out=$RESULTS/r$round-$wname-$t.json
             done_jobs=$((done_jobs + 1))
             log "[$done_jobs/$total] round $round $wname $t"
-            c0=() s0=()
-            for n in 1 2 3; do c0+=("$(cpu_ticks "${NODE_PID[$n]}")"); s0+=("$(ctx_switches "${NODE_PID[$n]}")"); done
+            c0=()
+            for n in 1 2 3; do
+                c0+=("$(cpu_ticks "${NODE_PID[$n]}")")
+                ctx_snapshot "${NODE_PID[$n]}" > "$WORK/ctx-n$n.before"
+            done
+            read -r b0 i0 < <(cpu_busy_idle)
             # shellcheck disable=SC2086  # $extra is empty or one fio flag
             timeout $((RUNTIME + RAMP + 120)) fio --name="$wname" --ioengine=nbd --uri="${URI[$t]}" \
                 --rw="$rw" --bs="$bs" --iodepth="$qd" $extra "${FIO_COMMON[@]}" --output="$out" \
                 >/dev/null 2>"$out.err" || { cat "$out.err" >&2; die "fio failed: $wname on $t"; }
+            read -r b1 i1 < <(cpu_busy_idle)
             line="$round\t$wname\t$t\t$(basename "$out")"
             cpus="" css=""
             for n in 1 2 3; do
                 cpus+="\t$(python3 -c "print(($(cpu_ticks "${NODE_PID[$n]}") - ${c0[$((n - 1))]}) / $CLK_TCK)")"
-                css+="\t$(( $(ctx_switches "${NODE_PID[$n]}") - ${s0[$((n - 1))]} ))"
+                ctx_snapshot "${NODE_PID[$n]}" > "$WORK/ctx-n$n.after"
+                css+="\t$(ctx_delta "$WORK/ctx-n$n.before" "$WORK/ctx-n$n.after")"
             done
-            printf "$line$cpus$css\n" >> "$INDEX"
+            busy=$(python3 -c "print(($b1 - $b0) / $CLK_TCK, (($b1 - $b0) + ($i1 - $i0)) / $CLK_TCK, sep='\t')")
+            printf '%b\n' "$line$cpus$css\t$busy" >> "$INDEX"
         done
     done
 done
