@@ -375,6 +375,18 @@ impl Drop for Daemon {
     }
 }
 
+/// Retries `f` until it returns `Some`, for at most `limit`; panics naming `what` after.
+pub fn eventually<T>(limit: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
 /// Four distinct free loopback ports. The listeners are held until all four are chosen, so
 /// they differ; another process could still take one before tandemd binds it, which the
 /// start-up error would show.

@@ -1,21 +1,9 @@
 //! Multi-node cluster tests: real tandemd processes on loopback joining with the token,
 //! losing their raft leader and restarting.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use tandem_tests::{Daemon, DaemonOpts};
-
-/// Retries `f` until it returns Some, for at most `limit`.
-fn eventually<T>(limit: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
+use tandem_tests::{eventually, Daemon, DaemonOpts};
 
 fn node_count(d: &Daemon) -> usize {
     d.ctl_json(&["cluster", "list"])

@@ -5,18 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use tandem_tests::{Daemon, DaemonOpts};
-
-fn eventually<T>(limit: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(300));
-    }
-}
+use tandem_tests::{eventually, Daemon, DaemonOpts};
 
 /// Two domains (east: a, b; west: c) with every link delayed by `one_way`.
 fn two_domains(one_way: Duration) -> Vec<Daemon> {

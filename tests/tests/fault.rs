@@ -15,7 +15,7 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use tandem_tests::{qemu_io, qemu_io_ok, Daemon, DaemonOpts};
+use tandem_tests::{eventually, qemu_io, qemu_io_ok, Daemon, DaemonOpts};
 
 const CI_SEEDS: &[u64] = &[1, 2];
 /// Writes per seed.
@@ -52,17 +52,6 @@ fn seeds() -> Vec<u64> {
         }
     }
     out
-}
-
-fn eventually<T>(limit: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(250));
-    }
 }
 
 fn run_seed(seed: u64) {

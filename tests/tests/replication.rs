@@ -2,20 +2,9 @@
 //! clients (qemu-io), SIGKILL, SIGSTOP, and corruption behind a replica's back.
 
 use std::os::unix::fs::FileExt;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use tandem_tests::{qemu_io, qemu_io_ok, Daemon, DaemonOpts};
-
-fn eventually<T>(limit: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(250));
-    }
-}
+use tandem_tests::{eventually, qemu_io, qemu_io_ok, Daemon, DaemonOpts};
 
 fn cluster3() -> Vec<Daemon> {
     let a = Daemon::start(DaemonOpts::default());
