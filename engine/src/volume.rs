@@ -34,6 +34,16 @@ pub const MAX_VOLUME_BYTES: u64 = 64 << 40;
 pub const MAX_NAME_LEN: usize = 128;
 /// Highest replication factor accepted (as in Portworx).
 pub const MAX_REPL: u32 = 3;
+/// A replicated volume's coordinator serves I/O only while its node was in contact with
+/// a raft majority this recently (its lease). Raft heartbeats run every 300 ms and
+/// elections finish within about 6 s, so a healthy node renews it continuously.
+pub const COORDINATOR_LEASE: Duration = Duration::from_secs(4);
+/// How long I/O waits for the lease to come back (a leader election) before failing.
+pub const LEASE_WAIT: Duration = Duration::from_secs(10);
+/// A takeover (attach --force, or after the old coordinator's domain was deactivated)
+/// waits this long before serving, so the old coordinator's lease has surely run out: a
+/// coordinator cut off in a minority can then no longer serve stale reads.
+pub const TAKEOVER_WAIT: Duration = Duration::from_secs(6);
 /// How often the reconciler re-checks local replicas even without metadata changes.
 pub const RECONCILE_INTERVAL: Duration = Duration::from_secs(2);
 
@@ -153,6 +163,9 @@ enum Backend {
 pub struct AttachedVolume {
     name: String,
     id: String,
+    /// The raft node whose majority contact is this coordinator's lease (replicated
+    /// volumes only; an RF 1 volume has no other copy to go stale against).
+    lease: Option<Arc<crate::cluster::RaftNode>>,
     generation: std::sync::atomic::AtomicU64,
     /// `Some` while open. I/O holds a read guard; detach and backend changes (an RF change
     /// re-opens the coordinator) take the write guard, which waits for in-flight requests.
@@ -215,7 +228,29 @@ impl AttachedVolume {
         VolumeError::NotAttached(self.name.clone())
     }
 
+    /// Waits (bounded) until this node is in contact with a raft majority.
+    async fn check_lease(&self) -> Result<()> {
+        let Some(raft) = &self.lease else {
+            return Ok(());
+        };
+        if raft.majority_contact_age() <= COORDINATOR_LEASE {
+            return Ok(());
+        }
+        let deadline = tokio::time::Instant::now() + LEASE_WAIT;
+        while tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            if raft.majority_contact_age() <= COORDINATOR_LEASE {
+                return Ok(());
+            }
+        }
+        Err(VolumeError::Unavailable(format!(
+            "volume '{}': this coordinator has lost contact with the raft majority; I/O is refused so no stale data is served",
+            self.name
+        )))
+    }
+
     pub async fn read(&self, offset: u64, len: usize) -> Result<Vec<u8>> {
+        self.check_lease().await?;
         let g = self.gate.read().await;
         match g.as_ref().map(|o| &o.backend) {
             None => Err(self.detached()),
@@ -225,6 +260,7 @@ impl AttachedVolume {
     }
 
     pub async fn write(&self, offset: u64, data: Vec<u8>, fua: bool) -> Result<()> {
+        self.check_lease().await?;
         let g = self.gate.read().await;
         match g.as_ref().map(|o| &o.backend) {
             None => Err(self.detached()),
@@ -234,6 +270,7 @@ impl AttachedVolume {
     }
 
     pub async fn write_zeroes(&self, offset: u64, len: u64, fua: bool) -> Result<()> {
+        self.check_lease().await?;
         let g = self.gate.read().await;
         match g.as_ref().map(|o| &o.backend) {
             None => Err(self.detached()),
@@ -243,6 +280,7 @@ impl AttachedVolume {
     }
 
     pub async fn flush(&self) -> Result<()> {
+        self.check_lease().await?;
         let g = self.gate.read().await;
         match g.as_ref().map(|o| &o.backend) {
             None => Err(self.detached()),
@@ -628,6 +666,7 @@ impl VolumeManager {
                 .collect(),
             hot_regions: Default::default(),
             parked: Vec::new(),
+            lease_wait: false,
         };
         self.cluster
             .propose(Command::CreateVolume { volume: rec })
@@ -824,6 +863,11 @@ impl VolumeManager {
         if let Some(v) = self.attached_get(name) {
             return Ok(v);
         }
+        // Taking over from a coordinator that did not detach cleanly (a forced takeover,
+        // or one fenced by deactivating its domain): let its lease run out first.
+        let before = self.record(name)?;
+        let takeover_wait =
+            before.attached_node.is_some_and(|n| n != self.node_id) || before.lease_wait;
         let out = self
             .cluster
             .propose(Command::Attach {
@@ -836,8 +880,15 @@ impl VolumeManager {
         if let ApplyOutput::Generation(g) = out {
             debug_assert_eq!(g, rec.generation);
         }
+        if takeover_wait {
+            tracing::info!(volume = %name, wait = ?TAKEOVER_WAIT, "takeover: waiting out the previous coordinator's lease");
+            tokio::time::sleep(TAKEOVER_WAIT).await;
+        }
         let open = self.open_backend(rec).await?;
+        let lease =
+            matches!(open.backend, Backend::Replicated(_)).then(|| self.cluster.raft().clone());
         let vol = Arc::new(AttachedVolume {
+            lease,
             name: name.to_string(),
             id: open.record.id.clone(),
             generation: std::sync::atomic::AtomicU64::new(open.record.generation),

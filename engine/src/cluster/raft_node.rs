@@ -108,6 +108,10 @@ enum Msg {
 /// Handle to the raft thread.
 pub struct RaftNode {
     id: u64,
+    /// When this node last knew it was in contact with a raft majority, in milliseconds
+    /// since `epoch` (see [`RaftNode::majority_contact_age`]).
+    contact_ms: Arc<std::sync::atomic::AtomicU64>,
+    epoch: Instant,
     tx: std::sync::Mutex<Sender<Msg>>,
     state: Arc<RwLock<Arc<ClusterState>>>,
     status: Arc<RwLock<RaftStatus>>,
@@ -372,8 +376,12 @@ impl RaftNode {
             ..Default::default()
         }));
         let (applied_tx, applied_rx) = watch::channel(applied);
+        let epoch = Instant::now();
+        let contact_ms = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let mut worker = Worker {
             id,
+            contact_ms: contact_ms.clone(),
+            epoch,
             raw,
             mem,
             persist,
@@ -394,6 +402,8 @@ impl RaftNode {
             .map_err(|e| RaftError::Raft(e.to_string()))?;
         let node = Arc::new(RaftNode {
             id,
+            contact_ms,
+            epoch,
             tx: std::sync::Mutex::new(tx),
             state: shared,
             status,
@@ -447,6 +457,19 @@ impl RaftNode {
         } else {
             None
         }
+    }
+
+    /// How long ago this node last knew it was in contact with a raft majority: as leader,
+    /// when a majority of voters was recently active; as follower, when the leader's last
+    /// message arrived. A coordinator cut off in a minority sees this grow and stops
+    /// serving I/O (its read lease).
+    pub fn majority_contact_age(&self) -> Duration {
+        let at = self.contact_ms.load(std::sync::atomic::Ordering::Acquire);
+        let now = self.epoch.elapsed().as_millis() as u64;
+        if at == 0 {
+            return Duration::MAX;
+        }
+        Duration::from_millis(now.saturating_sub(at))
     }
 
     /// Changes whenever this node applies entries.
@@ -526,6 +549,8 @@ impl Drop for RaftNode {
 
 struct Worker {
     id: u64,
+    contact_ms: Arc<std::sync::atomic::AtomicU64>,
+    epoch: Instant,
     raw: RawNode<RaftStore>,
     mem: MemStorage,
     persist: Persist,
@@ -562,6 +587,7 @@ impl Worker {
                 self.handle(m);
             }
             if Instant::now() >= next_tick {
+                self.check_majority_contact();
                 self.raw.tick();
                 next_tick = Instant::now() + TICK;
                 self.expire_waiters();
@@ -622,8 +648,14 @@ impl Worker {
             ),
             Msg::RemoveMember(id, reply) => self.conf_change(id, ConfChangeType::RemoveNode, reply),
             Msg::Step(msg) => {
+                let (from, term) = (msg.from, msg.term);
                 if let Err(e) = self.raw.step(*msg) {
                     tracing::debug!(error = %e, "raft step refused a message");
+                } else if from == self.raw.raft.leader_id
+                    && from != self.id
+                    && term == self.raw.raft.term
+                {
+                    self.touch_contact();
                 }
             }
             Msg::Campaign => {
@@ -632,6 +664,29 @@ impl Worker {
                 }
             }
             Msg::Stop => {}
+        }
+    }
+
+    fn touch_contact(&self) {
+        // Never 0, which means "never".
+        let now = self.epoch.elapsed().as_millis() as u64 + 1;
+        self.contact_ms
+            .store(now, std::sync::atomic::Ordering::Release);
+    }
+
+    /// As leader: a majority of voters (itself included) was recently active.
+    fn check_majority_contact(&self) {
+        let r = &self.raw.raft;
+        if r.state != StateRole::Leader {
+            return;
+        }
+        let voters = conf_state_of(&self.mem).voters;
+        let active = voters
+            .iter()
+            .filter(|id| **id == self.id || r.prs().get(**id).is_some_and(|pr| pr.recent_active))
+            .count();
+        if active * 2 > voters.len() {
+            self.touch_contact();
         }
     }
 

@@ -101,6 +101,10 @@ pub struct VolumeRecord {
     /// come back (out of sync, to be resynced) when it is activated.
     #[serde(default)]
     pub parked: Vec<u64>,
+    /// Set when the coordinator was removed without a clean detach (its domain was
+    /// deactivated): the next attach waits out its lease before serving.
+    #[serde(default)]
+    pub lease_wait: bool,
 }
 
 impl VolumeRecord {
@@ -377,6 +381,7 @@ impl ClusterState {
             if v.attached_node.is_some_and(|n| in_domain.contains(&n)) {
                 v.attached_node = None;
                 v.generation += 1;
+                v.lease_wait = true;
             }
         }
         self.inactive_domains.insert(domain.to_string());
@@ -522,6 +527,7 @@ impl ClusterState {
                 }
                 v.generation += 1;
                 v.attached_node = Some(*node);
+                v.lease_wait = false;
                 Ok(ApplyOutput::Generation(v.generation))
             }
             Command::Detach {
@@ -737,6 +743,7 @@ mod tests {
                 .collect(),
             hot_regions: BTreeSet::new(),
             parked: Vec::new(),
+            lease_wait: false,
         }
     }
 

@@ -200,4 +200,22 @@ async fn minority_cannot_commit() {
         "an isolated leader must not commit"
     );
     assert!(!n1.state().nodes.values().any(|n| n.name == "z"));
+    // The isolated leader's majority contact ages (its coordinators' leases run out),
+    // while the majority side, once connected, keeps renewing it.
+    {
+        let mut cut = net.cut.lock().unwrap();
+        cut.clear();
+        cut.insert(1);
+    }
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert!(
+        n1.majority_contact_age() > Duration::from_secs(4),
+        "an isolated node must lose its lease: {:?}",
+        n1.majority_contact_age()
+    );
+    let l = leader_of(&[&n2, &n3]).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(l.majority_contact_age() < Duration::from_secs(2));
+    let follower = if l.id() == 2 { &n3 } else { &n2 };
+    assert!(follower.majority_contact_age() < Duration::from_secs(2));
 }

@@ -235,6 +235,7 @@ impl TestCluster {
                 .collect(),
             hot_regions: BTreeSet::new(),
             parked: Vec::new(),
+            lease_wait: false,
         };
         meta.apply(&Command::CreateVolume { volume }).unwrap();
         let vol_id = meta.state().volumes[VOLUME].id.clone();
