@@ -20,6 +20,7 @@ pub mod io;
 pub mod latency;
 pub mod meta;
 pub mod placement;
+mod range_lock;
 pub mod replication;
 pub mod store;
 pub mod units;

@@ -225,13 +225,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     }
 
     let transport = GrpcTransport::new(identity.node_id, token.clone());
-    let raft = RaftNode::start(
-        identity.node_id,
-        &db,
-        bootstrap_kind(&bootstrap),
-        transport.clone(),
-    )
-    .map_err(|e| anyhow::anyhow!("start raft: {e}"))?;
+    let raft = RaftNode::start(identity.node_id, &db, bootstrap, transport.clone())
+        .map_err(|e| anyhow::anyhow!("start raft: {e}"))?;
     let forwarder = Arc::new(GrpcForwarder {
         me: identity.node_id,
         token: token.clone(),
@@ -369,12 +364,4 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     raft.stop();
     tracing::info!("tandemd stopped cleanly");
     Ok(())
-}
-
-fn bootstrap_kind(b: &Bootstrap) -> Bootstrap {
-    match b {
-        Bootstrap::NewCluster => Bootstrap::NewCluster,
-        Bootstrap::Join => Bootstrap::Join,
-        Bootstrap::Restart => Bootstrap::Restart,
-    }
 }

@@ -120,6 +120,11 @@ fn run_seed(seed: u64) {
         }
     }
 
+    // A seed that injected nothing would prove nothing.
+    assert!(
+        events.iter().any(|e| e.contains("kill")) && events.iter().any(|e| e.contains("cut")),
+        "seed {seed} injected no kill or no cut: {events:#?}"
+    );
     // Heal everything; the coordinator must bring every replica back in sync by itself.
     for (i, n) in nodes.iter_mut().enumerate() {
         if let Some(p) = &n.proxy {

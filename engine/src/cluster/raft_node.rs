@@ -234,10 +234,6 @@ impl Storage for RaftStore {
     }
 }
 
-fn conf_state_of_voters(v: &[u64]) -> &[u64] {
-    v
-}
-
 fn conf_state_of(mem: &MemStorage) -> ConfState {
     mem.initial_state()
         .map(|s| s.conf_state)
@@ -264,6 +260,7 @@ impl slog::Drain for TracingDrain {
 }
 
 /// How the node starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Bootstrap {
     /// A new cluster with this node as its only voter.
     NewCluster,
@@ -411,7 +408,7 @@ impl RaftNode {
             thread: std::sync::Mutex::new(Some(thread)),
         });
         // A sole voter need not wait out an election timeout to lead again.
-        let sole_voter = conf_state_of_voters(&snap_voters) == [id];
+        let sole_voter = snap_voters == [id];
         if matches!(bootstrap, Bootstrap::NewCluster) || sole_voter {
             node.send(Msg::Campaign);
         }

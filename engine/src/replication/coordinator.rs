@@ -40,7 +40,6 @@ use tokio::task::JoinHandle;
 use super::asyncq::{AsyncOp, AsyncQueue};
 use super::bitmap::RegionBitmap;
 use super::hot::HotSet;
-use super::range_lock::RangeLock;
 use super::server::{LocalReplicas, ReplicaServer};
 use super::target::{Ctx, Endpoint, Target, TargetError};
 use super::{
@@ -50,6 +49,7 @@ use super::{
     VERIFY_MAX_REPORTED_BLOCKS, ZEROES_CHUNK_BYTES,
 };
 use crate::cluster::{ApplyError, Command, ReplicaState, VolumeRecord};
+use crate::range_lock::RangeLock;
 use crate::store::{Replica, BLOCK_SIZE, MAX_IO_BYTES};
 use crate::wire::WireClient;
 

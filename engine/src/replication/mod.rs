@@ -19,9 +19,9 @@
 //!   returning replicas, and promotion to in-sync through the metadata.
 //! * `hot`: the coordinator's activity log (hot regions committed to the metadata before
 //!   the first write to them), which bounds what a new coordinator must reconcile.
-//! * `target`, `range_lock`, `bitmap`: how one replica is reached (locally or over the
-//!   wire, always through a [`ReplicaServer`]), the coordinator's ordering lock, and the
-//!   dirty-region bitmap.
+//! * `target`, `bitmap`: how one replica is reached (locally or over the wire, always
+//!   through a [`ReplicaServer`]) and the dirty-region bitmap; the coordinator's ordering
+//!   lock is `crate::range_lock`.
 //! * [`MetaProposer`]: how this code reaches the cluster metadata (raft in the daemon,
 //!   [`InMemoryMeta`] in tests).
 //!
@@ -31,7 +31,6 @@ mod asyncq;
 mod bitmap;
 pub mod coordinator;
 mod hot;
-mod range_lock;
 mod resync;
 pub mod server;
 mod target;

@@ -184,7 +184,8 @@ impl ReplicaServer {
     }
 
     /// Finds the volume and checks the frame's generation (see the module doc), waiting up
-    /// to [`GENERATION_WAIT`] for the local metadata to catch up with a newer one.
+    /// to [`GENERATION_WAIT`] for the local metadata to catch up (a newer generation, or a
+    /// volume or replica this node has not applied yet).
     async fn admit(&self, peer: u64, req: &Frame, fence: &VolumeFence) -> Result<(), Refusal> {
         let (generation, _) = split_wire_generation(req.generation);
         let deadline = tokio::time::Instant::now() + GENERATION_WAIT;
@@ -195,10 +196,19 @@ impl ReplicaServer {
                 .values()
                 .find(|v| v.wire_id() == req.volume_id)
             else {
-                return Err(libc::ENOENT);
+                // This node may not have applied the volume's creation yet.
+                if tokio::time::Instant::now() >= deadline {
+                    return Err(libc::ENOENT);
+                }
+                tokio::time::sleep(GENERATION_POLL).await;
+                continue;
             };
             if vol.replica(self.node_id).is_none() {
-                return Err(libc::ENOENT);
+                if tokio::time::Instant::now() >= deadline {
+                    return Err(libc::ENOENT);
+                }
+                tokio::time::sleep(GENERATION_POLL).await;
+                continue;
             }
             let opened = split_wire_generation(fence.opened.load(Ordering::Acquire)).0;
             if generation < vol.generation.max(opened) {
@@ -218,7 +228,7 @@ impl ReplicaServer {
         }
     }
 
-    async fn serve(&self, peer: u64, req: &Frame) -> Result<Bytes, Refusal> {
+    async fn serve(&self, peer: u64, req: &mut Frame) -> Result<Bytes, Refusal> {
         if !matches!(
             req.kind,
             Kind::Open
@@ -230,7 +240,19 @@ impl ReplicaServer {
         ) {
             return Err(libc::EOPNOTSUPP);
         }
-        let replica = self.replicas.get(req.volume_id).ok_or(libc::ENOENT)?;
+        // A replica just placed here is opened by the node's reconciler once it has applied
+        // the change: wait for it as for a newer generation, rather than refuse (which would
+        // get a brand-new replica ejected by the coordinator that opens it first).
+        let deadline = tokio::time::Instant::now() + GENERATION_WAIT;
+        let replica = loop {
+            if let Some(r) = self.replicas.get(req.volume_id) {
+                break r;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(libc::ENOENT);
+            }
+            tokio::time::sleep(GENERATION_POLL).await;
+        };
         let fence = self.fence(req.volume_id);
         self.admit(peer, req, &fence).await?;
 
@@ -310,10 +332,9 @@ impl ReplicaServer {
                 if req.payload.len() != req.length as usize {
                     return Err(libc::EINVAL);
                 }
-                replica
-                    .write(req.offset, req.payload.to_vec(), fua)
-                    .await
-                    .map_err(errno)?;
+                // Takes the payload: no copy when this frame holds the only reference.
+                let data = Vec::from(std::mem::take(&mut req.payload));
+                replica.write(req.offset, data, fua).await.map_err(errno)?;
                 Ok(Bytes::new())
             }
             Kind::WriteZeroes => {
@@ -370,8 +391,8 @@ pub(crate) fn decode_checksums(offset: u64, len: u64, payload: &[u8]) -> Option<
 
 #[async_trait::async_trait]
 impl FrameHandler for ReplicaServer {
-    async fn handle(&self, peer_node_id: u64, req: Frame) -> Frame {
-        match self.serve(peer_node_id, &req).await {
+    async fn handle(&self, peer_node_id: u64, mut req: Frame) -> Frame {
+        match self.serve(peer_node_id, &mut req).await {
             Ok(payload) => Frame::reply_to(&req, STATUS_OK, payload),
             Err(errno) => {
                 if errno != libc::ESTALE {

@@ -23,7 +23,6 @@
 //! written (or was trimmed): the crc file is sparse, so unwritten entries read as 0.
 
 mod activity_log;
-mod range_lock;
 
 use std::collections::BTreeSet;
 use std::fs::{File, OpenOptions};
@@ -34,8 +33,8 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use crate::io::IoEngine;
+use crate::range_lock::RangeLock;
 use activity_log::ActivityLog;
-use range_lock::RangeLock;
 
 /// Checksum granularity. 4 KiB matches the page size and the block size that databases and
 /// filesystems write in, so a normal write needs no read-modify-write.

@@ -1,10 +1,13 @@
-//! The coordinator's range lock: exclusive locks on block ranges of a volume.
+//! Exclusive locks on block ranges of a volume, used at two depths:
 //!
-//! It keeps the ordering invariant of the write path: a write holds the lock on its blocks
-//! across its whole fan-out (every replica answered or was ejected), so two overlapping
-//! writes are never in flight at the same time and every replica applies them in the same
-//! order. Read repair, resync copies, reconciliation and verify take the same lock, so a
-//! copy never races a write to the blocks it copies.
+//! * the replica store: a write holds its blocks while it updates data and checksums, so
+//!   overlapping writes never interleave inside a block, and a read that sees a checksum
+//!   mismatch re-checks the block under the lock before calling it corruption;
+//! * the replication coordinator: a write holds the lock on its blocks across its whole
+//!   fan-out (every replica answered or was ejected), so two overlapping writes are never
+//!   in flight at the same time and every replica applies them in the same order. Read
+//!   repair, resync copies, reconciliation and verify take the same lock, so a copy never
+//!   races a write to the blocks it copies.
 //!
 //! In-flight I/O per volume is bounded by the frontends (and the wire's in-flight limit),
 //! so a short list scanned linearly is enough. Not fair: a waiter that loses a race tries
@@ -15,20 +18,20 @@ use std::sync::Mutex;
 use tokio::sync::Notify;
 
 #[derive(Default)]
-pub(super) struct RangeLock {
+pub(crate) struct RangeLock {
     held: Mutex<Vec<(u64, u64, u64)>>,
     next_id: std::sync::atomic::AtomicU64,
     released: Notify,
 }
 
-pub(super) struct RangeGuard<'a> {
+pub(crate) struct RangeGuard<'a> {
     lock: &'a RangeLock,
     id: u64,
 }
 
 impl RangeLock {
     /// Locks blocks `[start, end)`, waiting for overlapping holders to release.
-    pub(super) async fn lock(&self, start: u64, end: u64) -> RangeGuard<'_> {
+    pub(crate) async fn lock(&self, start: u64, end: u64) -> RangeGuard<'_> {
         assert!(start < end, "empty range lock [{start}, {end})");
         loop {
             let released = self.released.notified();
