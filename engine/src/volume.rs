@@ -57,6 +57,10 @@ pub enum VolumeError {
     AlreadyExists(String),
     #[error("{0}")]
     FailedPrecondition(String),
+    /// Placement found no set of nodes for the request (too few nodes, or none left in
+    /// the requested domains, zones or nodes). CSI answers RESOURCE_EXHAUSTED.
+    #[error("{0}")]
+    NoPlacement(String),
     #[error("volume '{0}' is not attached on this node")]
     NotAttached(String),
     #[error(transparent)]
@@ -131,6 +135,12 @@ pub struct CreateSpec {
     pub nodes: Vec<String>,
     pub zones: Vec<String>,
     pub domains: Vec<String>,
+    /// Nodes (ids or names), best first, that should hold a replica when placement
+    /// allows (CSI preferred topology: the node that will run the workload).
+    pub preferred_nodes: Vec<String>,
+    /// Refuse (NoPlacement) instead of placing elsewhere when no preferred node can hold a
+    /// replica (CSI requisite topology).
+    pub require_preferred: bool,
 }
 
 /// What a caller asks to change; `None` leaves a field alone.
@@ -630,19 +640,48 @@ impl VolumeManager {
         if state.volumes.contains_key(&spec.name) {
             return Err(VolumeError::AlreadyExists(spec.name));
         }
-        let nodes = place(
-            &state,
-            &PlacementRequest {
-                repl,
-                size_bytes: spec.size_bytes,
-                nodes: spec.nodes.clone(),
-                zones: spec.zones.clone(),
-                domains: spec.domains.clone(),
-                existing: Vec::new(),
-                unreachable: self.cluster.status().inactive,
-            },
-        )
-        .map_err(|e| VolumeError::FailedPrecondition(e.0))?;
+        let req = PlacementRequest {
+            repl,
+            size_bytes: spec.size_bytes,
+            nodes: spec.nodes.clone(),
+            zones: spec.zones.clone(),
+            domains: spec.domains.clone(),
+            existing: Vec::new(),
+            unreachable: self.cluster.status().inactive,
+        };
+        // A preferred node holds the first replica when it passes the request's own
+        // restrictions (checked by placing one replica on it alone) and the rest fit.
+        let preferred = spec.preferred_nodes.iter().find_map(|p| {
+            let id = state
+                .nodes
+                .values()
+                .find(|n| n.name == *p || p.parse::<u64>().ok() == Some(n.id))?
+                .id;
+            let alone = PlacementRequest {
+                repl: 1,
+                nodes: vec![id.to_string()],
+                ..req.clone()
+            };
+            if place(&state, &alone).ok()? != [id] {
+                return None;
+            }
+            let with = PlacementRequest {
+                existing: vec![id],
+                ..req.clone()
+            };
+            place(&state, &with).ok()
+        });
+        let nodes = match preferred {
+            Some(nodes) => nodes,
+            None if spec.require_preferred => {
+                return Err(VolumeError::NoPlacement(format!(
+                    "no replica of '{}' can be placed on any of the requested nodes ({}) within its restrictions",
+                    spec.name,
+                    spec.preferred_nodes.join(", ")
+                )))
+            }
+            None => place(&state, &req).map_err(|e| VolumeError::NoPlacement(e.0))?,
+        };
         self.check_gate(&state, &nodes)?;
         let rec = VolumeRecord {
             id: String::new(),

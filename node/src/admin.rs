@@ -161,7 +161,9 @@ pub fn status(e: VolumeError) -> Status {
         VolumeError::InvalidArgument(_) => Status::invalid_argument(e.to_string()),
         VolumeError::NotFound(_) => Status::not_found(e.to_string()),
         VolumeError::AlreadyExists(_) => Status::already_exists(e.to_string()),
-        VolumeError::FailedPrecondition(_) | VolumeError::NotAttached(_) => {
+        VolumeError::FailedPrecondition(_)
+        | VolumeError::NoPlacement(_)
+        | VolumeError::NotAttached(_) => {
             Status::failed_precondition(e.to_string())
         }
         VolumeError::Unavailable(_) => Status::unavailable(e.to_string()),
@@ -235,6 +237,8 @@ impl VolumeService for AdminApi {
             nodes: r.nodes,
             zones: r.zones,
             domains: r.domains,
+            preferred_nodes: Vec::new(),
+            require_preferred: false,
         };
         let v = vm.create(spec).await.map_err(status)?;
         Ok(Response::new(pb::VolumeResponse {

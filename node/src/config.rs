@@ -92,6 +92,14 @@ pub struct Args {
     /// back under the limit) [default: alert]
     #[arg(long)]
     pub on_rtt_exceeded: Option<String>,
+    /// Serve the CSI Identity, Controller and Node services (driver csi.tandem.io) on this
+    /// unix socket, e.g. unix:///var/lib/kubelet/plugins/csi.tandem.io/csi.sock
+    /// [default: off]
+    #[arg(long, env = "CSI_ENDPOINT")]
+    pub csi_endpoint: Option<String>,
+    /// The CSI node id this node reports in NodeGetInfo [default: the node name]
+    #[arg(long)]
+    pub csi_node_id: Option<String>,
 }
 
 /// The config file's keys: the same names as the flags, with underscores.
@@ -118,6 +126,8 @@ pub struct FileConfig {
     pub name: Option<String>,
     pub sync_max_rtt: Option<String>,
     pub on_rtt_exceeded: Option<String>,
+    pub csi_endpoint: Option<String>,
+    pub csi_node_id: Option<String>,
 }
 
 /// Resolved configuration.
@@ -144,6 +154,9 @@ pub struct Config {
     pub name: Option<String>,
     pub sync_max_rtt: std::time::Duration,
     pub on_rtt_exceeded: RttPolicy,
+    /// Path of the CSI unix socket (`unix://` stripped).
+    pub csi_endpoint: Option<PathBuf>,
+    pub csi_node_id: Option<String>,
 }
 
 /// `--on-rtt-exceeded`.
@@ -198,6 +211,17 @@ impl Config {
         if args.join.is_some() && args.token.is_none() && file.token.is_none() {
             bail!("--join needs --token: the cluster's join token (`tandemctl cluster token show` on a member)");
         }
+        let csi_endpoint = match args.csi_endpoint.or(file.csi_endpoint) {
+            None => None,
+            Some(e) if e.is_empty() => None,
+            Some(e) => {
+                let path = e.strip_prefix("unix://").unwrap_or(&e);
+                if !path.starts_with('/') {
+                    bail!("invalid --csi-endpoint '{e}': expected unix:///absolute/path/csi.sock");
+                }
+                Some(PathBuf::from(path))
+            }
+        };
         let engine = args
             .io_engine
             .or(file.io_engine)
@@ -262,6 +286,8 @@ impl Config {
                 None => tandem_engine::latency::DEFAULT_SYNC_MAX_RTT,
             },
             on_rtt_exceeded,
+            csi_endpoint,
+            csi_node_id: args.csi_node_id.or(file.csi_node_id),
         })
     }
 }

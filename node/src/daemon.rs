@@ -322,6 +322,30 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let nbd_task = tokio::spawn(
         NbdServer::new(nbd_l, volumes.clone(), metrics.clone()).run(shutdown_rx.clone()),
     );
+    let csi_task = match &config.csi_endpoint {
+        Some(path) => {
+            let ctx = crate::csi::CsiContext::new(
+                volumes.clone(),
+                config
+                    .csi_node_id
+                    .clone()
+                    .unwrap_or_else(|| identity.name.clone()),
+                identity.name.clone(),
+                config.domain.clone(),
+                config.zone.clone(),
+                data_dir.join("csi"),
+            );
+            crate::csi::node::recover(&ctx).await;
+            let path = path.clone();
+            let rx = shutdown_rx.clone();
+            Some(tokio::spawn(async move {
+                if let Err(e) = crate::csi::serve(ctx, path, rx).await {
+                    tracing::error!(error = format!("{e:#}"), "CSI server failed");
+                }
+            }))
+        }
+        None => None,
+    };
     let metrics_task = tokio::spawn(crate::metrics::serve(
         metrics_l,
         metrics.clone(),
@@ -344,6 +368,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     println!("  admin API:   {admin_addr}");
     println!("  NBD:         nbd://{nbd_addr}/<volume>");
     println!("  metrics:     http://{metrics_addr}/metrics");
+    if let Some(p) = &config.csi_endpoint {
+        println!("  CSI:         unix://{} ({})", p.display(), crate::csi::DRIVER_NAME);
+    }
     tracing::info!(%admin_addr, %nbd_addr, %metrics_addr, %data_addr, engine = engine.name(), "tandemd ready");
 
     let mut term = signal(SignalKind::terminate()).context("install SIGTERM handler")?;
@@ -359,6 +386,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let _ = data_task.await;
     let _ = admin_task.await;
     let _ = metrics_task.await;
+    if let Some(t) = csi_task {
+        let _ = t.await;
+    }
     let _ = prober_task.await;
     let _ = rtt_watch_task.await;
     raft.stop();

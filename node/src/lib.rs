@@ -4,11 +4,14 @@
 //! * [`config`]: flags, TOML file and defaults.
 //! * [`admin`]: the admin gRPC API.
 //! * [`nbd`]: the NBD frontend.
+//! * [`csi`]: the CSI frontend (Identity, Controller, Node) on a unix socket.
 //! * [`metrics`]: Prometheus metrics.
 //! * [`peer`]: node-to-node gRPC: raft transport, join, forwarded proposals.
 
 pub mod admin;
+pub mod attach;
 pub mod config;
+pub mod csi;
 pub mod daemon;
 pub mod latency;
 pub mod metrics;

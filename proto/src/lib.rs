@@ -1,6 +1,5 @@
-//! Generated gRPC types and services for Tandem's admin API (`tandem.v1`).
-//!
-//! The CSI API (`csi.v1`) joins this crate with the CSI frontend.
+//! Generated gRPC types and services: Tandem's admin API (`tandem.v1`) and the Container
+//! Storage Interface (`csi.v1`, from `csi/v1/csi.proto`).
 
 #![allow(clippy::all, missing_docs)]
 
@@ -11,3 +10,9 @@ pub mod tandem {
 }
 
 pub use tandem::v1 as admin;
+
+pub mod csi {
+    pub mod v1 {
+        tonic::include_proto!("csi.v1");
+    }
+}

