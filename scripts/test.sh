@@ -4,7 +4,9 @@
 #   scripts/test.sh
 #
 # Installs (when missing): qemu-utils (qemu-io, qemu-img, qemu-nbd), libnbd-bin (nbdinfo),
-# fio. Runs every test of the workspace: unit tests (both I/O engines), the multi-process
+# fio, fuse3, xfsprogs and e2fsprogs (the CSI node tests mount ext4 and xfs over FUSE and
+# loop devices), python3-pip, and the kubernetes-validate package from PyPI (offline
+# schemas for the deploy/ manifests). Runs every test of the workspace: unit tests (both I/O engines), the multi-process
 # tests against real tandemd processes, and compiles the benchmarks.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,12 +15,24 @@ need=()
 command -v qemu-io >/dev/null || need+=(qemu-utils)
 command -v nbdinfo >/dev/null || need+=(libnbd-bin)
 command -v fio >/dev/null || need+=(fio)
+command -v fusermount3 >/dev/null || need+=(fuse3)
+command -v mkfs.xfs >/dev/null || need+=(xfsprogs)
+command -v mkfs.ext4 >/dev/null || need+=(e2fsprogs)
+command -v losetup >/dev/null || need+=(mount)
+{ command -v python3 >/dev/null && python3 -m pip --version >/dev/null 2>&1; } || need+=(python3-pip)
 if ((${#need[@]})); then
     echo "test.sh: installing ${need[*]}"
     SUDO=""
     [[ $(id -u) -eq 0 ]] || SUDO="sudo"
     $SUDO apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+
+# deploy/ manifest validation (tests/tests/deploy.rs): offline Kubernetes/OpenShift schemas.
+if ! python3 -c 'import kubernetes_validate, jsonschema, referencing, yaml' 2>/dev/null; then
+    echo "test.sh: installing kubernetes-validate"
+    python3 -m pip install -q 'kubernetes-validate==1.37.0' \
+        || python3 -m pip install -q --break-system-packages 'kubernetes-validate==1.37.0'
 fi
 
 # The multi-process tests spawn target/debug/tandemd and tandemctl.

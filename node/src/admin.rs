@@ -163,9 +163,7 @@ pub fn status(e: VolumeError) -> Status {
         VolumeError::AlreadyExists(_) => Status::already_exists(e.to_string()),
         VolumeError::FailedPrecondition(_)
         | VolumeError::NoPlacement(_)
-        | VolumeError::NotAttached(_) => {
-            Status::failed_precondition(e.to_string())
-        }
+        | VolumeError::NotAttached(_) => Status::failed_precondition(e.to_string()),
         VolumeError::Unavailable(_) => Status::unavailable(e.to_string()),
         VolumeError::Store(StoreError::PoolFull { .. }) => {
             Status::resource_exhausted(e.to_string())

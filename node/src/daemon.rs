@@ -334,7 +334,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 config.domain.clone(),
                 config.zone.clone(),
                 data_dir.join("csi"),
-            );
+            )
+            .context("set up the CSI node state directory")?;
             crate::csi::node::recover(&ctx).await;
             let path = path.clone();
             let rx = shutdown_rx.clone();
@@ -369,7 +370,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     println!("  NBD:         nbd://{nbd_addr}/<volume>");
     println!("  metrics:     http://{metrics_addr}/metrics");
     if let Some(p) = &config.csi_endpoint {
-        println!("  CSI:         unix://{} ({})", p.display(), crate::csi::DRIVER_NAME);
+        println!(
+            "  CSI:         unix://{} ({})",
+            p.display(),
+            crate::csi::DRIVER_NAME
+        );
     }
     tracing::info!(%admin_addr, %nbd_addr, %metrics_addr, %data_addr, engine = engine.name(), "tandemd ready");
 

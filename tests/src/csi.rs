@@ -79,7 +79,10 @@ impl Csi {
 }
 
 /// A mount capability (`fs` may be empty).
-pub fn mount_cap(fs: &str, mode: csi::volume_capability::access_mode::Mode) -> csi::VolumeCapability {
+pub fn mount_cap(
+    fs: &str,
+    mode: csi::volume_capability::access_mode::Mode,
+) -> csi::VolumeCapability {
     csi::VolumeCapability {
         access_type: Some(csi::volume_capability::AccessType::Mount(
             csi::volume_capability::MountVolume {

@@ -16,7 +16,12 @@ fn daemon() -> (Daemon, Csi) {
     let dir = tempfile::tempdir().unwrap().keep();
     let sock = dir.join("csi.sock");
     let mut extra = csi_args(&sock);
-    extra.extend(["--name".into(), "n1".into(), "--domain".into(), "east".into()]);
+    extra.extend([
+        "--name".into(),
+        "n1".into(),
+        "--domain".into(),
+        "east".into(),
+    ]);
     let d = Daemon::start(DaemonOpts {
         pool_size: Some("8GiB".into()),
         extra_args: extra,
@@ -52,7 +57,9 @@ fn code<T: std::fmt::Debug>(r: Result<T, tonic::Status>) -> Code {
 fn identity_reports_the_driver_its_capabilities_and_readiness() {
     let (_d, c) = daemon();
     let mut id = c.identity.clone();
-    let info = c.call(id.get_plugin_info(csi::GetPluginInfoRequest {})).unwrap();
+    let info = c
+        .call(id.get_plugin_info(csi::GetPluginInfoRequest {}))
+        .unwrap();
     assert_eq!(info.name, "csi.tandem.io");
     assert!(!info.vendor_version.is_empty());
     let caps = c
@@ -98,23 +105,44 @@ fn controller_create_validates_and_is_idempotent_by_name() {
     let mut ctl = c.controller.clone();
 
     // Required fields.
-    assert_eq!(code(c.call(ctl.create_volume(create_req("", 1 << 20)))), Code::InvalidArgument);
+    assert_eq!(
+        code(c.call(ctl.create_volume(create_req("", 1 << 20)))),
+        Code::InvalidArgument
+    );
     let mut no_caps = create_req("v", 1 << 20);
     no_caps.volume_capabilities.clear();
-    assert_eq!(code(c.call(ctl.create_volume(no_caps))), Code::InvalidArgument);
+    assert_eq!(
+        code(c.call(ctl.create_volume(no_caps))),
+        Code::InvalidArgument
+    );
     let mut no_mode = create_req("v", 1 << 20);
     no_mode.volume_capabilities[0].access_mode = None;
-    assert_eq!(code(c.call(ctl.create_volume(no_mode))), Code::InvalidArgument);
+    assert_eq!(
+        code(c.call(ctl.create_volume(no_mode))),
+        Code::InvalidArgument
+    );
     let mut no_type = create_req("v", 1 << 20);
     no_type.volume_capabilities[0].access_type = None;
-    assert_eq!(code(c.call(ctl.create_volume(no_type))), Code::InvalidArgument);
+    assert_eq!(
+        code(c.call(ctl.create_volume(no_type))),
+        Code::InvalidArgument
+    );
     // Unsupported: multi-node modes, unknown filesystems and parameters, clones.
     let mut multi = create_req("v", 1 << 20);
     multi.volume_capabilities = vec![mount_cap("", Mode::MultiNodeMultiWriter)];
-    assert_eq!(code(c.call(ctl.create_volume(multi))), Code::InvalidArgument);
+    assert_eq!(
+        code(c.call(ctl.create_volume(multi))),
+        Code::InvalidArgument
+    );
     let mut btrfs = create_req("v", 1 << 20);
     btrfs.volume_capabilities = vec![mount_cap("btrfs", RWO)];
-    assert_eq!(code(c.call(ctl.create_volume(btrfs))), Code::InvalidArgument);
+    assert_eq!(
+        code(c.call(ctl.create_volume(btrfs))),
+        Code::InvalidArgument
+    );
+    let mut small_xfs = create_req("v", 1 << 20);
+    small_xfs.volume_capabilities = vec![mount_cap("xfs", RWO)];
+    assert_eq!(code(c.call(ctl.create_volume(small_xfs))), Code::OutOfRange);
     let mut typo = create_req("v", 1 << 20);
     typo.parameters = HashMap::from([("replicas".into(), "3".into())]);
     let e = c.call(ctl.create_volume(typo)).unwrap_err();
@@ -128,20 +156,32 @@ fn controller_create_validates_and_is_idempotent_by_name() {
             },
         )),
     });
-    assert_eq!(code(c.call(ctl.create_volume(clone))), Code::InvalidArgument);
+    assert_eq!(
+        code(c.call(ctl.create_volume(clone))),
+        Code::InvalidArgument
+    );
     let mut negative = create_req("v", -1);
     negative.capacity_range.as_mut().unwrap().required_bytes = -1;
-    assert_eq!(code(c.call(ctl.create_volume(negative))), Code::InvalidArgument);
+    assert_eq!(
+        code(c.call(ctl.create_volume(negative))),
+        Code::InvalidArgument
+    );
     let mut tiny_limit = create_req("v", 0);
     tiny_limit.capacity_range = Some(csi::CapacityRange {
         required_bytes: 0,
         limit_bytes: 100,
     });
-    assert_eq!(code(c.call(ctl.create_volume(tiny_limit))), Code::OutOfRange);
+    assert_eq!(
+        code(c.call(ctl.create_volume(tiny_limit))),
+        Code::OutOfRange
+    );
     // Three replicas on a one-node cluster cannot be placed.
     let mut rf3 = create_req("v3", 1 << 20);
     rf3.parameters = HashMap::from([("repl".into(), "3".into())]);
-    assert_eq!(code(c.call(ctl.create_volume(rf3))), Code::ResourceExhausted);
+    assert_eq!(
+        code(c.call(ctl.create_volume(rf3))),
+        Code::ResourceExhausted
+    );
 
     // Create, rounded up to 4 KiB; every repeat returns the same volume.
     let mut req = create_req("pvc-one", 10_000_000);
@@ -149,7 +189,11 @@ fn controller_create_validates_and_is_idempotent_by_name() {
         ("priority_io".into(), "high".into()),
         ("csi.storage.k8s.io/pvc/name".into(), "data".into()),
     ]);
-    let v1 = c.call(ctl.create_volume(req.clone())).unwrap().volume.unwrap();
+    let v1 = c
+        .call(ctl.create_volume(req.clone()))
+        .unwrap()
+        .volume
+        .unwrap();
     assert_eq!(v1.volume_id, "pvc-one");
     assert_eq!(v1.capacity_bytes, 10_002_432);
     assert_eq!(v1.volume_context["priority_io"], "high");
@@ -158,18 +202,30 @@ fn controller_create_validates_and_is_idempotent_by_name() {
         v1.accessible_topology[0].segments["topology.tandem.io/domain"],
         "east"
     );
-    let v2 = c.call(ctl.create_volume(req.clone())).unwrap().volume.unwrap();
+    let v2 = c
+        .call(ctl.create_volume(req.clone()))
+        .unwrap()
+        .volume
+        .unwrap();
     assert_eq!(v1, v2);
     // Same name, incompatible size or parameters: ALREADY_EXISTS.
     let mut bigger = req.clone();
     bigger.capacity_range.as_mut().unwrap().required_bytes = 1 << 30;
     assert_eq!(code(c.call(ctl.create_volume(bigger))), Code::AlreadyExists);
     let mut other_prio = req.clone();
-    other_prio.parameters.insert("priority_io".into(), "low".into());
-    assert_eq!(code(c.call(ctl.create_volume(other_prio))), Code::AlreadyExists);
+    other_prio
+        .parameters
+        .insert("priority_io".into(), "low".into());
+    assert_eq!(
+        code(c.call(ctl.create_volume(other_prio))),
+        Code::AlreadyExists
+    );
     let mut other_fs = req.clone();
-    other_fs.volume_capabilities = vec![mount_cap("xfs", RWO)];
-    assert_eq!(code(c.call(ctl.create_volume(other_fs))), Code::AlreadyExists);
+    other_fs.parameters.insert("fs".into(), "xfs".into());
+    assert_eq!(
+        code(c.call(ctl.create_volume(other_fs))),
+        Code::AlreadyExists
+    );
 
     // A CSI name that is not a valid Tandem name maps to a stable id.
     let odd = c
@@ -190,7 +246,10 @@ fn controller_create_validates_and_is_idempotent_by_name() {
         volume_id: id.into(),
         ..Default::default()
     };
-    assert_eq!(code(c.call(ctl.delete_volume(del("")))), Code::InvalidArgument);
+    assert_eq!(
+        code(c.call(ctl.delete_volume(del("")))),
+        Code::InvalidArgument
+    );
     c.call(ctl.delete_volume(del("pvc-one"))).unwrap();
     c.call(ctl.delete_volume(del("pvc-one"))).unwrap();
     c.call(ctl.delete_volume(del("never-existed"))).unwrap();
@@ -216,11 +275,24 @@ fn controller_lists_pages_validates_expands_and_reports() {
             csi::controller_service_capability::Type::Rpc(r) => r.r#type,
         })
         .collect();
-    for want in [R::CreateDeleteVolume, R::ListVolumes, R::GetCapacity, R::ExpandVolume, R::GetVolume] {
+    for want in [
+        R::CreateDeleteVolume,
+        R::ListVolumes,
+        R::GetCapacity,
+        R::ExpandVolume,
+        R::GetVolume,
+    ] {
         assert!(have.contains(&(want as i32)), "missing {want:?}");
     }
-    for absent in [R::PublishUnpublishVolume, R::CreateDeleteSnapshot, R::CloneVolume] {
-        assert!(!have.contains(&(absent as i32)), "{absent:?} is not implemented");
+    for absent in [
+        R::PublishUnpublishVolume,
+        R::CreateDeleteSnapshot,
+        R::CloneVolume,
+    ] {
+        assert!(
+            !have.contains(&(absent as i32)),
+            "{absent:?} is not implemented"
+        );
     }
     // What is not advertised answers UNIMPLEMENTED.
     assert_eq!(
@@ -251,7 +323,13 @@ fn controller_lists_pages_validates_expands_and_reports() {
         pages += 1;
         for e in &page.entries {
             seen.push(e.volume.as_ref().unwrap().volume_id.clone());
-            let cond = e.status.as_ref().unwrap().volume_condition.as_ref().unwrap();
+            let cond = e
+                .status
+                .as_ref()
+                .unwrap()
+                .volume_condition
+                .as_ref()
+                .unwrap();
             assert!(!cond.abnormal, "{}", cond.message);
         }
         if page.next_token.is_empty() {
@@ -302,7 +380,10 @@ fn controller_lists_pages_validates_expands_and_reports() {
     let ok = c
         .call(ctl.validate_volume_capabilities(val(
             "pvc-0",
-            vec![mount_cap("ext4", RWO), block_cap(Mode::SingleNodeReaderOnly)],
+            vec![
+                mount_cap("ext4", RWO),
+                block_cap(Mode::SingleNodeReaderOnly),
+            ],
         )))
         .unwrap();
     assert!(ok.confirmed.is_some(), "{}", ok.message);
@@ -318,7 +399,10 @@ fn controller_lists_pages_validates_expands_and_reports() {
     // GetCapacity: space for RF 1 here, none for RF 2 (one node), none in another domain.
     let cap = |params: &[(&str, &str)], domain: Option<&str>| csi::GetCapacityRequest {
         volume_capabilities: vec![],
-        parameters: params.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        parameters: params
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
         accessible_topology: domain.map(|d| csi::Topology {
             segments: HashMap::from([("topology.tandem.io/domain".into(), d.into())]),
         }),
@@ -346,8 +430,14 @@ fn controller_lists_pages_validates_expands_and_reports() {
     let get = |id: &str| csi::ControllerGetVolumeRequest {
         volume_id: id.into(),
     };
-    assert_eq!(code(c.call(ctl.controller_get_volume(get("")))), Code::InvalidArgument);
-    assert_eq!(code(c.call(ctl.controller_get_volume(get("nope")))), Code::NotFound);
+    assert_eq!(
+        code(c.call(ctl.controller_get_volume(get("")))),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(c.call(ctl.controller_get_volume(get("nope")))),
+        Code::NotFound
+    );
     let g = c.call(ctl.controller_get_volume(get("pvc-1"))).unwrap();
     assert_eq!(g.volume.unwrap().capacity_bytes, 1 << 20);
     assert!(!g.status.unwrap().volume_condition.unwrap().abnormal);
@@ -391,7 +481,9 @@ fn controller_lists_pages_validates_expands_and_reports() {
 fn node_reports_topology_and_checks_arguments() {
     let (_d, c) = daemon();
     let mut node = c.node.clone();
-    let info = c.call(node.node_get_info(csi::NodeGetInfoRequest {})).unwrap();
+    let info = c
+        .call(node.node_get_info(csi::NodeGetInfoRequest {}))
+        .unwrap();
     assert_eq!(info.node_id, "n1");
     let topo = info.accessible_topology.unwrap().segments;
     assert_eq!(topo["topology.tandem.io/domain"], "east");
@@ -413,18 +505,32 @@ fn node_reports_topology_and_checks_arguments() {
     }
 
     let mut ctl = c.controller.clone();
-    c.call(ctl.create_volume(create_req("pvc-n", 64 << 20))).unwrap();
-    let stage = |id: &str, path: &str, cap: Option<csi::VolumeCapability>| csi::NodeStageVolumeRequest {
-        volume_id: id.into(),
-        staging_target_path: path.into(),
-        volume_capability: cap,
-        ..Default::default()
-    };
+    c.call(ctl.create_volume(create_req("pvc-n", 64 << 20)))
+        .unwrap();
+    let stage =
+        |id: &str, path: &str, cap: Option<csi::VolumeCapability>| csi::NodeStageVolumeRequest {
+            volume_id: id.into(),
+            staging_target_path: path.into(),
+            volume_capability: cap,
+            ..Default::default()
+        };
     let cap = Some(mount_cap("", RWO));
-    assert_eq!(code(c.call(node.node_stage_volume(stage("", "/tmp/x", cap.clone())))), Code::InvalidArgument);
-    assert_eq!(code(c.call(node.node_stage_volume(stage("pvc-n", "", cap.clone())))), Code::InvalidArgument);
-    assert_eq!(code(c.call(node.node_stage_volume(stage("pvc-n", "/tmp/x", None)))), Code::InvalidArgument);
-    assert_eq!(code(c.call(node.node_stage_volume(stage("nope", "/tmp/x", cap.clone())))), Code::NotFound);
+    assert_eq!(
+        code(c.call(node.node_stage_volume(stage("", "/tmp/x", cap.clone())))),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(c.call(node.node_stage_volume(stage("pvc-n", "", cap.clone())))),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(c.call(node.node_stage_volume(stage("pvc-n", "/tmp/x", None)))),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(c.call(node.node_stage_volume(stage("nope", "/tmp/x", cap.clone())))),
+        Code::NotFound
+    );
     assert_eq!(
         code(c.call(node.node_stage_volume(stage(
             "pvc-n",
@@ -437,8 +543,14 @@ fn node_reports_topology_and_checks_arguments() {
         volume_id: id.into(),
         staging_target_path: path.into(),
     };
-    assert_eq!(code(c.call(node.node_unstage_volume(unstage("", "/tmp/x")))), Code::InvalidArgument);
-    assert_eq!(code(c.call(node.node_unstage_volume(unstage("pvc-n", "")))), Code::InvalidArgument);
+    assert_eq!(
+        code(c.call(node.node_unstage_volume(unstage("", "/tmp/x")))),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(c.call(node.node_unstage_volume(unstage("pvc-n", "")))),
+        Code::InvalidArgument
+    );
     let publish = |id: &str, staging: &str, target: &str, cap: Option<csi::VolumeCapability>| {
         csi::NodePublishVolumeRequest {
             volume_id: id.into(),
@@ -448,17 +560,38 @@ fn node_reports_topology_and_checks_arguments() {
             ..Default::default()
         }
     };
-    assert_eq!(code(c.call(node.node_publish_volume(publish("", "/s", "/t", cap.clone())))), Code::InvalidArgument);
-    assert_eq!(code(c.call(node.node_publish_volume(publish("pvc-n", "/s", "", cap.clone())))), Code::InvalidArgument);
-    assert_eq!(code(c.call(node.node_publish_volume(publish("pvc-n", "/s", "/t", None)))), Code::InvalidArgument);
-    assert_eq!(code(c.call(node.node_publish_volume(publish("pvc-n", "", "/t", cap.clone())))), Code::FailedPrecondition);
-    assert_eq!(code(c.call(node.node_publish_volume(publish("nope", "/s", "/t", cap.clone())))), Code::NotFound);
+    assert_eq!(
+        code(c.call(node.node_publish_volume(publish("", "/s", "/t", cap.clone())))),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(c.call(node.node_publish_volume(publish("pvc-n", "/s", "", cap.clone())))),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(c.call(node.node_publish_volume(publish("pvc-n", "/s", "/t", None)))),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(c.call(node.node_publish_volume(publish("pvc-n", "", "/t", cap.clone())))),
+        Code::FailedPrecondition
+    );
+    assert_eq!(
+        code(c.call(node.node_publish_volume(publish("nope", "/s", "/t", cap.clone())))),
+        Code::NotFound
+    );
     let unpublish = |id: &str, target: &str| csi::NodeUnpublishVolumeRequest {
         volume_id: id.into(),
         target_path: target.into(),
     };
-    assert_eq!(code(c.call(node.node_unpublish_volume(unpublish("", "/t")))), Code::InvalidArgument);
-    assert_eq!(code(c.call(node.node_unpublish_volume(unpublish("pvc-n", "")))), Code::InvalidArgument);
+    assert_eq!(
+        code(c.call(node.node_unpublish_volume(unpublish("", "/t")))),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(c.call(node.node_unpublish_volume(unpublish("pvc-n", "")))),
+        Code::InvalidArgument
+    );
     // Unpublishing or unstaging what is not there succeeds (idempotent).
     let nowhere = tempfile::tempdir().unwrap();
     let t = nowhere.path().join("target");
@@ -471,9 +604,18 @@ fn node_reports_topology_and_checks_arguments() {
         volume_path: path.into(),
         staging_target_path: String::new(),
     };
-    assert_eq!(code(c.call(node.node_get_volume_stats(stats("", "/t")))), Code::InvalidArgument);
-    assert_eq!(code(c.call(node.node_get_volume_stats(stats("pvc-n", "")))), Code::InvalidArgument);
-    assert_eq!(code(c.call(node.node_get_volume_stats(stats("nope", "/t")))), Code::NotFound);
+    assert_eq!(
+        code(c.call(node.node_get_volume_stats(stats("", "/t")))),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(c.call(node.node_get_volume_stats(stats("pvc-n", "")))),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(c.call(node.node_get_volume_stats(stats("nope", "/t")))),
+        Code::NotFound
+    );
     assert_eq!(
         code(c.call(node.node_get_volume_stats(stats("pvc-n", nowhere.path().to_str().unwrap())))),
         Code::NotFound
@@ -483,7 +625,16 @@ fn node_reports_topology_and_checks_arguments() {
         volume_path: path.into(),
         ..Default::default()
     };
-    assert_eq!(code(c.call(node.node_expand_volume(expand("", "/t")))), Code::InvalidArgument);
-    assert_eq!(code(c.call(node.node_expand_volume(expand("pvc-n", "")))), Code::InvalidArgument);
-    assert_eq!(code(c.call(node.node_expand_volume(expand("nope", "/t")))), Code::NotFound);
+    assert_eq!(
+        code(c.call(node.node_expand_volume(expand("", "/t")))),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(c.call(node.node_expand_volume(expand("pvc-n", "")))),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(c.call(node.node_expand_volume(expand("nope", "/t")))),
+        Code::NotFound
+    );
 }

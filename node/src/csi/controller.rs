@@ -27,6 +27,8 @@ use super::{
 };
 
 const BLOCK: u64 = tandem_engine::store::BLOCK_SIZE as u64;
+/// mkfs.xfs refuses smaller devices.
+const XFS_MIN_BYTES: u64 = 300 << 20;
 
 pub struct Controller {
     ctx: Arc<CsiContext>,
@@ -145,7 +147,10 @@ fn incompatible(rec: &VolumeRecord, req: u64, lim: u64, p: &Params, fs: &str) ->
         ));
     }
     if label(LABEL_FS) != fs {
-        return Some(format!("it was created for fs '{}', not '{fs}'", label(LABEL_FS)));
+        return Some(format!(
+            "it was created for fs '{}', not '{fs}'",
+            label(LABEL_FS)
+        ));
     }
     if label(LABEL_ZONES) != p.zones.join(",") || label(LABEL_DOMAINS) != p.domains.join(",") {
         return Some("it was created with other zones or domains".into());
@@ -206,8 +211,7 @@ impl csi::controller_server::Controller for Controller {
         let vm = &self.ctx.volumes;
         let name = volume_name_for(csi_name);
         let state = vm.cluster().state();
-        let (preferred, require) =
-            topology_nodes(&state, r.accessibility_requirements.as_ref())?;
+        let (preferred, require) = topology_nodes(&state, r.accessibility_requirements.as_ref())?;
 
         let existing = |state: &ClusterState| -> Result<Option<csi::Volume>, Status> {
             let Some(rec) = state.volumes.get(&name) else {
@@ -222,6 +226,11 @@ impl csi::controller_server::Controller for Controller {
         };
         if let Some(v) = existing(&state)? {
             return Ok(Response::new(csi::CreateVolumeResponse { volume: Some(v) }));
+        }
+        if fs == "xfs" && size < XFS_MIN_BYTES {
+            return Err(Status::out_of_range(format!(
+                "an xfs volume needs at least 300 MiB ({XFS_MIN_BYTES} bytes), not {size} bytes"
+            )));
         }
         let spec = CreateSpec {
             name: name.clone(),
@@ -562,7 +571,10 @@ mod tests {
             size_for(4097, 5000).unwrap_err().code(),
             tonic::Code::OutOfRange
         );
-        assert_eq!(size_for(0, 100).unwrap_err().code(), tonic::Code::OutOfRange);
+        assert_eq!(
+            size_for(0, 100).unwrap_err().code(),
+            tonic::Code::OutOfRange
+        );
         let bad = csi::CapacityRange {
             required_bytes: -1,
             limit_bytes: 0,

@@ -22,11 +22,11 @@ impl Identity {
 pub const NODE_TOOLS: &[&str] = &["losetup", "mount", "umount", "blkid", "mkfs.ext4"];
 
 fn on_path(tool: &str) -> bool {
-    std::env::var_os("PATH").is_some_and(|paths| {
-        std::env::split_paths(&paths).any(|d| d.join(tool).is_file())
-    }) || ["/sbin", "/usr/sbin", "/bin", "/usr/bin"]
-        .iter()
-        .any(|d| std::path::Path::new(d).join(tool).is_file())
+    std::env::var_os("PATH")
+        .is_some_and(|paths| std::env::split_paths(&paths).any(|d| d.join(tool).is_file()))
+        || ["/sbin", "/usr/sbin", "/bin", "/usr/bin"]
+            .iter()
+            .any(|d| std::path::Path::new(d).join(tool).is_file())
 }
 
 #[tonic::async_trait]

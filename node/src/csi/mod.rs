@@ -54,8 +54,8 @@ pub struct CsiContext {
     pub domain: String,
     pub zone: String,
     pub node_name: String,
-    /// `<data-dir>/csi`: FUSE mount points and the staging records.
-    pub state_dir: PathBuf,
+    /// FUSE exports, loop devices and mounts, with their records under `<data-dir>/csi`.
+    pub attacher: crate::attach::Attacher,
     /// Node operations on one volume run one at a time.
     locks: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
@@ -68,16 +68,21 @@ impl CsiContext {
         domain: String,
         zone: String,
         state_dir: PathBuf,
-    ) -> Arc<CsiContext> {
-        Arc::new(CsiContext {
+    ) -> anyhow::Result<Arc<CsiContext>> {
+        let attacher = crate::attach::Attacher::new(
+            &state_dir,
+            tokio::runtime::Handle::current(),
+            Default::default(),
+        )?;
+        Ok(Arc::new(CsiContext {
             volumes,
             node_id,
             domain,
             zone,
             node_name,
-            state_dir,
+            attacher,
             locks: Default::default(),
-        })
+        }))
     }
 
     /// Serialises node operations on one volume (kubelet may retry while a call runs).
@@ -228,7 +233,10 @@ pub fn check_fs(fs: &str) -> Result<String, Status> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Access {
     Block,
-    Mount { fs: Option<String>, flags: Vec<String> },
+    Mount {
+        fs: Option<String>,
+        flags: Vec<String>,
+    },
 }
 
 /// Access modes Tandem supports: one node at a time (a volume has one coordinator).
@@ -302,7 +310,11 @@ pub fn volume_context(rec: &tandem_engine::cluster::VolumeRecord) -> HashMap<Str
     let mut m = HashMap::new();
     m.insert("repl".to_string(), rec.repl.to_string());
     m.insert("priority_io".to_string(), rec.io_priority.to_string());
-    for (label, key) in [(LABEL_FS, "fs"), (LABEL_DOMAINS, "domains"), (LABEL_ZONES, "zones")] {
+    for (label, key) in [
+        (LABEL_FS, "fs"),
+        (LABEL_DOMAINS, "domains"),
+        (LABEL_ZONES, "zones"),
+    ] {
         if let Some(v) = rec.labels.get(label).filter(|v| !v.is_empty()) {
             m.insert(key.to_string(), v.clone());
         }
@@ -415,7 +427,12 @@ mod tests {
         assert_eq!(p.priority, IoPriority::High);
         assert_eq!(p.domains, vec!["a", "b"]);
         assert_eq!(p.fs.as_deref(), Some("xfs"));
-        for (k, v) in [("repl", "4"), ("repl", "x"), ("fs", "btrfs"), ("io_profile", "db")] {
+        for (k, v) in [
+            ("repl", "4"),
+            ("repl", "x"),
+            ("fs", "btrfs"),
+            ("io_profile", "db"),
+        ] {
             let m = HashMap::from([(k.to_string(), v.to_string())]);
             let e = parse_params(&m).unwrap_err();
             assert_eq!(e.code(), tonic::Code::InvalidArgument, "{k}={v}");

@@ -16,6 +16,10 @@ use tonic::{Request, Response, Status};
 
 use tandem_proto::csi::v1 as csi;
 
+use crate::attach::fuse::BlockTarget;
+use crate::attach::state::StageMode;
+use crate::attach::{Attacher, PublishRequest, StageRequest, VolumeUsage};
+
 use super::{
     check_capability, required, status, Access, CsiContext, DEFAULT_FS, LABEL_FS, TOPOLOGY_DOMAIN,
     TOPOLOGY_NODE, TOPOLOGY_ZONE,
@@ -142,8 +146,15 @@ impl csi::node_server::Node for Node {
         let staging = abs_path(&r.staging_target_path, "staging_target_path")?;
         self.volume_exists(&id)?;
         let readonly = r.readonly || is_readonly_mode(r.volume_capability.as_ref());
+        let single_writer = r
+            .volume_capability
+            .as_ref()
+            .and_then(|c| c.access_mode.as_ref())
+            .is_some_and(|m| {
+                m.mode == csi::volume_capability::access_mode::Mode::SingleNodeSingleWriter as i32
+            });
         let _g = self.ctx.lock(&id).await;
-        self.publish(&id, &staging, &target, &access, readonly)
+        self.publish(&id, &staging, &target, &access, readonly, single_writer)
             .await?;
         Ok(Response::new(csi::NodePublishVolumeResponse {}))
     }
@@ -168,10 +179,17 @@ impl csi::node_server::Node for Node {
         let id = required(&r.volume_id, "volume_id")?.to_string();
         let path = abs_path(&r.volume_path, "volume_path")?;
         let rec = self.volume_exists(&id)?;
-        let usage = self.usage(&id, &path, rec.size_bytes).await?;
+        let (usage, local) = self.usage(&id, &path).await?;
+        let mut condition = super::condition(&rec);
+        if let Some(why) = local {
+            condition = csi::VolumeCondition {
+                abnormal: true,
+                message: why,
+            };
+        }
         Ok(Response::new(csi::NodeGetVolumeStatsResponse {
             usage,
-            volume_condition: Some(super::condition(&rec)),
+            volume_condition: Some(condition),
         }))
     }
 
@@ -181,7 +199,7 @@ impl csi::node_server::Node for Node {
     ) -> Result<Response<csi::NodeExpandVolumeResponse>, Status> {
         let r = req.into_inner();
         let id = required(&r.volume_id, "volume_id")?.to_string();
-        let path = abs_path(&r.volume_path, "volume_path")?;
+        abs_path(&r.volume_path, "volume_path")?;
         if let Some(c) = &r.volume_capability {
             check_capability(c).map_err(Status::invalid_argument)?;
         }
@@ -200,7 +218,7 @@ impl csi::node_server::Node for Node {
             }
         }
         let _g = self.ctx.lock(&id).await;
-        let size = self.expand(&id, &path).await?;
+        let size = self.expand(&id).await?;
         Ok(Response::new(csi::NodeExpandVolumeResponse {
             capacity_bytes: size as i64,
         }))
@@ -246,16 +264,58 @@ impl csi::node_server::Node for Node {
     }
 }
 
-// The OS side: FUSE, loop, mkfs, mounts.
+// The OS side: FUSE, loop, mkfs, mounts (crate::attach), on a blocking thread.
 impl Node {
-    async fn stage(&self, id: &str, staging: &Path, access: &Access, fs: &str) -> Result<(), Status> {
-        let _ = (id, staging, access, fs, status);
-        Err(Status::unavailable("staging is being wired"))
+    async fn stage(
+        &self,
+        id: &str,
+        staging: &Path,
+        access: &Access,
+        fs: &str,
+    ) -> Result<(), Status> {
+        let vol = self.ctx.volumes.attach(id, false).await.map_err(status)?;
+        let mode = match access {
+            Access::Block => StageMode::Block,
+            Access::Mount { flags, .. } => StageMode::Filesystem {
+                fs_type: fs.to_string(),
+                mount_flags: flags.clone(),
+            },
+        };
+        let req = StageRequest {
+            volume: id.to_string(),
+            staging_path: staging.to_path_buf(),
+            mode,
+        };
+        let target: Arc<dyn BlockTarget> = vol;
+        let out = self
+            .ctx
+            .attacher
+            .run(move |a| a.stage(target, &req))
+            .await
+            .map_err(attach_status)?;
+        tracing::info!(volume = %id, device = %out.device.display(), formatted = out.formatted, rebuilt = out.rebuilt_stale, "CSI: volume staged");
+        Ok(())
     }
 
     async fn unstage(&self, id: &str, staging: &Path) -> Result<(), Status> {
-        let _ = (id, staging);
-        Err(Status::unavailable("staging is being wired"))
+        let (vid, path) = (id.to_string(), staging.to_path_buf());
+        self.ctx
+            .attacher
+            .run(move |a| a.unstage(&vid, &path))
+            .await
+            .map_err(attach_status)?;
+        let vm = &self.ctx.volumes;
+        let attached_here = vm
+            .cluster()
+            .state()
+            .volumes
+            .get(id)
+            .is_some_and(|v| v.attached_node == Some(vm.node_id()));
+        if attached_here {
+            vm.detach(id).await.map_err(status)?;
+        }
+        tracing::info!(volume = %id, "CSI: volume unstaged");
+        Ok(())
     }
 
     async fn publish(
@@ -265,30 +325,178 @@ impl Node {
         target: &Path,
         access: &Access,
         readonly: bool,
+        single_writer: bool,
     ) -> Result<(), Status> {
-        let _ = (id, staging, target, access, readonly);
-        Err(Status::unavailable("staging is being wired"))
+        if single_writer {
+            let vid = id.to_string();
+            let rec = self
+                .ctx
+                .attacher
+                .run(move |a| a.recorded(&vid))
+                .await
+                .map_err(attach_status)?;
+            if let Some(other) = rec
+                .iter()
+                .flat_map(|r| &r.publishes)
+                .find(|p| p.target_path != target)
+            {
+                return Err(Status::failed_precondition(format!(
+                    "volume '{id}' has access mode SINGLE_NODE_SINGLE_WRITER and is already published at {}",
+                    other.target_path.display()
+                )));
+            }
+        }
+        let req = PublishRequest {
+            volume: id.to_string(),
+            staging_path: staging.to_path_buf(),
+            target_path: target.to_path_buf(),
+            readonly,
+            mount_flags: match access {
+                Access::Mount { flags, .. } => flags.clone(),
+                Access::Block => Vec::new(),
+            },
+            block: matches!(access, Access::Block),
+        };
+        self.ctx
+            .attacher
+            .run(move |a| a.publish(&req))
+            .await
+            .map_err(attach_status)
     }
 
     async fn unpublish(&self, id: &str, target: &Path) -> Result<(), Status> {
-        let _ = (id, target);
-        Err(Status::unavailable("staging is being wired"))
+        let (vid, path) = (id.to_string(), target.to_path_buf());
+        self.ctx
+            .attacher
+            .run(move |a| a.unpublish(&vid, &path))
+            .await
+            .map_err(attach_status)
     }
 
-    async fn usage(&self, id: &str, path: &Path, size: u64) -> Result<Vec<csi::VolumeUsage>, Status> {
-        let _ = (id, path, size);
-        Err(Status::unavailable("staging is being wired"))
+    /// Usage of a path where this volume is staged or published here (NOT_FOUND for any
+    /// other path, as the spec's table asks).
+    async fn usage(
+        &self,
+        id: &str,
+        path: &Path,
+    ) -> Result<(Vec<csi::VolumeUsage>, Option<String>), Status> {
+        let vid = id.to_string();
+        let rec = self
+            .ctx
+            .attacher
+            .run(move |a| a.recorded(&vid))
+            .await
+            .map_err(attach_status)?;
+        let path_n = crate::attach::blockdev::normalize(path);
+        let known = rec.as_ref().is_some_and(|r| {
+            crate::attach::blockdev::normalize(&r.staging_path) == path_n
+                || r.publishes
+                    .iter()
+                    .any(|p| crate::attach::blockdev::normalize(&p.target_path) == path_n)
+        });
+        if !known {
+            return Err(Status::not_found(format!(
+                "volume '{id}' is not staged or published at {}",
+                path.display()
+            )));
+        }
+        let p = path.to_path_buf();
+        let usage = self
+            .ctx
+            .attacher
+            .run(move |_| Attacher::stats(&p))
+            .await
+            .map_err(attach_status)?;
+        let vid = id.to_string();
+        let local = self
+            .ctx
+            .attacher
+            .run(move |a| Ok(a.condition(&vid)))
+            .await
+            .map_err(attach_status)?;
+        use csi::volume_usage::Unit;
+        let out = match usage {
+            VolumeUsage::Filesystem(f) => vec![
+                csi::VolumeUsage {
+                    available: f.available_bytes as i64,
+                    total: f.total_bytes as i64,
+                    used: f.used_bytes as i64,
+                    unit: Unit::Bytes as i32,
+                },
+                csi::VolumeUsage {
+                    available: f.free_inodes as i64,
+                    total: f.total_inodes as i64,
+                    used: f.used_inodes as i64,
+                    unit: Unit::Inodes as i32,
+                },
+            ],
+            VolumeUsage::Block { size_bytes } => vec![csi::VolumeUsage {
+                available: 0,
+                total: size_bytes as i64,
+                used: 0,
+                unit: Unit::Bytes as i32,
+            }],
+        };
+        Ok((out, local))
     }
 
-    async fn expand(&self, id: &str, path: &Path) -> Result<u64, Status> {
-        let _ = (id, path);
-        Err(Status::unavailable("staging is being wired"))
+    async fn expand(&self, id: &str) -> Result<u64, Status> {
+        let vid = id.to_string();
+        self.ctx
+            .attacher
+            .run(move |a| a.expand(&vid))
+            .await
+            .map_err(attach_status)
     }
 }
 
-/// At start-up: tears down what a previous tandemd process left behind (FUSE mounts it
-/// served are dead now, and so is everything stacked on them). Staging records stay, so a
-/// retried NodeStageVolume rebuilds the stack.
+fn attach_status(e: crate::attach::AttachError) -> Status {
+    Status::new(e.grpc_code(), e.to_string())
+}
+
+/// At start-up: tears down what a previous tandemd process left behind (the FUSE mounts it
+/// served died with it, and so did everything stacked on them), then stages again every
+/// volume that was staged here and is still attached here, which re-binds its publish
+/// targets. New opens in pods work again; files a pod held open on the old stack stay
+/// broken until the pod restarts (docs/csi.md, "Restarts").
 pub async fn recover(ctx: &CsiContext) {
-    let _ = ctx;
+    let stale = match ctx.attacher.run(|a| a.cleanup_stale()).await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "CSI: cleaning up stale mounts failed");
+            return;
+        }
+    };
+    let vm = &ctx.volumes;
+    for s in stale {
+        let attached_here = vm
+            .cluster()
+            .state()
+            .volumes
+            .get(&s.volume)
+            .is_some_and(|v| v.attached_node == Some(vm.node_id()));
+        if !attached_here {
+            tracing::info!(volume = %s.volume, "CSI: stale staging record of a volume no longer attached here; left for NodeUnstageVolume");
+            continue;
+        }
+        let vol = match vm.attach(&s.volume, false).await {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::warn!(volume = %s.volume, error = %e, "CSI: re-attach for restaging failed");
+                continue;
+            }
+        };
+        let req = StageRequest {
+            volume: s.volume.clone(),
+            staging_path: s.staging_path.clone(),
+            mode: s.mode.clone(),
+        };
+        let target: Arc<dyn BlockTarget> = vol;
+        match ctx.attacher.run(move |a| a.stage(target, &req)).await {
+            Ok(_) => tracing::info!(volume = %s.volume, "CSI: restaged after restart"),
+            Err(e) => {
+                tracing::warn!(volume = %s.volume, error = %e, "CSI: restaging after restart failed; NodeStageVolume will retry")
+            }
+        }
+    }
 }
