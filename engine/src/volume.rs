@@ -141,6 +141,9 @@ pub struct CreateSpec {
     /// Refuse (NoPlacement) instead of placing elsewhere when no preferred node can hold a
     /// replica (CSI requisite topology).
     pub require_preferred: bool,
+    /// Domains whose replicas are asynchronous by choice (never latency-gated; see
+    /// `VolumeRecord::async_domains`). At least one replica must be outside them.
+    pub async_domains: Vec<String>,
 }
 
 /// What a caller asks to change; `None` leaves a field alone.
@@ -449,10 +452,17 @@ impl VolumeManager {
 
     /// The latency gate for a replica set on `nodes`: refused (with the measured figures)
     /// when it spans domains whose RTT is above the limit or not measured.
-    fn check_gate(&self, state: &ClusterState, nodes: &[u64]) -> Result<()> {
+    /// Replicas in `async_domains` are asynchronous by choice and never gated.
+    fn check_gate(
+        &self,
+        state: &ClusterState,
+        nodes: &[u64],
+        async_domains: &std::collections::BTreeSet<String>,
+    ) -> Result<()> {
         let domains: std::collections::BTreeSet<String> = nodes
             .iter()
             .filter_map(|n| state.nodes.get(n).map(|r| r.domain.clone()))
+            .filter(|d| !async_domains.contains(d))
             .collect();
         if domains.len() < 2 {
             return Ok(());
@@ -464,7 +474,14 @@ impl VolumeManager {
     /// Activates or deactivates a cluster domain. Activation brings the domain's replicas
     /// back (out of sync; their coordinators resync them) and passes the latency gate for
     /// every volume that would replicate across domains again.
-    pub async fn set_domain_active(&self, domain: &str, active: bool) -> Result<()> {
+    /// `promote_async` (deactivation only): volumes left without an in-sync replica get
+    /// their async replicas outside the domain promoted, losing the writes those lag.
+    pub async fn set_domain_active(
+        &self,
+        domain: &str,
+        active: bool,
+        promote_async: bool,
+    ) -> Result<()> {
         let _op = self.ops.lock().await;
         let state = self.cluster.state();
         if !state.nodes.values().any(|n| n.domain == domain) {
@@ -483,13 +500,15 @@ impl VolumeManager {
                 }
                 let mut nodes: Vec<u64> = v.replicas.iter().map(|r| r.node).collect();
                 nodes.extend(returning);
-                self.check_gate(&state, &nodes)?;
+                self.check_gate(&state, &nodes, &v.async_domains)?;
             }
         }
         self.cluster
             .propose(Command::SetDomainActive {
                 domain: domain.to_string(),
                 active,
+                promote_async,
+                unix_seconds: now_unix(),
             })
             .await?;
         let verb = if active { "activated" } else { "deactivated" };
@@ -682,7 +701,42 @@ impl VolumeManager {
             }
             None => place(&state, &req).map_err(|e| VolumeError::NoPlacement(e.0))?,
         };
-        self.check_gate(&state, &nodes)?;
+        let async_domains: std::collections::BTreeSet<String> = spec
+            .async_domains
+            .iter()
+            .map(|d| d.trim().to_string())
+            .filter(|d| !d.is_empty())
+            .collect();
+        if !async_domains.is_empty() {
+            for d in &async_domains {
+                if !state.nodes.values().any(|n| n.domain == *d) {
+                    return Err(VolumeError::InvalidArgument(format!(
+                        "async domain '{d}' has no nodes"
+                    )));
+                }
+            }
+            let in_async = |n: &u64| {
+                state
+                    .nodes
+                    .get(n)
+                    .is_some_and(|r| async_domains.contains(&r.domain))
+            };
+            if nodes.iter().all(in_async) {
+                return Err(VolumeError::InvalidArgument(format!(
+                    "every replica of '{}' would be async: at least one must be synchronous (outside {})",
+                    spec.name,
+                    async_domains.iter().cloned().collect::<Vec<_>>().join(", ")
+                )));
+            }
+            if !nodes.iter().any(in_async) {
+                return Err(VolumeError::NoPlacement(format!(
+                    "no replica of '{}' landed in the async domain(s) {}: raise --repl or allow those domains",
+                    spec.name,
+                    async_domains.iter().cloned().collect::<Vec<_>>().join(", ")
+                )));
+            }
+        }
+        self.check_gate(&state, &nodes, &async_domains)?;
         let rec = VolumeRecord {
             id: String::new(),
             name: spec.name.clone(),
@@ -706,9 +760,12 @@ impl VolumeManager {
             hot_regions: Default::default(),
             parked: Vec::new(),
             lease_wait: false,
+            async_domains,
         };
         self.cluster
-            .propose(Command::CreateVolume { volume: rec })
+            .propose(Command::CreateVolume {
+                volume: Box::new(rec),
+            })
             .await?;
         let rec = self.record(&spec.name)?;
         let local = self.local_replica(&rec).await;
@@ -820,8 +877,8 @@ impl VolumeManager {
                     ..Default::default()
                 },
             )
-            .map_err(|e| VolumeError::FailedPrecondition(e.0))?;
-            self.check_gate(&state, &nodes)?;
+            .map_err(|e| VolumeError::NoPlacement(e.0))?;
+            self.check_gate(&state, &nodes, &rec.async_domains)?;
             for node in nodes.into_iter().filter(|n| !existing.contains(n)) {
                 replicas.push(ReplicaRecord {
                     node,
@@ -1214,7 +1271,7 @@ mod tests {
         rf2.repl = 2;
         let err = mgr.create(rf2).await.unwrap_err();
         assert!(
-            matches!(&err, VolumeError::FailedPrecondition(m) if m.contains("needs 2 storage nodes")),
+            matches!(&err, VolumeError::NoPlacement(m) if m.contains("needs 2 storage nodes")),
             "{err}"
         );
         let v = mgr.attach("v1", false).await.unwrap();

@@ -80,6 +80,7 @@ impl AdminApi {
             allocated_bytes: v.allocated_bytes,
             created_unix_seconds: r.created_unix_seconds,
             replicas: replicas_pb(vm, state, r, v),
+            async_domains: r.async_domains.iter().cloned().collect(),
             state: if r.attached_node.is_some() {
                 "attached".into()
             } else {
@@ -237,6 +238,7 @@ impl VolumeService for AdminApi {
             domains: r.domains,
             preferred_nodes: Vec::new(),
             require_preferred: false,
+            async_domains: r.async_domains,
         };
         let v = vm.create(spec).await.map_err(status)?;
         Ok(Response::new(pb::VolumeResponse {
@@ -580,7 +582,7 @@ impl ClusterService for AdminApi {
     ) -> Result<Response<pb::ListDomainsResponse>, Status> {
         let vm = self.vm()?;
         let r = req.into_inner();
-        vm.set_domain_active(&r.domain, r.active)
+        vm.set_domain_active(&r.domain, r.active, r.promote_async)
             .await
             .map_err(status)?;
         Ok(Response::new(domains_pb(vm)))

@@ -58,9 +58,11 @@ pub async fn run_rtt_watch(
             let Some(v) = state.volumes.get(&name) else {
                 continue;
             };
+            // Only synchronous replicas' domains are gated (async-domain ones never are).
             let domains: BTreeSet<String> = v
                 .replicas
                 .iter()
+                .filter(|r| !state.async_pinned(v, r.node))
                 .filter_map(|r| state.nodes.get(&r.node).map(|n| n.domain.clone()))
                 .collect();
             let ds: Vec<&String> = domains.iter().collect();
@@ -176,6 +178,10 @@ async fn degrade_volume(
         };
         let over = r.p50_us > limit_us;
         let node_name = volumes.node_name(state, rep.node);
+        // Replicas in the volume's async domains stay async whatever the RTT.
+        if state.async_pinned(v, rep.node) {
+            continue;
+        }
         let target = match (over, rep.state) {
             (true, ReplicaState::InSync) => ReplicaState::Async,
             (false, ReplicaState::Async) => ReplicaState::Resyncing,

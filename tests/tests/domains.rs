@@ -373,3 +373,165 @@ fn degrade_turns_the_far_replica_async_and_back_in_sync() {
     assert_eq!(ver["mismatched_blocks"], 0, "{ver}");
     tandem_tests::qemu_io_ok(&uri, &["read -P 0x11 0 1M", "read -P 0x22 1M 2M"]);
 }
+
+/// An explicit async replica (`--async-domains`): a far site beyond the sync RTT limit
+/// gets an async replica on purpose (never gated, acked without it). When the primary
+/// site is lost, the operator promotes it (`domains deactivate --promote-async`): every
+/// write it had received is there, and the lost site returns as the async one.
+#[test]
+fn explicit_async_replica_then_failover_by_promotion() {
+    let opts = DaemonOpts {
+        data_proxy: true,
+        ..Default::default()
+    };
+    let with = |d: &str, extra: &[&str]| {
+        let mut o = opts.clone();
+        o.extra_args = ["--domain", d]
+            .iter()
+            .chain(extra)
+            .map(|s| s.to_string())
+            .collect();
+        o
+    };
+    let one_way = Duration::from_millis(8);
+    let a = Daemon::start(with("east", &[]));
+    a.proxy.as_ref().unwrap().set_delay(one_way);
+    // Voters: a (east), the witness, c (west).
+    let w = Daemon::join_with(&a, &["--witness"], with("witness", &[]));
+    w.proxy.as_ref().unwrap().set_delay(one_way);
+    let c = Daemon::join_with(&a, &["--kvdb"], with("west", &[]));
+    c.proxy.as_ref().unwrap().set_delay(one_way);
+    let mut nodes = [a, c, w];
+    let pair = eventually(Duration::from_secs(40), "east-west RTT samples", || {
+        let l = nodes[0].ctl_json(&["cluster", "latency"]);
+        l["domains"]
+            .as_array()?
+            .iter()
+            .find(|p| {
+                let names = [p["from"].as_str(), p["to"].as_str()];
+                names.contains(&Some("east")) && names.contains(&Some("west"))
+            })
+            .filter(|p| p["samples"].as_u64().unwrap_or(0) >= 6)
+            .cloned()
+    });
+    assert_eq!(pair["sync_allowed"], false, "16 ms is above 10 ms: {pair}");
+
+    // Synchronous across the pair is refused; async by choice is not gated.
+    let o = nodes[0].ctl(&[
+        "volume",
+        "create",
+        "dr",
+        "--size",
+        "64MiB",
+        "--repl",
+        "2",
+        "--domains",
+        "east,west",
+    ]);
+    assert_ne!(o.code, 0, "{}", o.stdout);
+    let v = nodes[0].ctl_json(&[
+        "volume",
+        "create",
+        "dr",
+        "--size",
+        "64MiB",
+        "--repl",
+        "2",
+        "--domains",
+        "east,west",
+        "--async-domains",
+        "west",
+    ]);
+    assert_eq!(v["async_domains"], serde_json::json!(["west"]), "{v}");
+    let uri_a = nodes[0].ctl_json(&["volume", "attach", "dr"])["nbd_uri"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let west_name = nodes[1].ctl_json(&["status"])["node_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let west_state = |d: &Daemon| -> (String, u64) {
+        let v = d.ctl_json(&["volume", "inspect", "dr"]);
+        let r = v["replicas"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["node_id"] == west_name.as_str())
+            .cloned()
+            .unwrap();
+        (
+            r["state"].as_str().unwrap().to_string(),
+            r["async_lag_bytes"].as_u64().unwrap_or(0),
+        )
+    };
+    eventually(Duration::from_secs(60), "west replica async", || {
+        (west_state(&nodes[0]).0 == "async").then_some(())
+    });
+    for i in 0..8u64 {
+        assert!(chunk_acked(&uri_a, i), "chunk {i}");
+    }
+    // Idle: the async replica catches up (lag 0).
+    eventually(Duration::from_secs(30), "async lag drained", || {
+        let (s, lag) = west_state(&nodes[0]);
+        (s == "async" && lag == 0).then_some(())
+    });
+
+    // East is lost. Deactivating it needs the promotion, said in the error.
+    nodes[0].kill9();
+    let c = &nodes[1];
+    let o = eventually(
+        Duration::from_secs(40),
+        "deactivate east is answered",
+        || {
+            let o = c.ctl(&["cluster", "domains", "deactivate", "east"]);
+            (o.stderr.contains("promote-async")).then_some(o)
+        },
+    );
+    assert_ne!(o.code, 0);
+    c.ctl_ok(&[
+        "cluster",
+        "domains",
+        "deactivate",
+        "east",
+        "--promote-async",
+    ]);
+    let alerts = c.ctl_ok(&["alerts", "show"]);
+    assert!(alerts.contains("async-promoted"), "{alerts}");
+    let v = c.ctl_json(&["volume", "attach", "dr"]);
+    assert_eq!(v["state"], "attached");
+    assert_eq!(v["async_domains"], serde_json::json!(["east"]), "{v}");
+    let uri_c = c.nbd_uri("dr");
+    for i in 0..8u64 {
+        tandem_tests::qemu_io_ok(&uri_c, &[&format!("read -P {} {}M 1M", i + 1, i)]);
+    }
+    assert!(chunk_acked(&uri_c, 20));
+    let ver = c.ctl_json(&["volume", "verify", "dr"]);
+    assert_eq!(ver["mismatched_blocks"], 0, "{ver}");
+
+    // East comes back as the async site: activation is not gated, its replica resyncs
+    // from west and turns async.
+    nodes[0].spawn();
+    let c = &nodes[1];
+    eventually(Duration::from_secs(60), "activate east", || {
+        (c.ctl(&["cluster", "domains", "activate", "east"]).code == 0).then_some(())
+    });
+    let east_name = nodes[0].ctl_json(&["status"])["node_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    eventually(
+        Duration::from_secs(90),
+        "east replica async after resync",
+        || {
+            let v = c.ctl_json(&["volume", "inspect", "dr"]);
+            let r = v["replicas"]
+                .as_array()?
+                .iter()
+                .find(|r| r["node_id"] == east_name.as_str())?
+                .clone();
+            (r["state"] == "async").then_some(())
+        },
+    );
+    tandem_tests::qemu_io_ok(&uri_c, &["read -P 21 20M 1M"]);
+}

@@ -105,6 +105,13 @@ pub struct VolumeRecord {
     /// deactivated): the next attach waits out its lease before serving.
     #[serde(default)]
     pub lease_wait: bool,
+    /// Domains whose replicas are asynchronous by choice (`volume create --async-domains`,
+    /// the PX-DR async pattern for sites beyond the sync RTT limit): they receive every
+    /// write without holding up the ack, are never latency-gated, and return to async
+    /// after any resync. A failover that promotes them (`domains deactivate
+    /// --promote-async`) swaps the roles: the lost domain becomes the async one.
+    #[serde(default)]
+    pub async_domains: BTreeSet<String>,
 }
 
 impl VolumeRecord {
@@ -165,7 +172,8 @@ pub enum Command {
         id: u64,
     },
     CreateVolume {
-        volume: VolumeRecord,
+        /// Boxed: it is by far the largest command.
+        volume: Box<VolumeRecord>,
     },
     UpdateVolume {
         name: String,
@@ -234,6 +242,14 @@ pub enum Command {
     SetDomainActive {
         domain: String,
         active: bool,
+        /// Deactivation only: a volume left without an in-sync replica outside the domain
+        /// but with async ones there gets those promoted to in sync (accepting their lag:
+        /// RPO > 0) instead of refusing the deactivation.
+        #[serde(default)]
+        promote_async: bool,
+        /// When it was proposed (for the alert a promotion raises).
+        #[serde(default)]
+        unix_seconds: u64,
     },
 }
 
@@ -303,7 +319,23 @@ impl ClusterState {
         self.nodes.get(&node).is_some_and(|n| n.domain == domain)
     }
 
-    fn set_domain_active(&mut self, domain: &str, active: bool) -> Result<ApplyOutput, ApplyError> {
+    /// Whether `node`'s replica of `v` is asynchronous by choice (its domain is one of the
+    /// volume's async domains).
+    pub fn async_pinned(&self, v: &VolumeRecord, node: u64) -> bool {
+        !v.async_domains.is_empty()
+            && self
+                .nodes
+                .get(&node)
+                .is_some_and(|n| v.async_domains.contains(&n.domain))
+    }
+
+    fn set_domain_active(
+        &mut self,
+        domain: &str,
+        active: bool,
+        promote_async: bool,
+        unix_seconds: u64,
+    ) -> Result<ApplyOutput, ApplyError> {
         if !self.nodes.values().any(|n| n.domain == domain) {
             return Err(ApplyError::FailedPrecondition(format!(
                 "no node is in domain '{domain}'"
@@ -344,18 +376,72 @@ impl ClusterState {
         if self.inactive_domains.contains(domain) {
             return Ok(ApplyOutput::None);
         }
-        // Refuse before changing anything if a volume would lose its last in-sync copy.
+        // Refuse before changing anything if a volume would lose its last in-sync copy
+        // (unless an async copy outside may be promoted, accepting its lag).
+        let mut promote: Vec<(String, Vec<u64>)> = Vec::new();
         for v in self.volumes.values() {
             let inside = v.replicas.iter().any(|r| self.in_domain(r.node, domain));
-            let outside_in_sync = v
-                .replicas
-                .iter()
-                .any(|r| !self.in_domain(r.node, domain) && r.state == ReplicaState::InSync);
-            if inside && !outside_in_sync {
+            let outside = |st: ReplicaState| -> Vec<u64> {
+                v.replicas
+                    .iter()
+                    .filter(|r| {
+                        !self.in_domain(r.node, domain) && self.node_active(r.node) && r.state == st
+                    })
+                    .map(|r| r.node)
+                    .collect()
+            };
+            if !inside || !outside(ReplicaState::InSync).is_empty() {
+                continue;
+            }
+            let asyncs = outside(ReplicaState::Async);
+            if promote_async && !asyncs.is_empty() {
+                promote.push((v.name.clone(), asyncs));
+            } else if !asyncs.is_empty() {
+                return Err(ApplyError::FailedPrecondition(format!(
+                    "deactivating domain '{domain}' would leave volume '{}' without an in-sync replica; its async replica on node(s) {asyncs:?} can be promoted, losing the writes it lags behind: add --promote-async",
+                    v.name
+                )));
+            } else {
                 return Err(ApplyError::FailedPrecondition(format!(
                     "deactivating domain '{domain}' would leave volume '{}' without an in-sync replica",
                     v.name
                 )));
+            }
+        }
+        // Promotion: each async replica holds a prefix of the acknowledged writes (a
+        // replica that missed one was committed out of sync before that write's ack), so
+        // the promoted copy is crash-consistent; the writes it lagged behind are lost.
+        for (name, nodes) in promote {
+            let promoted_domains: BTreeSet<String> = nodes
+                .iter()
+                .filter_map(|n| self.nodes.get(n).map(|r| r.domain.clone()))
+                .collect();
+            let Some(v) = self.volumes.get_mut(&name) else {
+                continue;
+            };
+            for r in v.replicas.iter_mut().filter(|r| nodes.contains(&r.node)) {
+                r.state = ReplicaState::InSync;
+            }
+            // Roles swap: the lost domain comes back as the async one.
+            for d in &promoted_domains {
+                v.async_domains.remove(d);
+            }
+            v.async_domains.insert(domain.to_string());
+            let id = self.next_alert_id;
+            self.next_alert_id += 1;
+            self.alerts.push(Alert {
+                id,
+                unix_seconds,
+                severity: "critical".into(),
+                kind: "async-promoted".into(),
+                resource: format!("volume/{name}"),
+                message: format!(
+                    "volume {name}: async replica(s) on node(s) {nodes:?} promoted to in sync because domain {domain} was deactivated; writes they had not received are lost (RPO > 0); domain {domain} returns as the volume's async domain"
+                ),
+            });
+            if self.alerts.len() > MAX_ALERTS {
+                let drop = self.alerts.len() - MAX_ALERTS;
+                self.alerts.drain(..drop);
             }
         }
         let in_domain: BTreeSet<u64> = self
@@ -451,7 +537,7 @@ impl ClusterState {
                 }
                 // The id is assigned here, so concurrent creators can never collide: the
                 // cluster id's hash, then a sequence number that is never reused.
-                let mut v = volume.clone();
+                let mut v = (**volume).clone();
                 v.id = format!(
                     "{:08x}{:08x}",
                     crc32fast::hash(self.cluster_id.as_bytes()),
@@ -666,7 +752,12 @@ impl ClusterState {
                 v.hot_regions.extend(add.iter().copied());
                 Ok(ApplyOutput::None)
             }
-            Command::SetDomainActive { domain, active } => self.set_domain_active(domain, *active),
+            Command::SetDomainActive {
+                domain,
+                active,
+                promote_async,
+                unix_seconds,
+            } => self.set_domain_active(domain, *active, *promote_async, *unix_seconds),
             Command::ReportLatency { node, report } => {
                 if !self.nodes.contains_key(node) {
                     return Err(ApplyError::NodeNotFound(*node));
@@ -744,6 +835,7 @@ mod tests {
             hot_regions: BTreeSet::new(),
             parked: Vec::new(),
             lease_wait: false,
+            async_domains: Default::default(),
         }
     }
 
@@ -770,7 +862,7 @@ mod tests {
             s.apply(&Command::AddNode { node: node(n) }).unwrap();
         }
         s.apply(&Command::CreateVolume {
-            volume: volume("v", &[1, 2, 3]),
+            volume: Box::new(volume("v", &[1, 2, 3])),
         })
         .unwrap();
         let g1 = s
@@ -846,7 +938,7 @@ mod tests {
             s.apply(&Command::AddNode { node: node(n) }).unwrap();
         }
         s.apply(&Command::CreateVolume {
-            volume: volume("v", &[1, 2, 3]),
+            volume: Box::new(volume("v", &[1, 2, 3])),
         })
         .unwrap();
         s.apply(&Command::Attach {
@@ -888,5 +980,65 @@ mod tests {
         // The last in-sync replica cannot turn async.
         set(&mut s, 1, ReplicaState::Async, 1).unwrap();
         set(&mut s, 3, ReplicaState::Async, 1).unwrap_err();
+    }
+
+    /// Losing the domain of a volume's only in-sync replica: refused unless its async
+    /// replica elsewhere is promoted (which swaps the async domain and raises an alert).
+    #[test]
+    fn deactivation_promotes_async_replicas_only_when_asked() {
+        let mut s = ClusterState::new("c");
+        for (n, d) in [("a", "east"), ("b", "west")] {
+            let mut rec = node(n);
+            rec.domain = d.into();
+            s.apply(&Command::AddNode { node: rec }).unwrap();
+        }
+        let mut v = volume("v", &[1, 2]);
+        v.async_domains.insert("west".into());
+        s.apply(&Command::CreateVolume {
+            volume: Box::new(v),
+        })
+        .unwrap();
+        assert!(s.async_pinned(&s.volumes["v"], 2));
+        assert!(!s.async_pinned(&s.volumes["v"], 1));
+        s.apply(&Command::Attach {
+            name: "v".into(),
+            node: 1,
+            takeover: false,
+        })
+        .unwrap();
+        s.apply(&Command::SetReplicaState {
+            name: "v".into(),
+            node: 2,
+            state: ReplicaState::Async,
+            generation: 1,
+        })
+        .unwrap();
+        let deactivate = |s: &mut ClusterState, promote_async| {
+            s.apply(&Command::SetDomainActive {
+                domain: "east".into(),
+                active: false,
+                promote_async,
+                unix_seconds: 7,
+            })
+        };
+        match deactivate(&mut s, false) {
+            Err(ApplyError::FailedPrecondition(m)) => assert!(m.contains("--promote-async"), "{m}"),
+            other => panic!("{other:?}"),
+        }
+        assert!(s.inactive_domains.is_empty(), "nothing changed");
+        deactivate(&mut s, true).unwrap();
+        let v = &s.volumes["v"];
+        assert_eq!(v.in_sync_nodes(), vec![2]);
+        assert_eq!(v.parked, vec![1]);
+        assert_eq!(v.attached_node, None, "the east coordinator is fenced");
+        assert_eq!(v.generation, 2);
+        assert_eq!(
+            v.async_domains.iter().collect::<Vec<_>>(),
+            vec!["east"],
+            "roles swap"
+        );
+        let alert = s.alerts.last().unwrap();
+        assert_eq!(alert.kind, "async-promoted");
+        assert_eq!(alert.unix_seconds, 7);
     }
 }

@@ -506,6 +506,24 @@ impl Coordinator {
         for node in unreachable_in_sync {
             inner.eject_at_open(node).await?;
         }
+        // An async replica's lag is unknown to a new coordinator (the previous one may
+        // have acked writes it never received): it is committed out of sync before any
+        // I/O, so an `Async` record always means "holds a prefix of the acknowledged
+        // writes", which a promotion relies on. Replicas async by choice turn async again
+        // after their resync.
+        for rec in vol
+            .replicas
+            .iter()
+            .filter(|r| r.state == ReplicaState::Async)
+        {
+            let _s = inner.state_lock.lock().await;
+            if let Err(e) = inner.propose_state(rec.node, ReplicaState::OutOfSync).await {
+                return Err(inner.fence(format!(
+                    "cannot mark async replica {} out of sync at open: {e}",
+                    rec.node
+                )));
+            }
+        }
 
         // The previous coordinator's in-flight writes: make the in-sync replicas agree.
         let left = inner.reconcile(&vol.hot_regions).await?;
@@ -935,7 +953,9 @@ impl Inner {
                 "ejecting node {node} could not be committed ({reason})"
             ))),
             Err(ProposeError::Apply(e)) => {
-                if state == ReplicaState::InSync {
+                // An async replica's record must not say `Async` once it misses an acked
+                // write (promotion relies on it): the write fails instead.
+                if matches!(state, ReplicaState::InSync | ReplicaState::Async) {
                     Err(ReplicationError::EjectRefused {
                         volume: self.name.clone(),
                         node,
@@ -1004,16 +1024,22 @@ impl Inner {
                     out.push((m.node, m.state, m.target.clone()))
                 }
                 ReplicaState::Async => {
-                    let Some((off, len)) = range else { continue };
+                    if range.is_none() {
+                        continue;
+                    }
                     let queued = match (&m.async_q, &op) {
                         (Some(q), Some(op)) => q.push(op.clone(), max_bytes, max_ops),
                         _ => false,
                     };
                     if !queued {
+                        // Too far behind, or its queue failed: it misses this write, so it
+                        // is committed out of sync before the write is acked (`settle`
+                        // treats the missing target as a failure), like an ejection. An
+                        // `Async` record thus never hides a hole in the acked writes.
                         if m.async_behind_since.is_none() {
-                            tracing::warn!(volume = %self.name, node = m.node, "async replica is too far behind (or failed); tracking it by dirty regions until it is resynced");
+                            tracing::warn!(volume = %self.name, node = m.node, "async replica is too far behind (or failed); it leaves async for a resync");
                         }
-                        m.mark_behind(self.size_bytes, &[(off, len)], std::time::Instant::now());
+                        out.push((m.node, m.state, None));
                     }
                 }
                 _ => {

@@ -166,6 +166,35 @@ impl Inner {
                 }
             }
         }
+        // Replicas in the volume's async domains are async by choice: once in sync (a
+        // fresh volume, or a finished resync) they turn async, committed first.
+        let pinned: Vec<u64> = self
+            .lock_members()
+            .iter()
+            .filter(|m| {
+                m.state == ReplicaState::InSync
+                    && vol
+                        .replica(m.node)
+                        .is_some_and(|r| r.state == ReplicaState::InSync)
+                    && state.async_pinned(vol, m.node)
+            })
+            .map(|m| m.node)
+            .collect();
+        for node in pinned {
+            let _s = self.state_lock.lock().await;
+            match self.propose_state(node, ReplicaState::Async).await {
+                Ok(()) => {
+                    tracing::info!(volume = %self.name, node, "replica in an async domain: async from now on")
+                }
+                Err(e @ ProposeError::Apply(ApplyError::Fenced { .. })) => {
+                    let _ = self.fence(format!("turning node {node} async: {e}"));
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(volume = %self.name, node, error = %e, "cannot turn the async-domain replica async yet")
+                }
+            }
+        }
         self.adopt_async_changes().await;
         // No wake-up here: the caller resyncs the new members in this same round (a
         // wake-up stored now would make the loop spin without ever sleeping).

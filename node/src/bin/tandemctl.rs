@@ -76,7 +76,14 @@ enum DomainsCmd {
     Activate { name: String },
     /// Take a domain's replicas out of every replica set; volumes attached in it are
     /// detached (their coordinators fenced). For failover away from a lost site.
-    Deactivate { name: String },
+    Deactivate {
+        name: String,
+        /// For volumes whose only copies outside the domain are async: promote those to
+        /// in sync, losing the writes they lag behind (RPO > 0). The lost domain returns
+        /// as the volume's async domain.
+        #[arg(long)]
+        promote_async: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -147,6 +154,10 @@ struct CreateArgs {
     /// Keep the volume inside these cluster domains (comma separated)
     #[arg(long, value_delimiter = ',')]
     domains: Vec<String>,
+    /// Replicas in these domains are async by choice (comma separated): acked without
+    /// waiting for them and never latency-gated, for sites beyond the sync RTT limit
+    #[arg(long = "async-domains", value_delimiter = ',')]
+    async_domains: Vec<String>,
 }
 
 #[derive(Args)]
@@ -216,6 +227,7 @@ struct VolumeOut {
     allocated_bytes: u64,
     created_unix_seconds: u64,
     replicas: Vec<ReplicaOut>,
+    async_domains: Vec<String>,
 }
 
 #[derive(Serialize)]
@@ -283,6 +295,7 @@ fn volume_out(v: pb::Volume) -> VolumeOut {
         generation: v.generation,
         allocated_bytes: v.allocated_bytes,
         created_unix_seconds: v.created_unix_seconds,
+        async_domains: v.async_domains,
     }
 }
 
@@ -329,6 +342,14 @@ fn print_volume(v: &VolumeOut) {
         ),
         ("NBD URI", v.nbd_uri.clone().unwrap_or_else(|| "-".into())),
         ("Generation", v.generation.to_string()),
+        (
+            "Async domains",
+            if v.async_domains.is_empty() {
+                "-".into()
+            } else {
+                v.async_domains.join(",")
+            },
+        ),
     ] {
         t.add_row(vec![format!("{k}:"), val]);
     }
@@ -476,6 +497,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                             nodes: a.nodes,
                             zones: a.zones,
                             domains: a.domains,
+                            async_domains: a.async_domains,
                         })
                         .await?
                         .into_inner()
@@ -949,13 +971,18 @@ async fn run_cluster(ch: Channel, json: bool, cmd: ClusterCmd) -> Result<(), Fai
                     c.set_domain_active(pb::SetDomainActiveRequest {
                         domain: name,
                         active: true,
+                        promote_async: false,
                     })
                     .await?
                 }
-                DomainsCmd::Deactivate { name } => {
+                DomainsCmd::Deactivate {
+                    name,
+                    promote_async,
+                } => {
                     c.set_domain_active(pb::SetDomainActiveRequest {
                         domain: name,
                         active: false,
+                        promote_async,
                     })
                     .await?
                 }

@@ -243,6 +243,7 @@ impl csi::controller_server::Controller for Controller {
             domains: p.domains.clone(),
             preferred_nodes: preferred,
             require_preferred: require,
+            async_domains: Vec::new(),
         };
         match vm.create(spec).await {
             Ok(_) => {}
