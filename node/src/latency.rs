@@ -28,7 +28,7 @@ pub const PING_TIMEOUT: Duration = Duration::from_secs(2);
 /// Policy `degrade`: while the pair between this (the coordinator's) domain and another
 /// domain is above the limit, every in-sync replica in that other domain is committed
 /// `Async` (the coordinator stops waiting for it; its lag is in `volume inspect` and the
-/// metrics). When the pair is back under the limit, each async replica is committed
+/// metrics). When the pair is back under 90% of the limit (hysteresis), each async replica is committed
 /// `Resyncing`: the coordinator resyncs its dirty regions and commits it `InSync`. Each
 /// of these mode changes is a committed metadata entry with an alert.
 pub async fn run_rtt_watch(
@@ -176,15 +176,18 @@ async fn degrade_volume(
         else {
             continue;
         };
+        // Hysteresis: async above the limit, back to sync only below 90% of it, so a
+        // pair hovering at the limit does not flap between resyncs.
         let over = r.p50_us > limit_us;
+        let under = r.p50_us < limit_us / 10 * 9;
         let node_name = volumes.node_name(state, rep.node);
         // Replicas in the volume's async domains stay async whatever the RTT.
         if state.async_pinned(v, rep.node) {
             continue;
         }
-        let target = match (over, rep.state) {
-            (true, ReplicaState::InSync) => ReplicaState::Async,
-            (false, ReplicaState::Async) => ReplicaState::Resyncing,
+        let target = match rep.state {
+            ReplicaState::InSync if over => ReplicaState::Async,
+            ReplicaState::Async if under => ReplicaState::Resyncing,
             _ => continue,
         };
         // The lag it leaves async with (before the coordinator stops its queue).
@@ -224,7 +227,7 @@ async fn degrade_volume(
                 "replica-resync",
                 "info",
                 format!(
-                    "volume {name}: replica on node {node_name} (domain {domain}) leaves async: RTT p50 {:.1} ms is back under the {:.1} ms limit; its lag was {bytes} bytes, {secs:.1} s; it resyncs its dirty regions and then is in sync",
+                    "volume {name}: replica on node {node_name} (domain {domain}) leaves async: RTT p50 {:.1} ms is back under 90% of the {:.1} ms limit; its lag was {bytes} bytes, {secs:.1} s; it resyncs its dirty regions and then is in sync",
                     r.p50_us as f64 / 1e3,
                     limit_us as f64 / 1e3
                 ),
