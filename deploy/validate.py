@@ -56,7 +56,7 @@ SC_ENUMS = {
     "fs": {"ext4", "xfs"},
     "csi.storage.k8s.io/fstype": {"ext4", "xfs"},
 }
-SC_LISTS = {"zones", "domains"}
+SC_LISTS = {"zones", "domains", "async_domains"}
 
 try:
     import yaml

@@ -175,6 +175,12 @@ fn controller_create_validates_and_is_idempotent_by_name() {
         code(c.call(ctl.create_volume(tiny_limit))),
         Code::OutOfRange
     );
+    // Every replica async (the only domain is east) is refused.
+    let mut all_async = create_req("v", 1 << 20);
+    all_async.parameters = HashMap::from([("async_domains".into(), "east".into())]);
+    let e = c.call(ctl.create_volume(all_async)).unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().contains("async"), "{}", e.message());
     // Three replicas on a one-node cluster cannot be placed.
     let mut rf3 = create_req("v3", 1 << 20);
     rf3.parameters = HashMap::from([("repl".into(), "3".into())]);

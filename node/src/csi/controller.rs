@@ -22,8 +22,9 @@ use tandem_proto::csi::v1 as csi;
 
 use super::{
     check_capability, creation_labels, parse_params, required, status, to_csi_volume,
-    volume_name_for, Access, CsiContext, Params, DEFAULT_FS, DEFAULT_VOLUME_BYTES, LABEL_DOMAINS,
-    LABEL_FS, LABEL_ZONES, TOPOLOGY_DOMAIN, TOPOLOGY_NODE, TOPOLOGY_ZONE,
+    volume_name_for, Access, CsiContext, Params, DEFAULT_FS, DEFAULT_VOLUME_BYTES,
+    LABEL_ASYNC_DOMAINS, LABEL_DOMAINS, LABEL_FS, LABEL_ZONES, TOPOLOGY_DOMAIN, TOPOLOGY_NODE,
+    TOPOLOGY_ZONE,
 };
 
 const BLOCK: u64 = tandem_engine::store::BLOCK_SIZE as u64;
@@ -152,8 +153,11 @@ fn incompatible(rec: &VolumeRecord, req: u64, lim: u64, p: &Params, fs: &str) ->
             label(LABEL_FS)
         ));
     }
-    if label(LABEL_ZONES) != p.zones.join(",") || label(LABEL_DOMAINS) != p.domains.join(",") {
-        return Some("it was created with other zones or domains".into());
+    if label(LABEL_ZONES) != p.zones.join(",")
+        || label(LABEL_DOMAINS) != p.domains.join(",")
+        || label(LABEL_ASYNC_DOMAINS) != p.async_domains.join(",")
+    {
+        return Some("it was created with other zones, domains or async_domains".into());
     }
     None
 }
@@ -243,7 +247,7 @@ impl csi::controller_server::Controller for Controller {
             domains: p.domains.clone(),
             preferred_nodes: preferred,
             require_preferred: require,
-            async_domains: Vec::new(),
+            async_domains: p.async_domains.clone(),
         };
         match vm.create(spec).await {
             Ok(_) => {}

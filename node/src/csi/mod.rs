@@ -40,6 +40,7 @@ pub const LABEL_CSI_NAME: &str = "csi.tandem.io/name";
 pub const LABEL_FS: &str = "csi.tandem.io/fs";
 pub const LABEL_ZONES: &str = "csi.tandem.io/zones";
 pub const LABEL_DOMAINS: &str = "csi.tandem.io/domains";
+pub const LABEL_ASYNC_DOMAINS: &str = "csi.tandem.io/async-domains";
 /// Filesystems NodeStage can make and mount.
 pub const FILESYSTEMS: &[&str] = &["ext4", "xfs"];
 /// The default filesystem when neither the capability nor the `fs` parameter names one.
@@ -156,6 +157,8 @@ pub struct Params {
     pub priority: IoPriority,
     pub zones: Vec<String>,
     pub domains: Vec<String>,
+    /// `async_domains`: replicas there are async by choice (never latency-gated).
+    pub async_domains: Vec<String>,
     /// `fs`; the capability's fs_type wins over it.
     pub fs: Option<String>,
 }
@@ -180,6 +183,7 @@ pub fn parse_params(map: &HashMap<String, String>) -> Result<Params, Status> {
         priority: IoPriority::default(),
         zones: Vec::new(),
         domains: Vec::new(),
+        async_domains: Vec::new(),
         fs: None,
     };
     let mut keys: Vec<&String> = map.keys().collect();
@@ -205,11 +209,12 @@ pub fn parse_params(map: &HashMap<String, String>) -> Result<Params, Status> {
             }
             "zones" => p.zones = list(v),
             "domains" => p.domains = list(v),
+            "async_domains" => p.async_domains = list(v),
             "fs" => p.fs = Some(check_fs(v)?),
             k if k.starts_with("csi.storage.k8s.io/") => {}
             other => {
                 return Err(Status::invalid_argument(format!(
-                    "unknown parameter '{other}': Tandem accepts repl, priority_io, zones, domains and fs"
+                    "unknown parameter '{other}': Tandem accepts repl, priority_io, zones, domains, async_domains and fs"
                 )))
             }
         }
@@ -394,6 +399,7 @@ pub fn creation_labels(csi_name: &str, p: &Params, fs: &str) -> BTreeMap<String,
     labels.insert(LABEL_FS.to_string(), fs.to_string());
     labels.insert(LABEL_ZONES.to_string(), p.zones.join(","));
     labels.insert(LABEL_DOMAINS.to_string(), p.domains.join(","));
+    labels.insert(LABEL_ASYNC_DOMAINS.to_string(), p.async_domains.join(","));
     labels
 }
 
