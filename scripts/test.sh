@@ -5,9 +5,10 @@
 #
 # Installs (when missing): qemu-utils (qemu-io, qemu-img, qemu-nbd), libnbd-bin (nbdinfo),
 # fio, fuse3, xfsprogs and e2fsprogs (the CSI node tests mount ext4 and xfs over FUSE and
-# loop devices), python3-pip, and the kubernetes-validate package from PyPI (offline
-# schemas for the deploy/ manifests). Runs every test of the workspace: unit tests (both I/O engines), the multi-process
-# tests against real tandemd processes, and compiles the benchmarks.
+# loop devices), iproute2 (the site tests put each site in its own network namespace),
+# python3-pip, and the kubernetes-validate package from PyPI (offline schemas for the
+# deploy/ manifests). Runs every test of the workspace: unit tests (both I/O engines), the
+# multi-process tests against real tandemd processes, and compiles the benchmarks.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -19,6 +20,7 @@ command -v fusermount3 >/dev/null || need+=(fuse3)
 command -v mkfs.xfs >/dev/null || need+=(xfsprogs)
 command -v mkfs.ext4 >/dev/null || need+=(e2fsprogs)
 command -v losetup >/dev/null || need+=(mount)
+command -v ip >/dev/null || need+=(iproute2)
 { command -v python3 >/dev/null && python3 -m pip --version >/dev/null 2>&1; } || need+=(python3-pip)
 if ((${#need[@]})); then
     echo "test.sh: installing ${need[*]}"

@@ -426,6 +426,13 @@ impl VolumeManager {
                 let _ = tokio::time::timeout(RECONCILE_INTERVAL, applied.changed()).await;
                 let Some(mgr) = weak.upgrade() else { return };
                 mgr.reconcile().await;
+                // Not while an attach, detach or re-open is in progress (they change the
+                // generation and the local attachment together, under `ops`).
+                let op = mgr.ops.try_lock();
+                if op.is_ok() {
+                    mgr.drop_stale_attachments().await;
+                }
+                drop(op);
             }
         });
         Ok(mgr)
@@ -956,6 +963,7 @@ impl VolumeManager {
     }
 
     async fn attach_locked(&self, name: &str, takeover: bool) -> Result<Arc<AttachedVolume>> {
+        self.drop_stale_attachments().await;
         if let Some(v) = self.attached_get(name) {
             return Ok(v);
         }
@@ -996,6 +1004,34 @@ impl VolumeManager {
             .insert(name.to_string(), vol.clone());
         tracing::info!(volume = %name, generation = vol.generation(), "volume attached");
         Ok(vol)
+    }
+
+    /// Drops local attachments the cluster has moved on from: the volume was attached
+    /// elsewhere, detached, deleted, or attached again at a newer generation (its domain was
+    /// deactivated while this node was cut off, say). Such a coordinator is fenced anyway;
+    /// dropping it stops serving a dead export and lets a later attach here commit a new
+    /// generation instead of returning the stale one. Callers hold `ops`.
+    async fn drop_stale_attachments(&self) {
+        let state = self.cluster.state();
+        let stale: Vec<Arc<AttachedVolume>> = {
+            let mut map = self.attached.write().unwrap_or_else(|e| e.into_inner());
+            let names: Vec<String> = map
+                .iter()
+                .filter(|(name, v)| {
+                    state.volumes.get(*name).is_none_or(|r| {
+                        r.attached_node != Some(self.node_id) || r.generation != v.generation()
+                    })
+                })
+                .map(|(name, _)| name.clone())
+                .collect();
+            names.iter().filter_map(|n| map.remove(n)).collect()
+        };
+        for v in stale {
+            tracing::warn!(volume = %v.name(), generation = v.generation(), "dropping a local attachment the cluster has moved on from (fenced coordinator)");
+            if let Err(e) = v.close().await {
+                tracing::info!(volume = %v.name(), error = %e, "closing the fenced coordinator");
+            }
+        }
     }
 
     /// Builds the I/O backend for a volume just attached here at `rec.generation`.

@@ -5,6 +5,7 @@
 //! command (`scripts/test.sh`) builds them first. Every wait here is bounded.
 
 pub mod csi;
+pub mod netns;
 pub mod proxy;
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -60,6 +61,12 @@ pub struct DaemonOpts {
     /// Put a [`proxy::Proxy`] in front of the data-path listener and advertise it, so
     /// peers' replication traffic to this node can be cut or delayed.
     pub data_proxy: bool,
+    /// Run the daemon (and `ctl`, `metrics`) inside this network namespace
+    /// ([`netns::Sites`]); `None` runs in the test's own namespace.
+    pub netns: Option<String>,
+    /// Listen ports `[admin, nbd, metrics, data]` to use instead of fresh ones, for relays
+    /// that must exist before the daemon starts ([`netns::Sites`]).
+    pub ports: Option<[u16; 4]>,
 }
 
 /// A running tandemd with its own data directory.
@@ -93,7 +100,7 @@ impl Daemon {
         let data_dir = tmp.path().join("data");
         let mut d = Daemon {
             child: None,
-            ports: free_ports(),
+            ports: opts.ports.unwrap_or_else(free_ports),
             log_path: tmp.path().join("tandemd.log"),
             data_dir,
             _tmp: Some(tmp),
@@ -164,7 +171,10 @@ impl Daemon {
             match self.try_spawn() {
                 Ok(()) => return,
                 Err(log)
-                    if first_start && attempt < 2 && log.contains("Address already in use") =>
+                    if first_start
+                        && attempt < 2
+                        && self.opts.ports.is_none()
+                        && log.contains("Address already in use") =>
                 {
                     self.ports = free_ports();
                 }
@@ -180,7 +190,7 @@ impl Daemon {
             .append(true)
             .open(&self.log_path)
             .expect("open daemon log");
-        let mut cmd = Command::new(bin("tandemd"));
+        let mut cmd = self.command(bin("tandemd"));
         let [admin, nbd, metrics, data] = self.ports;
         cmd.arg("--data-dir")
             .arg(&self.data_dir)
@@ -304,10 +314,16 @@ impl Daemon {
         format!("nbd://{}/{volume}", self.nbd_addr)
     }
 
+    /// A command that runs `program` where this daemon runs (inside its network
+    /// namespace, if it has one).
+    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        netns::command(self.opts.netns.as_deref(), program)
+    }
+
     /// Runs tandemctl against this daemon.
     pub fn ctl(&self, args: &[&str]) -> CtlOutput {
         let out = run_bounded(
-            Command::new(bin("tandemctl"))
+            self.command(bin("tandemctl"))
                 .arg("--endpoint")
                 .arg(format!("http://{}", self.admin_addr))
                 .args(args),
@@ -345,7 +361,10 @@ impl Daemon {
 
     /// The Prometheus text from /metrics.
     pub fn metrics(&self) -> String {
-        http_get(&self.metrics_addr, "/metrics")
+        match &self.opts.netns {
+            None => http_get(&self.metrics_addr, "/metrics"),
+            Some(ns) => netns::in_ns(ns, || http_get(&self.metrics_addr, "/metrics")),
+        }
     }
 
     /// Value of one metric series (the first line that starts with `series`), or 0.
