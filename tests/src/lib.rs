@@ -433,8 +433,9 @@ pub fn http_get(addr: &str, path: &str) -> String {
         .unwrap_or(body)
 }
 
-/// Runs a command with a time limit; kills it when the limit passes.
-pub fn run_bounded(cmd: &mut Command, limit: Duration) -> Output {
+/// Runs a command with a time limit. `None` when the limit passed (the command was
+/// killed), so a blocked client can be told from one that failed.
+pub fn run_limited(cmd: &mut Command, limit: Duration) -> Option<Output> {
     let mut child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -456,20 +457,27 @@ pub fn run_bounded(cmd: &mut Command, limit: Duration) -> Output {
     let deadline = Instant::now() + limit;
     let status = loop {
         if let Ok(Some(st)) = child.try_wait() {
-            break st;
+            break Some(st);
         }
         if Instant::now() > deadline {
             let _ = child.kill();
             let _ = child.wait();
-            panic!("{cmd:?} ran past {limit:?}");
+            break None;
         }
         std::thread::sleep(Duration::from_millis(10));
     };
-    Output {
+    let stdout = out_t.join().unwrap_or_default();
+    let stderr = err_t.join().unwrap_or_default();
+    status.map(|status| Output {
         status,
-        stdout: out_t.join().unwrap_or_default(),
-        stderr: err_t.join().unwrap_or_default(),
-    }
+        stdout,
+        stderr,
+    })
+}
+
+/// Runs a command with a time limit; fails the test when the limit passes.
+pub fn run_bounded(cmd: &mut Command, limit: Duration) -> Output {
+    run_limited(cmd, limit).unwrap_or_else(|| panic!("{cmd:?} ran past {limit:?}"))
 }
 
 /// Runs qemu-io on an NBD URI with the given `-c` commands.
