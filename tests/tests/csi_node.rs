@@ -450,10 +450,17 @@ fn kill_9_between_stage_steps_then_retried_stage_succeeds_and_leaks_nothing() {
         .unwrap();
     let files = write_files(&staging);
 
-    // 1. Killed after a complete stage.
+    // 1. Killed after a complete stage. The restarted daemon restages by itself (kubelet
+    // would not call NodeStage again for a volume it believes is staged).
     a.d.kill9();
     a.d.spawn();
     a.c = Csi::connect(&a.sock);
+    eventually(Duration::from_secs(30), "restaged at start-up", || {
+        files
+            .iter()
+            .all(|(p, data)| std::fs::read(p).is_ok_and(|got| got == *data))
+            .then_some(())
+    });
     let mut n = a.c.node.clone();
     eventually(
         Duration::from_secs(30),
