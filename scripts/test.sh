@@ -8,7 +8,8 @@
 # loop devices), iproute2 (the site tests put each site in its own network namespace),
 # python3-pip, and the kubernetes-validate package from PyPI (offline schemas for the
 # deploy/ manifests). Runs every test of the workspace: unit tests (both I/O engines), the
-# multi-process tests against real tandemd processes, and compiles the benchmarks.
+# multi-process tests against real tandemd processes (bench/tests/quick.rs runs
+# `tandem-bench run --quick` on a tiny matrix, about 35 s), and compiles the benchmarks.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
