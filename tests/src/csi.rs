@@ -29,24 +29,17 @@ pub struct Csi {
 }
 
 impl Csi {
-    /// Connects to the socket (waiting up to 30 s for it to appear).
+    /// Connects to the socket, retrying for up to 30 s: the daemon may still be starting,
+    /// and a socket file left by a killed daemon exists before the new one listens.
     pub fn connect(socket: &Path) -> Csi {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .expect("runtime");
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        while !socket.exists() {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "CSI socket {} did not appear",
-                socket.display()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let path = socket.to_path_buf();
-        let channel = rt
-            .block_on(
+        let channel = loop {
+            let path = socket.to_path_buf();
+            let attempt = rt.block_on(
                 tonic::transport::Endpoint::try_from("http://[::]:50051")
                     .expect("endpoint")
                     .timeout(Duration::from_secs(120))
@@ -58,8 +51,19 @@ impl Csi {
                             ))
                         }
                     })),
-            )
-            .expect("connect to the CSI socket");
+            );
+            match attempt {
+                Ok(ch) => break ch,
+                Err(e) => {
+                    assert!(
+                        std::time::Instant::now() < deadline,
+                        "cannot connect to the CSI socket {}: {e}",
+                        socket.display()
+                    );
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            }
+        };
         Csi {
             rt,
             identity: IdentityClient::new(channel.clone()),
