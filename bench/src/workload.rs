@@ -3,7 +3,7 @@
 use std::fmt;
 
 /// One measured workload. The fio parameters are those of `scripts/bench-nbd.sh` and
-/// `scripts/bench-rf.sh`, so their figures compare.
+/// the earlier `scripts/bench-rf.sh` (docs/BENCHMARKS.md), so their figures compare.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Workload {
     /// 4 KiB random write, queue depth 1: latency.
@@ -21,7 +21,7 @@ pub enum Workload {
     RandWriteQd1Fsync,
 }
 
-/// Queue depth of the 1 MiB sequential write (as in `scripts/bench-rf.sh`).
+/// Queue depth of the 1 MiB sequential write (as in the earlier `scripts/bench-rf.sh`).
 pub const SEQ_QD: u32 = 4;
 
 impl Workload {

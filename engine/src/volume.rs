@@ -1013,17 +1013,25 @@ impl VolumeManager {
     /// generation instead of returning the stale one. Callers hold `ops`.
     async fn drop_stale_attachments(&self) {
         let state = self.cluster.state();
+        // Scanned under the read lock (this runs on every reconcile); the write lock only
+        // when something is stale.
+        let names: Vec<String> = self
+            .attached
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter(|(name, v)| {
+                state.volumes.get(*name).is_none_or(|r| {
+                    r.attached_node != Some(self.node_id) || r.generation != v.generation()
+                })
+            })
+            .map(|(name, _)| name.clone())
+            .collect();
+        if names.is_empty() {
+            return;
+        }
         let stale: Vec<Arc<AttachedVolume>> = {
             let mut map = self.attached.write().unwrap_or_else(|e| e.into_inner());
-            let names: Vec<String> = map
-                .iter()
-                .filter(|(name, v)| {
-                    state.volumes.get(*name).is_none_or(|r| {
-                        r.attached_node != Some(self.node_id) || r.generation != v.generation()
-                    })
-                })
-                .map(|(name, _)| name.clone())
-                .collect();
             names.iter().filter_map(|n| map.remove(n)).collect()
         };
         for v in stale {

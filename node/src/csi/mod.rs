@@ -143,9 +143,6 @@ pub async fn serve(
 pub fn status(e: VolumeError) -> Status {
     match &e {
         VolumeError::NoPlacement(_) => Status::resource_exhausted(e.to_string()),
-        VolumeError::Store(tandem_engine::store::StoreError::PoolFull { .. }) => {
-            Status::resource_exhausted(e.to_string())
-        }
         _ => crate::admin::status(e),
     }
 }

@@ -266,6 +266,15 @@ impl csi::node_server::Node for Node {
 
 // The OS side: FUSE, loop, mkfs, mounts (crate::attach), on a blocking thread.
 impl Node {
+    /// Runs one attach-layer step on a blocking thread; its error becomes the CSI status.
+    async fn os<T, F>(&self, f: F) -> Result<T, Status>
+    where
+        F: FnOnce(&Attacher) -> crate::attach::Result<T> + Send + 'static,
+        T: Send + 'static,
+    {
+        self.ctx.attacher.run(f).await.map_err(attach_status)
+    }
+
     async fn stage(
         &self,
         id: &str,
@@ -287,23 +296,14 @@ impl Node {
             mode,
         };
         let target: Arc<dyn BlockTarget> = vol;
-        let out = self
-            .ctx
-            .attacher
-            .run(move |a| a.stage(target, &req))
-            .await
-            .map_err(attach_status)?;
+        let out = self.os(move |a| a.stage(target, &req)).await?;
         tracing::info!(volume = %id, device = %out.device.display(), formatted = out.formatted, rebuilt = out.rebuilt_stale, "CSI: volume staged");
         Ok(())
     }
 
     async fn unstage(&self, id: &str, staging: &Path) -> Result<(), Status> {
         let (vid, path) = (id.to_string(), staging.to_path_buf());
-        self.ctx
-            .attacher
-            .run(move |a| a.unstage(&vid, &path))
-            .await
-            .map_err(attach_status)?;
+        self.os(move |a| a.unstage(&vid, &path)).await?;
         let vm = &self.ctx.volumes;
         let attached_here = vm
             .cluster()
@@ -329,12 +329,7 @@ impl Node {
     ) -> Result<(), Status> {
         if single_writer {
             let vid = id.to_string();
-            let rec = self
-                .ctx
-                .attacher
-                .run(move |a| a.recorded(&vid))
-                .await
-                .map_err(attach_status)?;
+            let rec = self.os(move |a| a.recorded(&vid)).await?;
             if let Some(other) = rec
                 .iter()
                 .flat_map(|r| &r.publishes)
@@ -357,20 +352,12 @@ impl Node {
             },
             block: matches!(access, Access::Block),
         };
-        self.ctx
-            .attacher
-            .run(move |a| a.publish(&req))
-            .await
-            .map_err(attach_status)
+        self.os(move |a| a.publish(&req)).await
     }
 
     async fn unpublish(&self, id: &str, target: &Path) -> Result<(), Status> {
         let (vid, path) = (id.to_string(), target.to_path_buf());
-        self.ctx
-            .attacher
-            .run(move |a| a.unpublish(&vid, &path))
-            .await
-            .map_err(attach_status)
+        self.os(move |a| a.unpublish(&vid, &path)).await
     }
 
     /// Usage of a path where this volume is staged or published here (NOT_FOUND for any
@@ -380,40 +367,29 @@ impl Node {
         id: &str,
         path: &Path,
     ) -> Result<(Vec<csi::VolumeUsage>, Option<String>), Status> {
-        let vid = id.to_string();
-        let rec = self
-            .ctx
-            .attacher
-            .run(move |a| a.recorded(&vid))
-            .await
-            .map_err(attach_status)?;
-        let path_n = crate::attach::blockdev::normalize(path);
-        let known = rec.as_ref().is_some_and(|r| {
-            crate::attach::blockdev::normalize(&r.staging_path) == path_n
-                || r.publishes
-                    .iter()
-                    .any(|p| crate::attach::blockdev::normalize(&p.target_path) == path_n)
-        });
-        if !known {
+        // One blocking hop: the record, the statfs and the export's health.
+        let (vid, p) = (id.to_string(), path.to_path_buf());
+        let looked = self
+            .os(move |a| {
+                let Some(r) = a.recorded(&vid)? else {
+                    return Ok(None);
+                };
+                let n = crate::attach::blockdev::normalize;
+                let want = n(&p);
+                let known = n(&r.staging_path) == want
+                    || r.publishes.iter().any(|x| n(&x.target_path) == want);
+                if !known {
+                    return Ok(None);
+                }
+                Ok(Some((Attacher::stats(&p)?, a.condition(&vid))))
+            })
+            .await?;
+        let Some((usage, local)) = looked else {
             return Err(Status::not_found(format!(
                 "volume '{id}' is not staged or published at {}",
                 path.display()
             )));
-        }
-        let p = path.to_path_buf();
-        let usage = self
-            .ctx
-            .attacher
-            .run(move |_| Attacher::stats(&p))
-            .await
-            .map_err(attach_status)?;
-        let vid = id.to_string();
-        let local = self
-            .ctx
-            .attacher
-            .run(move |a| Ok(a.condition(&vid)))
-            .await
-            .map_err(attach_status)?;
+        };
         use csi::volume_usage::Unit;
         let out = match usage {
             VolumeUsage::Filesystem(f) => vec![
@@ -442,11 +418,7 @@ impl Node {
 
     async fn expand(&self, id: &str) -> Result<u64, Status> {
         let vid = id.to_string();
-        self.ctx
-            .attacher
-            .run(move |a| a.expand(&vid))
-            .await
-            .map_err(attach_status)
+        self.os(move |a| a.expand(&vid)).await
     }
 }
 
