@@ -1124,7 +1124,16 @@ impl Inner {
             }
         }
         if failures.is_empty() {
-            return Ok(());
+            if in_sync_ok {
+                return Ok(());
+            }
+            // The ack rule needs at least one in-sync replica that took it: with no target
+            // that counts (every replica async or out of sync), nothing holds the data.
+            return Err(ReplicationError::ReplicasFailed {
+                volume: self.name.clone(),
+                op,
+                detail: "no in-sync replica took it".into(),
+            });
         }
         if let Some(f) = failures.iter().find(|f| f.error.is_stale()) {
             // Generations only grow through an attach elsewhere: this coordinator is stale.

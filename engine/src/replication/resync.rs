@@ -215,14 +215,26 @@ impl Inner {
         }
         let mut enter = Vec::new();
         let mut leave = Vec::new();
+        let mut promoted = Vec::new();
         for m in self.lock_members().iter() {
             let Some(rec) = vol.replica(m.node) else {
                 continue;
             };
             match (m.state, rec.state) {
                 (ReplicaState::InSync, ReplicaState::Async) => enter.push(m.node),
+                (ReplicaState::Async, ReplicaState::InSync) => promoted.push(m.node),
                 (ReplicaState::Async, s) if s != ReplicaState::Async => leave.push(m.node),
                 _ => {}
+            }
+        }
+        // Promoted (`domains deactivate --promote-async`): the record says it holds a
+        // prefix of the acked writes, and this coordinator still has the rest queued. Once
+        // its queue has delivered them it holds every acked write and serves as in sync.
+        // If it cannot get them (its queue failed or is stuck), it is out of sync like any
+        // replica leaving async; writes then fail rather than being acked by no replica.
+        for node in promoted {
+            if !self.promote_async(node).await {
+                leave.push(node);
             }
         }
         let changed = !enter.is_empty() || !leave.is_empty();
@@ -295,6 +307,75 @@ impl Inner {
             self.resync_wake.notify_one();
         }
         changed
+    }
+
+    /// Waits (bounded) for `node`'s async queue to deliver everything queued, then makes it
+    /// in sync in memory. Returns false, changing nothing, when it cannot.
+    async fn promote_async(&self, node: u64) -> bool {
+        let deadline = Instant::now() + 2 * self.cfg.replica_timeout;
+        loop {
+            let lag = {
+                let members = self.lock_members();
+                match members.iter().find(|m| m.node == node) {
+                    Some(m) if m.state == ReplicaState::Async => {
+                        let behind = m.dirty.as_ref().is_some_and(|d| d.count() > 0);
+                        match (&m.async_q, &m.target) {
+                            (Some(q), Some(_)) if !behind => {
+                                let (bytes, _, stopped) = q.lag();
+                                if stopped {
+                                    None
+                                } else {
+                                    Some(bytes)
+                                }
+                            }
+                            _ => None,
+                        }
+                    }
+                    _ => None,
+                }
+            };
+            match lag {
+                None => {
+                    tracing::error!(volume = %self.name, node, "promoted async replica misses acknowledged writes; it is resynced instead");
+                    return false;
+                }
+                Some(0) => break,
+                Some(_) if Instant::now() >= deadline => {
+                    tracing::error!(volume = %self.name, node, "promoted async replica did not catch up in time; it is resynced instead");
+                    return false;
+                }
+                Some(_) => tokio::time::sleep(Duration::from_millis(5)).await,
+            }
+        }
+        let cancelled = {
+            let mut members = self.lock_members();
+            members
+                .iter_mut()
+                .find(|m| m.node == node)
+                .and_then(|m| m.async_q.take())
+                .map(|q| q.cancel())
+        };
+        let mut missed = Vec::new();
+        if let Some((worker, drain)) = cancelled {
+            if let Some(w) = worker {
+                let _ = w.await;
+            }
+            missed = drain.take().0;
+        }
+        let mut members = self.lock_members();
+        let Some(m) = members.iter_mut().find(|m| m.node == node) else {
+            return false;
+        };
+        if !missed.is_empty() {
+            // A write queued after the drain check that the worker never sent.
+            m.mark_behind(self.size_bytes, &missed, Instant::now());
+            return false;
+        }
+        m.state = ReplicaState::InSync;
+        m.dirty = None;
+        m.async_behind_since = None;
+        tracing::warn!(volume = %self.name, node, "promoted async replica is in sync");
+        true
     }
 
     fn set_last_error(&self, node: u64, error: String) {

@@ -158,13 +158,13 @@ struct TestCluster {
     _dir: tempfile::TempDir,
 }
 
-fn node_record(id: u64, addr: &str) -> NodeRecord {
+fn node_record(id: u64, addr: &str, domain: &str) -> NodeRecord {
     NodeRecord {
         id,
         name: format!("node{id}"),
         admin_addr: "127.0.0.1:1".into(),
         data_addr: addr.into(),
-        domain: "d".into(),
+        domain: domain.into(),
         zone: "z".into(),
         rack: "r".into(),
         role: NodeRole::Voter,
@@ -180,12 +180,21 @@ impl TestCluster {
     }
 
     async fn with_pools(replica_nodes: &[u64], pool_bytes: [u64; 3]) -> TestCluster {
+        TestCluster::build(replica_nodes, pool_bytes, ["d"; 3]).await
+    }
+
+    /// Three nodes in the given domains.
+    async fn in_domains(replica_nodes: &[u64], domains: [&str; 3]) -> TestCluster {
+        TestCluster::build(replica_nodes, [1 << 30; 3], domains).await
+    }
+
+    async fn build(replica_nodes: &[u64], pool_bytes: [u64; 3], domains: [&str; 3]) -> TestCluster {
         let dir = tempfile::tempdir().unwrap();
         let meta = InMemoryMeta::new(crate::cluster::ClusterState::new("test"));
         let mut nodes = Vec::new();
         for id in 1..=3u64 {
             meta.apply(&Command::AddNode {
-                node: node_record(id, "127.0.0.1:1"),
+                node: node_record(id, "127.0.0.1:1", domains[id as usize - 1]),
             })
             .unwrap();
             let pool = Pool::open(
@@ -1394,6 +1403,67 @@ async fn async_replica_that_dies_is_resynced_from_dirty_regions() {
         .await;
         assert_verify_clean(&coord, 3).await;
         c.assert_identical(&[1, 2, 3]).await;
+        coord.close().await.unwrap();
+    })
+    .await
+}
+
+/// F1: after `domains deactivate A --promote-async`, a coordinator outside A (on the
+/// promoted async replica's node) must never ack a write that reached no replica. The
+/// promoted replica takes the writes (it is in sync now), and what was acked reads back
+/// from it after the coordinator is replaced.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn promoted_async_replica_takes_every_later_write_and_nothing_is_acked_without_a_copy() {
+    bounded(async {
+        let mut c = TestCluster::in_domains(&[1, 3], ["A", "A", "B"]).await;
+        let coord = c.coordinator(3).await;
+        coord.write(0, pattern(1, 64 << 10), false).await.unwrap();
+        set_mode(&c, &coord, 3, ReplicaState::Async).await;
+        assert_eq!(replica_stats(&coord, 3).state, ReplicaState::Async);
+        coord.write(MIB, pattern(2, 64 << 10), false).await.unwrap();
+        eventually("async replica caught up", || {
+            replica_stats(&coord, 3).async_lag_bytes == 0
+        })
+        .await;
+        // Site A is lost, and the operator promotes the async copy.
+        c.stop(1).await;
+        c.meta
+            .apply(&Command::SetDomainActive {
+                domain: "A".into(),
+                active: false,
+                promote_async: true,
+                unix_seconds: 1,
+            })
+            .unwrap();
+        assert_eq!(c.replica_state(3), ReplicaState::InSync);
+        coord.adopt_replica_states().await;
+        // Membership refreshes run in the background too; let them.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let acked = coord.write(2 * MIB, pattern(3, 64 << 10), false).await;
+        let flushed = coord.flush().await;
+        // The running coordinator adopts the promoted copy as its in-sync replica.
+        assert!(acked.is_ok(), "{acked:?}");
+        if acked.is_ok() {
+            assert!(flushed.is_ok(), "{flushed:?}");
+            let local = c.node(3).replica();
+            assert!(
+                local.read(2 * MIB, 64 << 10).await.unwrap() == pattern(3, 64 << 10),
+                "a write was acked that no replica holds"
+            );
+        }
+        coord.close().await.ok();
+        drop(coord);
+        let coord = c.coordinator(3).await;
+        assert!(coord.read(0, 64 << 10).await.unwrap() == pattern(1, 64 << 10));
+        assert!(coord.read(MIB, 64 << 10).await.unwrap() == pattern(2, 64 << 10));
+        if acked.is_ok() {
+            assert!(
+                coord.read(2 * MIB, 64 << 10).await.unwrap() == pattern(3, 64 << 10),
+                "an acked and flushed write is lost"
+            );
+        }
+        // The promoted copy serves writes as the in-sync replica.
+        coord.write(3 * MIB, pattern(4, 4096), true).await.unwrap();
         coord.close().await.unwrap();
     })
     .await

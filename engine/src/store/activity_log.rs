@@ -3,8 +3,13 @@
 //!
 //! Protocol (after DRBD's activity log, made coarser and simpler):
 //! * Before the first write to a region that is not hot, the region is added to the hot set
-//!   and the set is made durable (one 4 KiB record write + fdatasync). Writes to regions
-//!   that are already hot cost nothing extra.
+//!   and the set is made durable (one 4 KiB record write + fdatasync). A region is hot in
+//!   memory only once that record is durable, so a concurrent write to the same region
+//!   waits for the record instead of racing it; a failed record write leaves it cold.
+//!   Writes to regions that are already hot cost nothing extra.
+//! * The set never holds more than [`AL_MAX_HOT_REGIONS`] regions (what a record holds): a
+//!   write that would overflow it checkpoints, and waits for in-flight writes to end when
+//!   that is not enough. Larger zeroings are split by the store.
 //! * A checkpoint makes data and checksums durable, then retires every hot region with no
 //!   write in flight and records the smaller set. While it runs, new writes wait, so a
 //!   region cannot be written between "its checksums are persisted" and "it is retired".
@@ -23,7 +28,7 @@ use std::ops::RangeInclusive;
 use std::os::unix::fs::FileExt;
 use std::sync::{Arc, Mutex};
 
-use super::{Result, StoreError, AL_MAX_HOT_REGIONS};
+use super::{Result, StoreError, AL_MAX_HOT_REGIONS, AL_MAX_REGIONS_PER_BEGIN};
 
 /// One record slot: room for the header, [`AL_MAX_HOT_REGIONS`] region numbers and the
 /// crc32 (16 + 8 x 1024 + 4 bytes), rounded up to whole 4 KiB pages.
@@ -52,6 +57,15 @@ pub(super) struct ActivityLog {
     state: Mutex<AlState>,
     /// Serializes record writes and checkpoints; holds the next sequence number.
     io: tokio::sync::Mutex<u64>,
+    /// Signalled whenever writes end (a full log waits for in-flight regions to retire).
+    ended: tokio::sync::Notify,
+    /// Tests: while set to a receiver that reads `false`, record writes wait (a slow
+    /// record fsync, or the moment of a power loss).
+    #[cfg(test)]
+    pub(super) hold_records: Mutex<Option<tokio::sync::watch::Receiver<bool>>>,
+    /// Tests: record writes fail with EIO while set.
+    #[cfg(test)]
+    pub(super) fail_records: std::sync::atomic::AtomicBool,
 }
 
 /// Marks writes in flight on a set of regions; dropping it ends them.
@@ -71,10 +85,14 @@ impl Drop for AlGuard<'_> {
                 }
             }
         }
+        drop(st);
+        self.al.ended.notify_waiters();
     }
 }
 
 fn encode(seq: u64, hot: &BTreeSet<u64>) -> Vec<u8> {
+    // `begin` never lets the set grow past what a record holds (and `decode` accepts).
+    assert!(hot.len() <= AL_MAX_HOT_REGIONS, "activity log record over capacity");
     let mut rec = Vec::with_capacity(SLOT_BYTES);
     rec.extend_from_slice(&MAGIC.to_le_bytes());
     rec.extend_from_slice(&seq.to_le_bytes());
@@ -143,6 +161,11 @@ impl ActivityLog {
                 volume: volume.to_string(),
                 state: Mutex::new(AlState::default()),
                 io: tokio::sync::Mutex::new(next_seq),
+                ended: tokio::sync::Notify::new(),
+                #[cfg(test)]
+                hold_records: Mutex::new(None),
+                #[cfg(test)]
+                fail_records: Default::default(),
             },
             recovery,
         ))
@@ -159,6 +182,13 @@ impl ActivityLog {
 
     /// Starts writes on `regions`, making them hot first if needed. `persist` makes data and
     /// checksums durable; it runs when the hot set is full and a checkpoint must make room.
+    ///
+    /// A region counts as hot (and takes the fast path) only once a durable record holds
+    /// it: a write that finds its region merely on its way into the set waits for the
+    /// record. The hot set never exceeds [`AL_MAX_HOT_REGIONS`]: when a checkpoint cannot
+    /// make room (the regions hold writes in flight) this waits for them to end. A request
+    /// wider than the whole log is refused; callers split larger ranges
+    /// ([`AL_MAX_REGIONS_PER_BEGIN`]).
     pub(super) async fn begin<F, Fut>(
         &self,
         regions: RangeInclusive<u64>,
@@ -177,34 +207,57 @@ impl ActivityLog {
                 return Ok(AlGuard { al: self, regions });
             }
         }
-        let mut seq = self.io.lock().await;
-        let needed = {
-            let mut st = self.lock_state();
-            let needed: Vec<u64> = regions.clone().filter(|r| !st.hot.contains(r)).collect();
-            if needed.is_empty() {
-                for r in regions.clone() {
-                    *st.inflight.entry(r).or_default() += 1;
-                }
-                return Ok(AlGuard { al: self, regions });
-            }
-            needed.len()
-        };
-        if self.hot_count() + needed > AL_MAX_HOT_REGIONS {
-            self.checkpoint_locked(&mut seq, &persist).await?;
+        let width = (regions.end() - regions.start() + 1) as usize;
+        if width > AL_MAX_REGIONS_PER_BEGIN {
+            return Err(StoreError::Io {
+                volume: self.volume.clone(),
+                op: "activity log",
+                source: std::io::Error::other(format!(
+                    "{width} regions in one request (at most {AL_MAX_REGIONS_PER_BEGIN})"
+                )),
+            });
         }
-        let record = {
-            let mut st = self.lock_state();
-            for r in regions.clone() {
-                st.hot.insert(r);
-                *st.inflight.entry(r).or_default() += 1;
+        let mut seq = self.io.lock().await;
+        loop {
+            // Registered before the check, so an end between the check and the wait is seen.
+            let ended = self.ended.notified();
+            tokio::pin!(ended);
+            ended.as_mut().enable();
+            let (needed, hot) = {
+                let mut st = self.lock_state();
+                let needed: Vec<u64> = regions.clone().filter(|r| !st.hot.contains(r)).collect();
+                if needed.is_empty() {
+                    for r in regions.clone() {
+                        *st.inflight.entry(r).or_default() += 1;
+                    }
+                    return Ok(AlGuard { al: self, regions });
+                }
+                (needed, st.hot.len())
+            };
+            if hot + needed.len() <= AL_MAX_HOT_REGIONS {
+                let record = {
+                    let mut st = self.lock_state();
+                    // In flight from now on (a checkpoint cannot retire them), but not hot
+                    // until the record holding them is durable.
+                    for r in regions.clone() {
+                        *st.inflight.entry(r).or_default() += 1;
+                    }
+                    let mut record = st.hot.clone();
+                    record.extend(needed.iter().copied());
+                    record
+                };
+                let guard = AlGuard { al: self, regions };
+                // On error the guard ends the writes and the regions stay cold.
+                self.write_record(&mut seq, &record).await?;
+                self.lock_state().hot.extend(needed);
+                return Ok(guard);
             }
-            st.hot.clone()
-        };
-        let guard = AlGuard { al: self, regions };
-        // On error the guard ends the writes; the regions stay hot in memory, which only
-        // means a later checkpoint retires them.
-        self.write_record(&mut seq, &record).await?;
-        Ok(guard)
+            self.checkpoint_locked(&mut seq, &persist).await?;
+            if self.hot_count() + needed.len() > AL_MAX_HOT_REGIONS {
+                // Every hot region left holds a write in flight: wait for one to end.
+                ended.await;
+            }
+        }
     }
 
     /// Persists data and checksums and retires every idle hot region.
@@ -247,6 +300,20 @@ impl ActivityLog {
     }
 
     async fn write_record(&self, seq: &mut u64, hot: &BTreeSet<u64>) -> Result<()> {
+        #[cfg(test)]
+        {
+            let hold = self.hold_records.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            if let Some(mut release) = hold {
+                let _ = release.wait_for(|r| *r).await;
+            }
+            if self.fail_records.load(std::sync::atomic::Ordering::Relaxed) {
+                return Err(StoreError::Io {
+                    volume: self.volume.clone(),
+                    op: "write activity log",
+                    source: std::io::Error::from_raw_os_error(libc::EIO),
+                });
+            }
+        }
         let rec = encode(*seq, hot);
         let offset = (*seq % 2) * SLOT_BYTES as u64;
         *seq += 1;

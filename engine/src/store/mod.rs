@@ -48,6 +48,10 @@ pub const REGION_SIZE: u64 = BLOCKS_PER_REGION * BLOCK_SIZE as u64;
 /// the working set that random writes can touch without activity-log fsyncs (a smaller log
 /// measurably thrashed under random writes over 2 GiB, docs/BENCHMARKS.md).
 pub const AL_MAX_HOT_REGIONS: usize = 1024;
+
+/// Most regions one write or zeroing enters the activity log with at once; the store
+/// splits a wider zeroing (a whole-device discard) into pieces of this many regions.
+pub const AL_MAX_REGIONS_PER_BEGIN: usize = 64;
 /// Largest single I/O the store accepts (the NBD maximum payload we advertise).
 pub const MAX_IO_BYTES: usize = 32 << 20;
 
@@ -752,41 +756,53 @@ impl Replica {
         for (off, l) in edges {
             self.write(off, vec![0; l as usize], false).await?;
         }
-        if full_first < full_last {
-            let tables = self.tables.read().await;
-            let _guard = self.range_lock.lock(full_first, full_last).await;
-            let _al = self.al_begin(&tables, full_first, full_last).await?;
-            let (start_b, len_b) = (full_first * bs, (full_last - full_first) * bs);
-            // SAFETY: fallocate on our own fd with in-range arguments.
-            let rc = unsafe {
-                libc::fallocate(
-                    self.data.as_raw_fd(),
-                    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                    start_b as i64,
-                    len_b as i64,
-                )
-            };
-            if rc != 0 {
-                return Err(self.io_err("punch hole", io::Error::last_os_error()));
-            }
-            let mut freed = 0u64;
-            for b in full_first..full_last {
-                if let Some(chunk) = tables.chunk(b) {
-                    let idx = (b % BLOCKS_PER_REGION) as usize;
-                    if chunk.is_allocated(idx) {
-                        chunk.set_allocated(idx, false);
-                        freed += 1;
-                    }
-                    chunk.crc[idx].store(0, Ordering::Release);
-                    chunk.dirty.store(true, Ordering::Release);
-                }
-            }
-            self.allocated_blocks.fetch_sub(freed, Ordering::AcqRel);
-            self.pool.release(freed * bs);
+        // Whole blocks, a piece of at most AL_MAX_REGIONS_PER_BEGIN regions at a time.
+        let piece_blocks = AL_MAX_REGIONS_PER_BEGIN as u64 * BLOCKS_PER_REGION;
+        let mut b0 = full_first;
+        while b0 < full_last {
+            let b1 = ((b0 / piece_blocks + 1) * piece_blocks).min(full_last);
+            self.punch_blocks(b0, b1).await?;
+            b0 = b1;
         }
         if fua {
             self.flush().await?;
         }
+        Ok(())
+    }
+
+    /// Deallocates whole blocks `[first, last)`, within AL_MAX_REGIONS_PER_BEGIN regions.
+    async fn punch_blocks(&self, first: u64, last: u64) -> Result<()> {
+        let bs = BLOCK_SIZE as u64;
+        let tables = self.tables.read().await;
+        let _guard = self.range_lock.lock(first, last).await;
+        let _al = self.al_begin(&tables, first, last).await?;
+        let (start_b, len_b) = (first * bs, (last - first) * bs);
+        // SAFETY: fallocate on our own fd with in-range arguments.
+        let rc = unsafe {
+            libc::fallocate(
+                self.data.as_raw_fd(),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                start_b as i64,
+                len_b as i64,
+            )
+        };
+        if rc != 0 {
+            return Err(self.io_err("punch hole", io::Error::last_os_error()));
+        }
+        let mut freed = 0u64;
+        for b in first..last {
+            if let Some(chunk) = tables.chunk(b) {
+                let idx = (b % BLOCKS_PER_REGION) as usize;
+                if chunk.is_allocated(idx) {
+                    chunk.set_allocated(idx, false);
+                    freed += 1;
+                }
+                chunk.crc[idx].store(0, Ordering::Release);
+                chunk.dirty.store(true, Ordering::Release);
+            }
+        }
+        self.allocated_blocks.fetch_sub(freed, Ordering::AcqRel);
+        self.pool.release(freed * bs);
         Ok(())
     }
 
