@@ -307,6 +307,19 @@ pub(super) struct Inner {
 pub(super) struct Failure {
     pub(super) node: u64,
     pub(super) error: TargetError,
+    /// The replica may have lost more than this I/O (a failed fdatasync).
+    pub(super) whole: bool,
+}
+
+impl Failure {
+    /// What the replica may miss: `range`, or everything (`None`) when `whole`.
+    fn range(&self, range: Option<(u64, u64)>) -> Option<(u64, u64)> {
+        if self.whole {
+            None
+        } else {
+            range
+        }
+    }
 }
 
 /// The coordinator of one attached volume. See the module doc.
@@ -905,9 +918,10 @@ impl Inner {
         }
     }
 
-    /// A replica failed `op` on bytes `range` (or on everything, for a flush). Ejects it
-    /// if it is in sync (committed before this returns Ok), sends a resyncing one back to
-    /// out-of-sync, and records the range in its dirty bitmap.
+    /// A replica failed `op` on bytes `range`, or, with `None`, a flush or a FUA write (any
+    /// write since its last good flush may be lost). Ejects it if it is in sync (committed
+    /// before this returns Ok), sends a resyncing one back to out-of-sync, and records the
+    /// range in its dirty bitmap (`None`: a full comparison).
     pub(super) async fn replica_failed(
         &self,
         node: u64,
@@ -999,8 +1013,15 @@ impl Inner {
                 m.target = Some(t); // the local path has no connection to renew
             }
         }
-        if let (Some((off, len)), Some(d)) = (range, m.dirty.as_mut()) {
-            d.set_bytes(off, len, DIRTY_REGION_BYTES);
+        match range {
+            Some((off, len)) => {
+                if let Some(d) = m.dirty.as_mut() {
+                    d.set_bytes(off, len, DIRTY_REGION_BYTES);
+                }
+            }
+            // A failed flush (fsyncgate): any write since its last good flush may be gone,
+            // and a retried fsync would succeed anyway. A full comparison covers them all.
+            None => m.dirty = None,
         }
         m.last_error = Some(error.to_string());
     }
@@ -1107,6 +1128,21 @@ impl Inner {
         range: Option<(u64, u64)>,
         results: Vec<(u64, ReplicaState, Result<(), TargetError>)>,
     ) -> Result<()> {
+        let results = results
+            .into_iter()
+            .map(|(node, state, res)| (node, state, res.map_err(|e| (e, false))))
+            .collect();
+        self.settle_with(op, range, results).await
+    }
+
+    /// [`Inner::settle`], where a failure flagged `true` that the replica itself reported
+    /// (a status, not a lost connection) marks the replica for a full comparison.
+    async fn settle_with(
+        &self,
+        op: &'static str,
+        range: Option<(u64, u64)>,
+        results: Vec<(u64, ReplicaState, Result<(), (TargetError, bool)>)>,
+    ) -> Result<()> {
         let mut in_sync_ok = false;
         let mut in_sync_failed = 0usize;
         let mut in_sync_no_space = 0usize;
@@ -1114,12 +1150,13 @@ impl Inner {
         for (node, state, res) in results {
             match res {
                 Ok(()) => in_sync_ok |= state == ReplicaState::InSync,
-                Err(error) => {
+                Err((error, synced)) => {
                     if state == ReplicaState::InSync {
                         in_sync_failed += 1;
                         in_sync_no_space += error.is_no_space() as usize;
                     }
-                    failures.push(Failure { node, error });
+                    let whole = synced && matches!(error, TargetError::Status(_));
+                    failures.push(Failure { node, error, whole });
                 }
             }
         }
@@ -1152,7 +1189,8 @@ impl Inner {
                 .map(|m| m.node)
                 .collect();
             for f in failures.iter().filter(|f| resyncing.contains(&f.node)) {
-                self.replica_failed(f.node, range, &f.error, op).await?;
+                self.replica_failed(f.node, f.range(range), &f.error, op)
+                    .await?;
             }
             let detail = failures
                 .iter()
@@ -1171,7 +1209,8 @@ impl Inner {
             });
         }
         for f in &failures {
-            self.replica_failed(f.node, range, &f.error, op).await?;
+            self.replica_failed(f.node, f.range(range), &f.error, op)
+                .await?;
         }
         Ok(())
     }
@@ -1236,7 +1275,13 @@ impl Inner {
                 async move { t.write(ctx, offset, data, fua).await }
             })
             .await;
-        let res = self.settle("write", Some((offset, len)), results).await;
+        // A FUA write the replica answered with an error may have failed its fdatasync:
+        // like a failed flush, that may have lost any earlier write (see `mark_out_of_sync`).
+        let results = results
+            .into_iter()
+            .map(|(node, state, res)| (node, state, res.map_err(|e| (e, fua))))
+            .collect();
+        let res = self.settle_with("write", Some((offset, len)), results).await;
         self.hot.finish(r0, r1, res.is_ok());
         res
     }

@@ -93,11 +93,26 @@ struct Faulty {
     stall: Mutex<Option<watch::Receiver<bool>>>,
     /// Offsets of the `Write` frames that reached the server, in order.
     seen_writes: Mutex<Vec<u64>>,
+    /// This many `Flush` frames are answered EIO without reaching the server (a failed
+    /// writeback: fsyncgate).
+    fail_flushes: std::sync::atomic::AtomicU32,
 }
 
 #[async_trait::async_trait]
 impl FrameHandler for Faulty {
     async fn handle(&self, peer_node_id: u64, req: Frame) -> Frame {
+        if req.kind == Kind::Flush
+            && self
+                .fail_flushes
+                .fetch_update(
+                    std::sync::atomic::Ordering::SeqCst,
+                    std::sync::atomic::Ordering::SeqCst,
+                    |n| n.checked_sub(1),
+                )
+                .is_ok()
+        {
+            return Frame::reply_to(&req, libc::EIO as u32, Bytes::new());
+        }
         if matches!(req.kind, Kind::Write | Kind::WriteZeroes) {
             let stall = self.stall.lock().unwrap().clone();
             if let Some(mut release) = stall {
@@ -212,6 +227,7 @@ impl TestCluster {
                 write_delay: Mutex::new(Duration::ZERO),
                 stall: Mutex::new(None),
                 seen_writes: Mutex::new(Vec::new()),
+                fail_flushes: Default::default(),
             });
             nodes.push(Node {
                 pool,
@@ -1464,6 +1480,38 @@ async fn promoted_async_replica_takes_every_later_write_and_nothing_is_acked_wit
         }
         // The promoted copy serves writes as the in-sync replica.
         coord.write(3 * MIB, pattern(4, 4096), true).await.unwrap();
+        coord.close().await.unwrap();
+    })
+    .await
+}
+
+/// F4 (fsyncgate): a replica whose flush failed may have lost any write since its last good
+/// flush, and a retried fsync succeeds anyway. It must get every such region compared (here:
+/// a full comparison) before it is in sync again, never an empty bitmap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_flush_ejects_with_everything_since_the_last_good_flush_to_compare() {
+    bounded(async {
+        let c = TestCluster::new(&[1, 2, 3]).await;
+        let coord = c.coordinator(1).await;
+        coord.write(0, pattern(1, 64 << 10), true).await.unwrap();
+        coord.write(0, pattern(2, 64 << 10), false).await.unwrap();
+        // Node 3's writeback of that write fails: the page is dropped (its disk holds the
+        // old bytes) and its next fsync reports EIO, once.
+        let path = c.node(3).pool.dir().join(format!("{}.data", c.vol_id));
+        let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+        f.write_all_at(&pattern(1, 64 << 10), 0).unwrap();
+        c.node(3)
+            .faulty
+            .fail_flushes
+            .store(1, std::sync::atomic::Ordering::SeqCst);
+        coord.flush().await.unwrap();
+        assert_ne!(c.replica_state(3), ReplicaState::InSync, "node 3 was not ejected");
+        eventually("node 3 back in sync", || {
+            c.replica_state(3) == ReplicaState::InSync
+        })
+        .await;
+        assert_verify_clean(&coord, 3).await;
+        c.assert_identical(&[1, 2, 3]).await;
         coord.close().await.unwrap();
     })
     .await
