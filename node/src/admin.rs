@@ -328,9 +328,9 @@ impl VolumeService for AdminApi {
                 .iter()
                 .map(|m| {
                     let crcs: Vec<String> = m
-                        .crcs
+                        .digests
                         .iter()
-                        .map(|(n, c)| format!("{}={c:08x}", name(n)))
+                        .map(|(n, c)| format!("{}={c:016x}", name(n)))
                         .collect();
                     format!(
                         "block {} (offset {}): {}",

@@ -161,8 +161,8 @@ pub struct CoordinatorStats {
 pub struct BlockMismatch {
     pub block: u64,
     pub offset_bytes: u64,
-    /// (node, crc32 of its block).
-    pub crcs: Vec<(u64, u32)>,
+    /// (node, digest of its block: [`crate::store::block_digest`]).
+    pub digests: Vec<(u64, u64)>,
 }
 
 /// What [`Coordinator::verify`] found.
@@ -1506,7 +1506,7 @@ impl Inner {
                         report.mismatches.push(BlockMismatch {
                             block,
                             offset_bytes: block * BLOCK_SIZE as u64,
-                            crcs: sums
+                            digests: sums
                                 .iter()
                                 .filter(|(_, s, _)| *s == ReplicaState::InSync)
                                 .map(|(n, _, c)| (*n, c[i]))

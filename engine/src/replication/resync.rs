@@ -35,7 +35,7 @@ pub(super) enum CopyError {
 }
 
 /// Makes `dst` hold what `src` holds in `[offset, offset + len)` (block aligned, at most
-/// [`MAX_IO_BYTES`]), copying only the blocks whose checksums differ. Returns the number
+/// [`MAX_IO_BYTES`]), copying only the blocks whose digests differ. Returns the number
 /// of blocks copied. The caller holds the range lock.
 pub(super) async fn sync_range(
     ctx: Ctx,

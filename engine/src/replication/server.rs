@@ -28,7 +28,7 @@
 //! | `Write`       | offset, length, payload, FUA    | empty                                 |
 //! | `WriteZeroes` | offset, length, FUA             | empty                                 |
 //! | `Flush`       |                                 | empty                                 |
-//! | `Checksums`   | offset, length (<= 32 MiB)      | crc32 (BE) per 4 KiB block covered    |
+//! | `Checksums`   | offset, length (<= 32 MiB)      | 8-byte digest (BE) per 4 KiB block    |
 //!
 //! Other kinds are answered `EOPNOTSUPP`; an unknown volume, or a volume with no replica on
 //! this node, `ENOENT`; store errors map through [`crate::store::StoreError::errno`].
@@ -359,9 +359,9 @@ impl ReplicaServer {
                     .checksums(req.offset, req.length as u64)
                     .await
                     .map_err(errno)?;
-                let mut b = BytesMut::with_capacity(crcs.len() * 4);
+                let mut b = BytesMut::with_capacity(crcs.len() * 8);
                 for c in crcs {
-                    b.put_u32(c);
+                    b.put_u64(c);
                 }
                 Ok(b.freeze())
             }
@@ -370,21 +370,22 @@ impl ReplicaServer {
     }
 }
 
-/// Decodes a `Checksums` reply for `[offset, offset + len)`: one crc32 per block covered.
-pub(crate) fn decode_checksums(offset: u64, len: u64, payload: &[u8]) -> Option<Vec<u32>> {
+/// Decodes a `Checksums` reply for `[offset, offset + len)`: one block digest per block
+/// covered ([`crate::store::block_digest`]).
+pub(crate) fn decode_checksums(offset: u64, len: u64, payload: &[u8]) -> Option<Vec<u64>> {
     let bs = BLOCK_SIZE as u64;
     let blocks = if len == 0 {
         0
     } else {
         (offset + len).div_ceil(bs) - offset / bs
     };
-    if payload.len() as u64 != blocks * 4 {
+    if payload.len() as u64 != blocks * 8 {
         return None;
     }
     Some(
         payload
-            .chunks_exact(4)
-            .map(|c| u32::from_be_bytes([c[0], c[1], c[2], c[3]]))
+            .chunks_exact(8)
+            .map(|c| u64::from_be_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
             .collect(),
     )
 }

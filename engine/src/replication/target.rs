@@ -242,13 +242,13 @@ impl Target {
         self.call(f, ctx.timeout).await.map(|_| ())
     }
 
-    /// crc32 per 4 KiB block of `[offset, offset + len)` (see `Replica::checksums`).
+    /// A digest per 4 KiB block of `[offset, offset + len)` (see `Replica::checksums`).
     pub(super) async fn checksums(
         &self,
         ctx: Ctx,
         offset: u64,
         len: u64,
-    ) -> Result<Vec<u32>, TargetError> {
+    ) -> Result<Vec<u64>, TargetError> {
         let f = Frame::request(
             Kind::Checksums,
             ctx.wire_id,

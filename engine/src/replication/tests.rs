@@ -1130,10 +1130,10 @@ async fn replica_server_fences_by_generation_and_session() {
             .await;
         ok(&r);
         let crcs = server::decode_checksums(0, 16384, &r.payload).unwrap();
-        let zero = crate::store::zero_block_crc();
+        let zero = crate::store::zero_block_digest();
         assert_eq!(
             crcs,
-            vec![crc32fast::hash(&pattern(1, 4096)), zero, zero, zero]
+            vec![crate::store::block_digest(&pattern(1, 4096)), zero, zero, zero]
         );
 
         // A newer generation than the metadata has: held, then refused (paused clock).
@@ -1512,6 +1512,98 @@ async fn failed_flush_ejects_with_everything_since_the_last_good_flush_to_compar
         .await;
         assert_verify_clean(&coord, 3).await;
         c.assert_identical(&[1, 2, 3]).await;
+        coord.close().await.unwrap();
+    })
+    .await
+}
+
+/// A 4 KiB block of pseudo-random bytes whose crc32 is `target`: crc32 is affine over
+/// GF(2), so the last 4 bytes are solved for (Gaussian elimination on their 32 bits).
+fn block_with_crc32(target: u32, seed: u64) -> Vec<u8> {
+    let mut block = pattern(seed, BLOCK_SIZE);
+    let tail = BLOCK_SIZE - 4;
+    block[tail..].fill(0);
+    let base = crc32fast::hash(&block);
+    // Column i: how flipping bit i of the tail changes the crc.
+    let cols: Vec<u32> = (0..32)
+        .map(|i| {
+            let mut b = block.clone();
+            b[tail + i / 8] ^= 1 << (i % 8);
+            crc32fast::hash(&b) ^ base
+        })
+        .collect();
+    // Solve sum(x_i * cols[i]) = base ^ target: rows are crc bits, augmented with the
+    // combination of tail bits that produced them.
+    let mut rows: Vec<(u32, u32)> = cols.iter().enumerate().map(|(i, &c)| (c, 1u32 << i)).collect();
+    let mut basis: Vec<(u32, u32)> = Vec::new();
+    for (mut v, mut combo) in rows.drain(..) {
+        for &(bv, bc) in &basis {
+            if v ^ bv < v {
+                v ^= bv;
+                combo ^= bc;
+            }
+        }
+        if v != 0 {
+            basis.push((v, combo));
+            basis.sort_by(|a, b| b.0.cmp(&a.0));
+        }
+    }
+    let mut want = base ^ target;
+    let mut bits = 0u32;
+    for &(bv, bc) in &basis {
+        if want ^ bv < want {
+            want ^= bv;
+            bits ^= bc;
+        }
+    }
+    assert_eq!(want, 0, "the tail spans every crc");
+    for i in 0..32 {
+        if bits & (1 << i) != 0 {
+            block[tail + i / 8] ^= 1 << (i % 8);
+        }
+    }
+    assert_eq!(crc32fast::hash(&block), target);
+    block
+}
+
+/// F7: comparisons must not trust a 32-bit crc match. A written block whose crc32 equals
+/// that of a zero block (one in 2^32 random blocks) must still reach a brand-new replica,
+/// and `verify` must see a difference that crc32 cannot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn block_whose_crc32_equals_the_zero_blocks_reaches_a_new_replica() {
+    bounded(async {
+        let c = TestCluster::new(&[1, 2]).await;
+        let coord = c.coordinator(1).await;
+        let zero_crc = crc32fast::hash(&[0u8; BLOCK_SIZE]);
+        let tricky = block_with_crc32(zero_crc, 7);
+        coord.write(8 * MIB, tricky.clone(), true).await.unwrap();
+        let mut replicas = c.volume().replicas;
+        replicas.push(ReplicaRecord {
+            node: 3,
+            state: ReplicaState::OutOfSync,
+            generation: coord.generation(),
+            resync_done_bytes: 0,
+            resync_total_bytes: 0,
+        });
+        c.meta
+            .apply(&Command::SetReplicas {
+                name: VOLUME.into(),
+                replicas,
+                repl: 3,
+                generation: coord.generation(),
+            })
+            .unwrap();
+        eventually("node 3 in sync", || {
+            c.replica_state(3) == ReplicaState::InSync
+        })
+        .await;
+        let on3 = c.node(3).replica().read(8 * MIB, BLOCK_SIZE).await.unwrap();
+        assert!(on3 == tricky, "the new replica did not get the block");
+        // Same crc32, other bytes: verify must report it.
+        let other = block_with_crc32(crc32fast::hash(&tricky), 8);
+        c.node(2).replica().write(8 * MIB, other, true).await.unwrap();
+        let report = coord.verify().await.unwrap();
+        assert_eq!(report.mismatched_blocks, 1, "{report:?}");
         coord.close().await.unwrap();
     })
     .await

@@ -329,11 +329,21 @@ fn block_matches(data: &[u8], stored: u32) -> Result<(), u32> {
     }
 }
 
-/// The crc32 of a 4 KiB block of zeros: what [`Replica::checksums`] reports for a block
-/// that was never written, so it compares equal to a written block of zeros.
-pub fn zero_block_crc() -> u32 {
-    static CRC: OnceLock<u32> = OnceLock::new();
-    *CRC.get_or_init(|| crc32fast::hash(&[0u8; BLOCK_SIZE]))
+/// The digest replicas are compared by (resync, verify, reconciliation): the first 8
+/// bytes of the block's SHA-256. Not the crc32 the store keeps per block: one random block
+/// in 2^32 shares its crc32 with a zero block (about one per 16 TiB written), and a
+/// comparison that trusts such a match leaves the block uncopied.
+pub fn block_digest(block: &[u8]) -> u64 {
+    use sha2::Digest;
+    let d = sha2::Sha256::digest(block);
+    u64::from_be_bytes([d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7]])
+}
+
+/// [`block_digest`] of a 4 KiB block of zeros: what [`Replica::checksums`] reports for a
+/// block that was never written, so it compares equal to a written block of zeros.
+pub fn zero_block_digest() -> u64 {
+    static D: OnceLock<u64> = OnceLock::new();
+    *D.get_or_init(|| block_digest(&[0u8; BLOCK_SIZE]))
 }
 
 /// Data extents of a sparse file, as (start, end) byte ranges, via SEEK_DATA/SEEK_HOLE.
@@ -610,20 +620,20 @@ impl Replica {
         Ok(buf)
     }
 
-    /// The crc32 of every 4 KiB block covering `[offset, offset + len)`, one per block in
-    /// order, computed from the bytes the store holds: what replication compares to decide
-    /// whether two replicas hold the same data (resync, verify, reconciliation).
+    /// The [`block_digest`] of every 4 KiB block covering `[offset, offset + len)`, one per
+    /// block in order, computed from the bytes the store holds: what replication compares
+    /// to decide whether two replicas hold the same data (resync, verify, reconciliation).
     ///
-    /// * A never-written (or trimmed) block reports [`zero_block_crc`], the crc32 of a zero
-    ///   block, so it compares equal to a block that was written with zeros elsewhere.
+    /// * A never-written (or trimmed) block reports [`zero_block_digest`], so it compares
+    ///   equal to a block that was written with zeros elsewhere.
     /// * A block whose bytes fail their stored checksum (after a re-check under the block's
     ///   lock, as in [`Replica::read`]) is counted in [`Replica::checksum_errors`] and logged,
-    ///   and reports the crc32 of its bytes as they are. Those differ from a good replica's,
+    ///   and reports the digest of its bytes as they are. Those differ from a good replica's,
     ///   so a comparison finds the block and copies a good version over it; the corrupt
     ///   bytes themselves are never returned.
     ///
     /// At most [`MAX_IO_BYTES`] per call. Reads data only where blocks are allocated.
-    pub async fn checksums(&self, offset: u64, len: u64) -> Result<Vec<u32>> {
+    pub async fn checksums(&self, offset: u64, len: u64) -> Result<Vec<u64>> {
         let tables = self.tables.read().await;
         self.check_range(&tables, offset, len)?;
         if len == 0 {
@@ -632,7 +642,7 @@ impl Replica {
         let bs = BLOCK_SIZE as u64;
         let first = offset / bs;
         let last = (offset + len).div_ceil(bs);
-        let zero = zero_block_crc();
+        let zero = zero_block_digest();
         if !(first..last).any(|b| tables.is_allocated(b)) {
             return Ok(vec![zero; (last - first) as usize]);
         }
@@ -653,7 +663,7 @@ impl Replica {
                 continue;
             }
             if block_matches(block, tables.stored_crc(b)).is_ok() {
-                out.push(crc32fast::hash(block));
+                out.push(block_digest(block));
                 continue;
             }
             // As in `read`: a concurrent write may sit between its data and its checksum.
@@ -672,7 +682,7 @@ impl Replica {
                 self.checksum_errors.fetch_add(1, Ordering::Relaxed);
                 tracing::error!(volume = %self.name, block = b, expected = stored, actual, "checksum mismatch while computing replica checksums");
             }
-            out.push(crc32fast::hash(&fresh));
+            out.push(block_digest(&fresh));
         }
         Ok(out)
     }
