@@ -203,6 +203,11 @@ pub(super) struct Member {
     pub(super) async_q: Option<AsyncQueue>,
     /// While async: since when it misses a write that is only in its dirty bitmap.
     pub(super) async_behind_since: Option<std::time::Instant>,
+    /// Its store's suspect flags and epoch at its last `Open` (`OpenInfo::suspect`): a
+    /// suspect replica gets a full comparison, which then clears the flags.
+    pub(super) suspect: (u64, u64),
+    /// The running resync compares every block (it started without a dirty bitmap).
+    pub(super) full_compare: bool,
 }
 
 impl Member {
@@ -219,6 +224,8 @@ impl Member {
             last_error: None,
             async_q: None,
             async_behind_since: None,
+            suspect: (0, 0),
+            full_compare: false,
         }
     }
 
@@ -487,6 +494,7 @@ impl Coordinator {
                 Ok((target, info)) => {
                     m.target = Some(target);
                     m.instance = Some(info.instance);
+                    m.suspect = (info.suspect, info.suspect_epoch);
                     // An out-of-sync or resyncing replica from an earlier generation is
                     // unknown to this coordinator: it gets a full comparison.
                     if rec.state == ReplicaState::InSync {
@@ -518,6 +526,46 @@ impl Coordinator {
         }
         for node in unreachable_in_sync {
             inner.eject_at_open(node).await?;
+        }
+        // A replica whose files were created empty (a missing pool mount, a replaced disk)
+        // holds nothing, whatever its record says: while another in-sync copy holds data,
+        // it is ejected and gets a full copy. When every in-sync copy was created empty
+        // (a new volume), they are all identical and trusted; their flag is cleared.
+        let created = |m: &Member| m.suspect.0 & crate::store::SUSPECT_CREATED != 0;
+        let (empty, trusted): (Vec<u64>, usize) = {
+            let members = inner.lock_members();
+            let in_sync: Vec<&Member> = members
+                .iter()
+                .filter(|m| m.state == ReplicaState::InSync)
+                .collect();
+            (
+                in_sync.iter().filter(|m| created(m)).map(|m| m.node).collect(),
+                in_sync.iter().filter(|m| !created(m)).count(),
+            )
+        };
+        if trusted > 0 {
+            for node in empty {
+                tracing::warn!(volume = %inner.name, node, "in-sync replica was created empty (missing files); it gets a full copy");
+                if let Some(m) = inner.lock_members().iter_mut().find(|m| m.node == node) {
+                    m.state = ReplicaState::OutOfSync;
+                    m.dirty = None;
+                }
+                inner.eject_at_open(node).await?;
+            }
+        } else {
+            let new: Vec<(u64, Target, u64)> = inner
+                .lock_members()
+                .iter()
+                .filter(|m| m.state == ReplicaState::InSync && m.suspect.0 == crate::store::SUSPECT_CREATED)
+                .filter_map(|m| m.target.clone().map(|t| (m.node, t, m.suspect.1)))
+                .collect();
+            for (node, t, epoch) in new {
+                if t.clear_suspect(inner.ctx, epoch).await.is_ok() {
+                    if let Some(m) = inner.lock_members().iter_mut().find(|m| m.node == node) {
+                        m.suspect = (0, 0);
+                    }
+                }
+            }
         }
         // An async replica's lag is unknown to a new coordinator (the previous one may
         // have acked writes it never received): it is committed out of sync before any
@@ -1082,6 +1130,15 @@ impl Inner {
             .filter_map(|m| m.target.clone().map(|t| (m.node, t)))
             .collect();
         out.sort_by_key(|(_, t)| !t.is_local());
+        // A suspect copy (recovered after a crash, a failed fdatasync) is the last choice,
+        // also as the source when reconciling.
+        let suspect: Vec<u64> = self
+            .lock_members()
+            .iter()
+            .filter(|m| m.suspect.0 != 0)
+            .map(|m| m.node)
+            .collect();
+        out.sort_by_key(|(n, _)| suspect.contains(n));
         out
     }
 

@@ -423,13 +423,17 @@ impl Inner {
                     let Some(m) = members.iter_mut().find(|m| m.node == node) else {
                         return;
                     };
-                    if m.instance.is_some_and(|i| i != info.instance) && info.recovered_regions > 0
+                    if info.suspect != 0
+                        || (m.instance.is_some_and(|i| i != info.instance)
+                            && info.recovered_regions > 0)
                     {
-                        // Reopened after an unclean stop: writes it acked but had not
-                        // flushed may be gone, wherever they were.
-                        tracing::warn!(volume = %self.name, node, "replica restarted after an unclean stop; it gets a full comparison");
+                        // Reopened after an unclean stop (or a failed fdatasync, or with
+                        // its files created empty), now or at any earlier open its store
+                        // remembers: writes it acked may be gone, wherever they were.
+                        tracing::warn!(volume = %self.name, node, suspect = info.suspect, "replica may have lost acknowledged writes; it gets a full comparison");
                         m.dirty = None;
                     }
+                    m.suspect = (info.suspect, info.suspect_epoch);
                     m.instance = Some(info.instance);
                     m.target = Some(target);
                     m.old_client = None;
@@ -479,6 +483,7 @@ impl Inner {
                 return; // failed in between; back to out-of-sync already
             }
             m.state = ReplicaState::Resyncing;
+            m.full_compare = m.dirty.is_none();
             if m.dirty.is_none() {
                 m.dirty = Some(RegionBitmap::full(regions));
             }
@@ -573,6 +578,25 @@ impl Inner {
             let _ = self.replica_failed(node, None, &e, "resync flush").await;
             return;
         }
+        // Every block was compared since its Open: its store may forget why it was suspect.
+        let clear = self
+            .lock_members()
+            .iter()
+            .find(|m| m.node == node)
+            .filter(|m| m.full_compare && m.suspect.0 != 0)
+            .map(|m| m.suspect.1);
+        if let Some(epoch) = clear {
+            match dst.clear_suspect(self.ctx, epoch).await {
+                Ok(()) => {
+                    if let Some(m) = self.lock_members().iter_mut().find(|m| m.node == node) {
+                        m.suspect = (0, 0);
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(volume = %self.name, node, error = %e, "suspect flags not cleared; its next resync compares everything again");
+                }
+            }
+        }
         let _s = self.state_lock.lock().await;
         if self.check_fenced().is_err() {
             return;
@@ -592,6 +616,7 @@ impl Inner {
                 if let Some(m) = self.lock_members().iter_mut().find(|m| m.node == node) {
                     m.state = ReplicaState::InSync;
                     m.dirty = None;
+                    m.full_compare = false;
                     tracing::info!(volume = %self.name, node, done_bytes = m.resync_done_bytes, copied_bytes = m.resync_copied_bytes, "resync finished; replica in sync");
                 }
             }

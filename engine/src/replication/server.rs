@@ -23,11 +23,12 @@
 //!
 //! | kind          | request                         | reply payload                         |
 //! |---------------|---------------------------------|---------------------------------------|
-//! | `Open`        | volume, generation (session 0)  | [`OpenInfo`] (32 bytes)               |
+//! | `Open`        | volume, generation (session 0)  | [`OpenInfo`] (48 bytes)               |
 //! | `Read`        | offset, length                  | `length` bytes, verified by the store |
 //! | `Write`       | offset, length, payload, FUA    | empty                                 |
 //! | `WriteZeroes` | offset, length, FUA             | empty                                 |
 //! | `Flush`       |                                 | empty                                 |
+//! | `ClearSuspect`| offset = suspect epoch          | empty (`EAGAIN`: flagged again since) |
 //! | `Checksums`   | offset, length (<= 32 MiB)      | 8-byte digest (BE) per 4 KiB block    |
 //!
 //! Other kinds are answered `EOPNOTSUPP`; an unknown volume, or a volume with no replica on
@@ -81,10 +82,15 @@ pub struct OpenInfo {
     pub recovered_regions: u64,
     /// The session this `Open` started; later I/O frames carry it.
     pub session: u64,
+    /// The store's suspect flags (`store::SUSPECT_*`; 0 = trusted): a replica that may not
+    /// hold what a coordinator believes gets a full comparison, whatever its record says.
+    pub suspect: u64,
+    /// The suspect epoch a `ClearSuspect` after that comparison names.
+    pub suspect_epoch: u64,
 }
 
 impl OpenInfo {
-    pub const ENCODED_LEN: usize = 32;
+    pub const ENCODED_LEN: usize = 48;
 
     pub fn encode(&self) -> Bytes {
         let mut b = BytesMut::with_capacity(Self::ENCODED_LEN);
@@ -92,6 +98,8 @@ impl OpenInfo {
         b.put_u64(self.instance);
         b.put_u64(self.recovered_regions);
         b.put_u64(self.session);
+        b.put_u64(self.suspect);
+        b.put_u64(self.suspect_epoch);
         b.freeze()
     }
 
@@ -109,6 +117,8 @@ impl OpenInfo {
             instance: u(8),
             recovered_regions: u(16),
             session: u(24),
+            suspect: u(32),
+            suspect_epoch: u(40),
         })
     }
 }
@@ -237,6 +247,7 @@ impl ReplicaServer {
                 | Kind::WriteZeroes
                 | Kind::Flush
                 | Kind::Checksums
+                | Kind::ClearSuspect
         ) {
             return Err(libc::EOPNOTSUPP);
         }
@@ -303,11 +314,14 @@ impl ReplicaServer {
                     replica.resize(size).await.map_err(|e| e.errno())?;
                 }
             }
+            let (suspect, suspect_epoch) = replica.suspect();
             return Ok(OpenInfo {
                 size_bytes: replica.size_bytes().await,
                 instance,
                 recovered_regions: replica.recovered_regions(),
                 session,
+                suspect,
+                suspect_epoch,
             }
             .encode());
         }
@@ -350,6 +364,13 @@ impl ReplicaServer {
             Kind::Flush => {
                 replica.flush().await.map_err(errno)?;
                 Ok(Bytes::new())
+            }
+            Kind::ClearSuspect => {
+                // EAGAIN: a flag was set since that Open; the next comparison clears it.
+                match replica.clear_suspect(req.offset).map_err(errno)? {
+                    true => Ok(Bytes::new()),
+                    false => Err(libc::EAGAIN),
+                }
             }
             Kind::Checksums => {
                 if req.length as usize > MAX_IO_BYTES {

@@ -242,6 +242,19 @@ impl Target {
         self.call(f, ctx.timeout).await.map(|_| ())
     }
 
+    /// Clears the replica's suspect flags after a full comparison (see `OpenInfo`).
+    pub(super) async fn clear_suspect(&self, ctx: Ctx, epoch: u64) -> Result<(), TargetError> {
+        let f = Frame::request(
+            Kind::ClearSuspect,
+            ctx.wire_id,
+            self.generation(ctx),
+            epoch,
+            0,
+            Bytes::new(),
+        );
+        self.call(f, ctx.timeout).await.map(|_| ())
+    }
+
     /// A digest per 4 KiB block of `[offset, offset + len)` (see `Replica::checksums`).
     pub(super) async fn checksums(
         &self,

@@ -1608,3 +1608,101 @@ async fn block_whose_crc32_equals_the_zero_blocks_reaches_a_new_replica() {
     })
     .await
 }
+
+/// Reverts `len` bytes at `offset` of node `id`'s data file to `old` behind the store's
+/// back: a write it acked and never flushed, lost with its page cache.
+fn lose_unflushed(c: &TestCluster, id: u64, offset: u64, old: &[u8]) {
+    let path = c.node(id).pool.dir().join(format!("{}.data", c.vol_id));
+    let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+    f.write_all_at(old, offset).unwrap();
+}
+
+/// F6: an unclean stop followed by a clean restart (the coordinator could not reach the
+/// first incarnation) must still give a full comparison: the store keeps "needs a full
+/// comparison" until a coordinator's full comparison clears it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_then_clean_restart_still_gets_a_full_comparison() {
+    bounded(async {
+        let mut c = TestCluster::new(&[1, 2, 3]).await;
+        let coord = c.coordinator(1).await;
+        coord.write(0, pattern(1, 64 << 10), true).await.unwrap();
+        // Acked by all, flushed by none.
+        coord.write(0, pattern(2, 64 << 10), false).await.unwrap();
+        c.stop(3).await;
+        c.node(3).replicas.0.lock().unwrap().clear(); // kill -9
+        coord.write(10 * MIB, pattern(3, 4096), false).await.unwrap();
+        assert_eq!(c.replica_state(3), ReplicaState::OutOfSync);
+        // Power loss on node 3: the unflushed write is gone from its disk.
+        lose_unflushed(&c, 3, 0, &pattern(1, 64 << 10));
+        // First incarnation recovers, then stops cleanly before the coordinator saw it.
+        c.open_replica(3).await;
+        assert!(c.node(3).replica().recovered_regions() > 0);
+        c.node(3).replica().close().await.unwrap();
+        c.node(3).replicas.0.lock().unwrap().clear();
+        c.open_replica(3).await;
+        assert_eq!(c.node(3).replica().recovered_regions(), 0);
+        c.start(3).await;
+        eventually("node 3 back in sync", || {
+            c.replica_state(3) == ReplicaState::InSync
+        })
+        .await;
+        assert_eq!(replica_stats(&coord, 3).resync_done_bytes, SIZE);
+        assert_verify_clean(&coord, 3).await;
+        c.assert_identical(&[1, 2, 3]).await;
+        // The full comparison cleared the flag: the next restart is an ordinary one.
+        assert_eq!(c.node(3).replica().suspect().0, 0);
+        coord.close().await.unwrap();
+    })
+    .await
+}
+
+/// Removes node `id`'s replica files (a missing pool mount, a replaced disk) and opens
+/// the replica again: its files are created empty.
+async fn wipe_replica(c: &TestCluster, id: u64) {
+    c.node(id).replicas.0.lock().unwrap().clear();
+    for ext in ["data", "crc", "al", "suspect"] {
+        let _ = std::fs::remove_file(c.node(id).pool.dir().join(format!("{}.{ext}", c.vol_id)));
+    }
+    c.open_replica(id).await;
+}
+
+/// F5: a replica whose files are missing is opened empty; it must never be trusted as
+/// in sync. A running coordinator gives it a full copy; a new coordinator on its node does
+/// not serve its zeros (nor spread them) but ejects it and copies the data back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replica_recreated_empty_is_never_trusted() {
+    bounded(async {
+        let mut c = TestCluster::new(&[1, 2, 3]).await;
+        let coord = c.coordinator(1).await;
+        coord.write(0, pattern(1, MIB as usize), true).await.unwrap();
+        coord.write(20 * MIB, pattern(2, MIB as usize), true).await.unwrap();
+        // Node 3 restarts with an empty pool.
+        c.stop(3).await;
+        wipe_replica(&c, 3).await;
+        coord.write(40 * MIB, pattern(3, 4096), false).await.unwrap();
+        c.start(3).await;
+        eventually("node 3 back in sync", || {
+            c.replica_state(3) == ReplicaState::InSync
+        })
+        .await;
+        c.assert_identical(&[1, 2, 3]).await;
+        coord.close().await.unwrap();
+        drop(coord);
+        // Node 2's pool goes missing while detached; then the volume attaches there.
+        c.stop(2).await;
+        wipe_replica(&c, 2).await;
+        c.start(2).await;
+        let coord = c.coordinator(2).await;
+        assert!(coord.read(0, MIB as usize).await.unwrap() == pattern(1, MIB as usize));
+        assert!(
+            coord.read(20 * MIB, MIB as usize).await.unwrap() == pattern(2, MIB as usize)
+        );
+        eventually("node 2 back in sync", || {
+            c.replica_state(2) == ReplicaState::InSync
+        })
+        .await;
+        c.assert_identical(&[1, 2, 3]).await;
+        coord.close().await.unwrap();
+    })
+    .await
+}

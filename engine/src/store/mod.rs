@@ -7,6 +7,10 @@
 //!   page of this file covers one 4 MiB *region* of data.
 //! * `<id>.al`: the activity log, the set of *hot* regions whose checksums on disk may be
 //!   stale (see [`activity_log`]).
+//! * `<id>.suspect`, present only while the replica may not hold what a coordinator
+//!   believes it holds ([`SUSPECT_UNCLEAN`], [`SUSPECT_CREATED`]): after an unclean stop, a
+//!   failed fdatasync, or when its files were created empty. It survives restarts, and
+//!   only a coordinator's full comparison clears it ([`Replica::clear_suspect`]).
 //!
 //! Invariants this module keeps:
 //! * A read never returns bytes that fail their checksum; it returns
@@ -52,6 +56,13 @@ pub const AL_MAX_HOT_REGIONS: usize = 1024;
 /// Most regions one write or zeroing enters the activity log with at once; the store
 /// splits a wider zeroing (a whole-device discard) into pieces of this many regions.
 pub const AL_MAX_REGIONS_PER_BEGIN: usize = 64;
+/// [`Replica::suspect`] flag: the replica was recovered after an unclean stop, or an
+/// fdatasync failed: writes it acknowledged and did not make durable may be gone.
+pub const SUSPECT_UNCLEAN: u64 = 1;
+/// [`Replica::suspect`] flag: its files did not exist when it was opened (a new replica, or
+/// a missing pool mount, a replaced disk, deleted files): it holds nothing.
+pub const SUSPECT_CREATED: u64 = 2;
+
 /// Largest single I/O the store accepts (the NBD maximum payload we advertise).
 pub const MAX_IO_BYTES: usize = 32 << 20;
 
@@ -202,7 +213,7 @@ impl Pool {
 
     /// Removes a replica's files. The replica must be closed; its space returns to the pool.
     pub fn delete_replica(&self, replica: &Replica) -> io::Result<()> {
-        for ext in ["data", "crc", "al"] {
+        for ext in ["data", "crc", "al", "suspect"] {
             match std::fs::remove_file(self.path(&replica.id, ext)) {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
@@ -307,6 +318,11 @@ pub struct Replica {
     allocated_blocks: AtomicU64,
     checksum_errors: AtomicU64,
     recovered_regions: AtomicU64,
+    /// [`SUSPECT_UNCLEAN`] | [`SUSPECT_CREATED`], as persisted in `<id>.suspect`.
+    suspect_flags: AtomicU64,
+    /// Bumped whenever a flag is set, so a clear only removes what its comparison saw.
+    suspect_epoch: AtomicU64,
+    suspect_lock: std::sync::Mutex<()>,
 }
 
 fn open_rw(path: &Path) -> io::Result<File> {
@@ -382,6 +398,7 @@ impl Replica {
                 source,
             }
         };
+        let created = !pool.path(id, "data").exists();
         let data = open_rw(&pool.path(id, "data")).map_err(io_err("open data file"))?;
         let crc_file = open_rw(&pool.path(id, "crc")).map_err(io_err("open crc file"))?;
         let al_file = open_rw(&pool.path(id, "al")).map_err(io_err("open activity log"))?;
@@ -453,8 +470,29 @@ impl Replica {
             allocated_blocks: AtomicU64::new(allocated),
             checksum_errors: AtomicU64::new(0),
             recovered_regions: AtomicU64::new(0),
+            suspect_flags: AtomicU64::new(0),
+            suspect_epoch: AtomicU64::new(0),
+            suspect_lock: std::sync::Mutex::new(()),
         });
+        let persisted = match std::fs::read(replica.pool.path(id, "suspect")) {
+            Ok(b) if b.len() >= 8 => u64::from_le_bytes(b[..8].try_into().unwrap_or_default()),
+            Ok(_) => SUSPECT_UNCLEAN, // torn: the safe side
+            Err(e) if e.kind() == io::ErrorKind::NotFound => 0,
+            Err(e) => return Err(replica.io_err("read suspect marker", e)),
+        };
+        if persisted != 0 {
+            replica.suspect_flags.store(persisted, Ordering::Release);
+            replica.suspect_epoch.store(1, Ordering::Release);
+        }
+        if created {
+            replica
+                .mark_suspect(SUSPECT_CREATED)
+                .map_err(|e| replica.io_err("write suspect marker", e))?;
+        }
         if !hot.is_empty() {
+            replica
+                .mark_suspect(SUSPECT_UNCLEAN)
+                .map_err(|e| replica.io_err("write suspect marker", e))?;
             replica.recover(hot).await?;
         }
         Ok(replica)
@@ -524,6 +562,66 @@ impl Replica {
     /// Regions whose checksums were recomputed at open after an unclean stop.
     pub fn recovered_regions(&self) -> u64 {
         self.recovered_regions.load(Ordering::Relaxed)
+    }
+
+    /// (flags, epoch): why the replica may not hold what its coordinator believes
+    /// ([`SUSPECT_UNCLEAN`], [`SUSPECT_CREATED`]; 0 when it is trusted), and the epoch a
+    /// [`Replica::clear_suspect`] must name.
+    pub fn suspect(&self) -> (u64, u64) {
+        let _l = self.suspect_lock.lock().unwrap_or_else(|e| e.into_inner());
+        (
+            self.suspect_flags.load(Ordering::Acquire),
+            self.suspect_epoch.load(Ordering::Acquire),
+        )
+    }
+
+    /// Sets `flag` durably (the marker file and its directory entry are synced).
+    fn mark_suspect(&self, flag: u64) -> io::Result<()> {
+        let _l = self.suspect_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let flags = self.suspect_flags.load(Ordering::Acquire) | flag;
+        let path = self.pool.path(&self.id, "suspect");
+        {
+            let f = File::create(&path)?;
+            std::os::unix::fs::FileExt::write_all_at(&f, &flags.to_le_bytes(), 0)?;
+            f.sync_all()?;
+        }
+        File::open(&self.pool.dir)?.sync_all()?;
+        self.suspect_flags.store(flags, Ordering::Release);
+        self.suspect_epoch.fetch_add(1, Ordering::AcqRel);
+        Ok(())
+    }
+
+    /// An fdatasync failed: remember it across restarts (best effort: the failure itself
+    /// is reported to the caller either way, and the coordinator ejects the replica).
+    fn sync_failed(&self, e: io::Error, op: &'static str) -> StoreError {
+        if let Err(me) = self.mark_suspect(SUSPECT_UNCLEAN) {
+            tracing::error!(volume = %self.name, error = %me, "cannot persist the suspect marker after a failed fdatasync");
+        }
+        self.io_err(op, e)
+    }
+
+    /// A coordinator compared every block of this replica with an in-sync copy, under the
+    /// suspect `epoch` it read at `Open`: the flags are cleared, unless something set a
+    /// flag since (then this returns false and they stay).
+    pub fn clear_suspect(&self, epoch: u64) -> Result<bool> {
+        let _l = self.suspect_lock.lock().unwrap_or_else(|e| e.into_inner());
+        if self.suspect_epoch.load(Ordering::Acquire) != epoch {
+            return Ok(false);
+        }
+        if self.suspect_flags.load(Ordering::Acquire) == 0 {
+            return Ok(true);
+        }
+        let path = self.pool.path(&self.id, "suspect");
+        match std::fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(self.io_err("remove suspect marker", e)),
+        }
+        File::open(&self.pool.dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| self.io_err("sync pool directory", e))?;
+        self.suspect_flags.store(0, Ordering::Release);
+        Ok(true)
     }
 
     pub fn engine(&self) -> &IoEngine {
@@ -722,7 +820,7 @@ impl Replica {
             self.engine
                 .fdatasync(&self.data)
                 .await
-                .map_err(|e| self.io_err("fdatasync data", e))?;
+                .map_err(|e| self.sync_failed(e, "fdatasync data"))?;
         }
         Ok(())
     }
@@ -823,7 +921,7 @@ impl Replica {
         self.engine
             .fdatasync(&self.data)
             .await
-            .map_err(|e| self.io_err("fdatasync data", e))
+            .map_err(|e| self.sync_failed(e, "fdatasync data"))
     }
 
     /// Grows the volume. Waits for in-flight I/O to drain.
@@ -865,7 +963,7 @@ impl Replica {
         self.engine
             .fdatasync(&self.data)
             .await
-            .map_err(|e| self.io_err("fdatasync data", e))?;
+            .map_err(|e| self.sync_failed(e, "fdatasync data"))?;
         let mut wrote = false;
         for (region, slot) in tables.regions.iter().enumerate() {
             let Some(chunk) = slot.get() else { continue };
@@ -887,7 +985,7 @@ impl Replica {
             self.engine
                 .fdatasync(&self.crc_file)
                 .await
-                .map_err(|e| self.io_err("fdatasync crc file", e))?;
+                .map_err(|e| self.sync_failed(e, "fdatasync crc file"))?;
         }
         Ok(())
     }

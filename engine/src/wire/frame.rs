@@ -84,11 +84,14 @@ pub enum Kind {
     HotRegions = 9,
     /// The answer to any request but [`Kind::Ping`].
     Reply = 10,
+    /// Clear the replica's suspect flags (offset = the suspect epoch its `Open` reported)
+    /// after a full comparison.
+    ClearSuspect = 11,
 }
 
 impl Kind {
     /// Every kind, in wire-value order.
-    pub const ALL: [Kind; 10] = [
+    pub const ALL: [Kind; 11] = [
         Kind::Ping,
         Kind::Pong,
         Kind::Open,
@@ -99,6 +102,7 @@ impl Kind {
         Kind::Checksums,
         Kind::HotRegions,
         Kind::Reply,
+        Kind::ClearSuspect,
     ];
 
     /// The wire value.
@@ -396,9 +400,9 @@ mod tests {
     fn kind_values_are_stable() {
         // The numbers are the protocol: a renumbering would break mixed-version clusters.
         let values: Vec<u8> = Kind::ALL.iter().map(|k| k.as_u8()).collect();
-        assert_eq!(values, (1..=10).collect::<Vec<u8>>());
+        assert_eq!(values, (1..=11).collect::<Vec<u8>>());
         assert_eq!(Kind::from_u8(0), None);
-        assert_eq!(Kind::from_u8(11), None);
+        assert_eq!(Kind::from_u8(12), None);
     }
 
     #[test]
