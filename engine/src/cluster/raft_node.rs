@@ -175,6 +175,38 @@ impl Persist {
     fn flush(&self) -> Result<(), RaftError> {
         self.db.flush().map(|_| ()).map_err(pb_err)
     }
+
+    /// A received snapshot, atomically: the log is emptied, and the compaction point, the
+    /// configuration, the HardState and the state machine are replaced.
+    fn install_snapshot(
+        &self,
+        meta: &raft::eraftpb::SnapshotMetadata,
+        hs: &HardState,
+        applied: u64,
+        state: &ClusterState,
+    ) -> Result<(), RaftError> {
+        use sled::Transactional;
+        let keys: Vec<sled::IVec> = self.log.iter().keys().collect::<Result<_, _>>().map_err(pb_err)?;
+        let mut compacted = meta.clone();
+        compacted.clear_conf_state();
+        let compacted = compacted.write_to_bytes().map_err(pb_err)?;
+        let conf = meta.get_conf_state().write_to_bytes().map_err(pb_err)?;
+        let hs = hs.write_to_bytes().map_err(pb_err)?;
+        let st = serde_json::to_vec(state).map_err(pb_err)?;
+        (&self.log, &self.meta)
+            .transaction(|(log, m)| {
+                for k in &keys {
+                    log.remove(k)?;
+                }
+                m.insert("compacted", compacted.clone())?;
+                m.insert("conf_state", conf.clone())?;
+                m.insert("hard_state", hs.clone())?;
+                m.insert("applied", &applied.to_be_bytes())?;
+                m.insert("state", st.clone())?;
+                Ok::<(), sled::transaction::ConflictableTransactionError<()>>(())
+            })
+            .map_err(|e| RaftError::Storage(format!("snapshot install: {e:?}")))
+    }
 }
 
 /// The Storage raft reads: entries and hard state from a `MemStorage` mirror of sled,
@@ -335,14 +367,28 @@ impl RaftNode {
                 mem.wl()
                     .append(&ents)
                     .map_err(|e| RaftError::Storage(e.to_string()))?;
-                if let Some(hs) = persist.get_pb::<HardState>("hard_state")? {
-                    mem.wl().set_hardstate(hs);
-                }
+                let mut hs = persist.get_pb::<HardState>("hard_state")?;
                 if let Some(b) = persist.meta.get("applied").map_err(pb_err)? {
                     applied = u64::from_be_bytes(b.as_ref().try_into().unwrap_or_default());
                 }
                 if let Some(b) = persist.meta.get("state").map_err(pb_err)? {
                     state = serde_json::from_slice(&b).map_err(pb_err)?;
+                }
+                // A store written before the HardState was saved ahead of the state machine
+                // may hold `applied > commit`. An entry is applied only once committed, so
+                // the commit index is raised to it (never lowering `applied`, which would
+                // re-apply entries that are not idempotent, such as `Attach`).
+                if let Some(h) = hs.as_mut() {
+                    let last = mem.last_index().unwrap_or(0);
+                    if applied > h.commit && applied <= last {
+                        tracing::warn!(applied, commit = h.commit, "raft commit index behind the applied state; raised to it");
+                        h.commit = applied;
+                        persist.put_pb("hard_state", h)?;
+                        persist.flush()?;
+                    }
+                }
+                if let Some(h) = hs {
+                    mem.wl().set_hardstate(h);
                 }
             }
         }
@@ -883,35 +929,22 @@ impl Worker {
             if let Err(e) = self.mem.wl().apply_snapshot(snap) {
                 self.fatal("apply snapshot", e);
             }
-            let keys: Vec<_> = self
+            // The log, its compaction point, the configuration, the HardState and the state
+            // machine change in one sled transaction: a crash leaves the old or the new.
+            let hs = ready
+                .hs()
+                .cloned()
+                .unwrap_or_else(|| self.mem.rl().hard_state().clone());
+            if let Err(e) = self
                 .persist
-                .log
-                .iter()
-                .keys()
-                .filter_map(Result::ok)
-                .collect();
-            let mut b = sled::Batch::default();
-            for k in keys {
-                b.remove(k);
-            }
-            let mut compacted = meta.clone();
-            compacted.clear_conf_state();
-            let res = self
-                .persist
-                .log
-                .apply_batch(b)
-                .map_err(pb_err)
-                .and_then(|_| self.persist.put_pb("compacted", &compacted))
-                .and_then(|_| self.persist.put_pb("conf_state", meta.get_conf_state()))
-                .and_then(|_| self.persist.save_state(self.applied, &self.state));
-            if let Err(e) = res {
+                .install_snapshot(&meta, &hs, self.applied, &self.state)
+            {
                 self.fatal("persist snapshot", e);
             }
             *self.shared.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(self.state.clone());
         }
 
         let committed = ready.take_committed_entries();
-        self.apply_entries(committed);
 
         if !ready.entries().is_empty() {
             if let Err(e) = self.persist.append(ready.entries()) {
@@ -927,6 +960,9 @@ impl Worker {
             }
             self.mem.wl().set_hardstate(hs.clone());
         }
+        // Applied only after the HardState carrying their commit index is written: sled
+        // keeps writes in order, so a crash never leaves `applied` ahead of `commit`.
+        self.apply_entries(committed);
         if let Err(e) = self.persist.flush() {
             self.fatal("flush", e);
         }

@@ -4,7 +4,8 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
-use raft::eraftpb::Message;
+use protobuf::Message as _;
+use raft::eraftpb::{HardState, Message};
 
 use super::*;
 
@@ -218,4 +219,41 @@ async fn minority_cannot_commit() {
     assert!(l.majority_contact_age() < Duration::from_secs(2));
     let follower = if l.id() == 2 { &n3 } else { &n2 };
     assert!(follower.majority_contact_age() < Duration::from_secs(2));
+}
+
+/// F9: a crash between saving the applied state machine and saving the HardState that
+/// carries the matching commit index left `applied > commit` on disk, and raft-rs refuses
+/// to start from that (a panic at every start). The state is written after the HardState
+/// now; a store already in that shape starts, with its commit raised to what it applied
+/// (entries are applied only once committed), without re-applying anything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_with_applied_state_ahead_of_the_saved_commit_index() {
+    let net = Arc::new(Net::default());
+    let dir = tempfile::tempdir().unwrap();
+    let db = sled::open(dir.path()).unwrap();
+    let n1 = start(&net, 1, &db, Bootstrap::NewCluster);
+    leader_of(&[&n1]).await;
+    let mut idx = 0;
+    for name in ["a", "b", "c"] {
+        (_, idx) = n1.propose(Command::AddNode { node: node(name) }).await.unwrap();
+    }
+    let generation_before = n1.state().next_node_id;
+    n1.stop();
+    drop(n1);
+    net.nodes.lock().unwrap().remove(&1);
+    // The crash window: the HardState on disk still has an older commit index.
+    let meta = db.open_tree("raft_meta").unwrap();
+    let mut hs = HardState::parse_from_bytes(&meta.get("hard_state").unwrap().unwrap()).unwrap();
+    assert!(hs.commit >= idx);
+    hs.commit = idx - 2;
+    meta.insert("hard_state", hs.write_to_bytes().unwrap()).unwrap();
+    db.flush().unwrap();
+
+    let n1 = start(&net, 1, &db, Bootstrap::Restart);
+    assert_eq!(n1.applied(), idx, "nothing re-applied, nothing lost");
+    assert_eq!(n1.state().next_node_id, generation_before);
+    leader_of(&[&n1]).await;
+    let (_, next) = n1.propose(Command::AddNode { node: node("d") }).await.unwrap();
+    assert!(next > idx);
+    assert_eq!(n1.state().nodes.len(), 4);
 }
