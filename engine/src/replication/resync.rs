@@ -86,6 +86,7 @@ impl Inner {
                 return;
             }
             self.refresh_membership().await;
+            self.check_in_sync_connections().await;
             let nodes: Vec<u64> = self
                 .lock_members()
                 .iter()
@@ -307,6 +308,83 @@ impl Inner {
             self.resync_wake.notify_one();
         }
         changed
+    }
+
+    /// In-sync replicas whose connection is gone (their node restarted, the link broke)
+    /// while no I/O noticed: one with another connected in-sync copy beside it is ejected
+    /// (it resyncs, with a full comparison if it lost writes); the last one cannot be, so
+    /// it is reconnected, a new session at this generation, rather than failing every read
+    /// and flush on a dead connection. If it comes back having lost acknowledged writes
+    /// that were never flushed (an unclean restart), the replicas that are not in sync may
+    /// hold some of them: they get a full comparison against it.
+    pub(super) async fn check_in_sync_connections(&self) {
+        let (dead, alive): (Vec<u64>, usize) = {
+            let members = self.lock_members();
+            let in_sync: Vec<&Member> = members
+                .iter()
+                .filter(|m| m.state == ReplicaState::InSync)
+                .collect();
+            let dead = in_sync
+                .iter()
+                .filter(|m| m.target.as_ref().is_none_or(|t| t.is_closed()))
+                .map(|m| m.node)
+                .collect::<Vec<_>>();
+            let alive = in_sync.len() - dead.len();
+            (dead, alive)
+        };
+        if dead.is_empty() {
+            return;
+        }
+        if alive > 0 {
+            for node in dead {
+                let e = TargetError::Transport("connection lost while idle".into());
+                if let Err(err) = self.replica_failed(node, Some((0, 0)), &e, "connection check").await {
+                    tracing::warn!(volume = %self.name, node, error = %err, "cannot eject an in-sync replica whose connection is gone");
+                }
+            }
+            return;
+        }
+        for node in dead {
+            let (target, info) = match self.connect(node).await {
+                Ok(v) => v,
+                Err(e) => {
+                    self.set_last_error(node, format!("reconnecting the last in-sync replica: {e}"));
+                    continue;
+                }
+            };
+            let _s = self.state_lock.lock().await;
+            let mut members = self.lock_members();
+            let Some(m) = members.iter_mut().find(|m| m.node == node) else {
+                continue;
+            };
+            if m.state != ReplicaState::InSync {
+                continue;
+            }
+            let restarted = m.instance.is_some_and(|i| i != info.instance);
+            let lost = restarted && (info.suspect != 0 || info.recovered_regions > 0);
+            m.target = Some(target);
+            m.instance = Some(info.instance);
+            m.suspect = (info.suspect, info.suspect_epoch);
+            m.last_error = None;
+            tracing::warn!(volume = %self.name, node, restarted, "reconnected the last in-sync replica");
+            if lost {
+                tracing::error!(volume = %self.name, node, "the last in-sync replica restarted uncleanly: acknowledged writes that were not flushed may be lost; the other replicas get a full comparison");
+                for o in members.iter_mut().filter(|o| o.node != node && o.state != ReplicaState::InSync) {
+                    o.dirty = None;
+                    if o.state == ReplicaState::Resyncing {
+                        // Its running copy started from a bitmap; restart it from scratch.
+                        o.state = ReplicaState::OutOfSync;
+                        if let Some(t) = o.target.take() {
+                            if let super::target::Endpoint::Remote(c) = &t.endpoint {
+                                o.old_client = Some(Arc::downgrade(c));
+                            } else {
+                                o.target = Some(t);
+                            }
+                        }
+                    }
+                }
+            }
+        }
     }
 
     /// Waits (bounded) for `node`'s async queue to deliver everything queued, then makes it

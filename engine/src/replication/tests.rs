@@ -1706,3 +1706,42 @@ async fn replica_recreated_empty_is_never_trusted() {
     })
     .await
 }
+
+/// F11: the last in-sync replica's connection is lost (its node restarted while the volume
+/// was idle). It cannot be ejected, so the coordinator reconnects to it (a new session at
+/// the same generation) instead of failing every read and flush on the dead connection,
+/// and the resync of the other replica then goes on from it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn last_in_sync_replica_that_restarts_is_reconnected() {
+    bounded(async {
+        let mut c = TestCluster::new(&[1, 3]).await;
+        // The coordinator runs on node 2, which holds no replica (an `attach --force`).
+        let coord = c.coordinator(2).await;
+        coord.write(0, pattern(1, MIB as usize), true).await.unwrap();
+        c.stop(1).await;
+        coord.write(4 * MIB, pattern(2, 4096), true).await.unwrap();
+        assert_eq!(c.replica_state(1), ReplicaState::OutOfSync);
+        // Node 3, now the only in-sync copy, restarts while nothing is written.
+        c.stop(3).await;
+        c.start(3).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let deadline = std::time::Instant::now() + WAIT;
+        while let Err(e) = coord.read(0, 4096).await {
+            assert!(std::time::Instant::now() < deadline, "reads still fail: {e}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(coord.read(0, MIB as usize).await.unwrap() == pattern(1, MIB as usize));
+        coord.flush().await.unwrap();
+        coord.write(8 * MIB, pattern(3, 4096), false).await.unwrap();
+        // Node 1 comes back and is resynced from node 3.
+        c.start(1).await;
+        eventually("node 1 back in sync", || {
+            c.replica_state(1) == ReplicaState::InSync
+        })
+        .await;
+        assert_verify_clean(&coord, 2).await;
+        c.assert_identical(&[1, 3]).await;
+        coord.close().await.unwrap();
+    })
+    .await
+}
