@@ -8,6 +8,10 @@
 //! range lock (under the members lock, in `snapshot_targets`), so overlapping writes are
 //! queued in the order every in-sync replica applies them.
 //!
+//! **Flushes.** A client flush is queued too (not waited for), so each async replica's
+//! disk holds every write before the last flush it has processed: after a crash of its
+//! node it is what a local disk would be after a power loss, a crash-consistent image.
+//!
 //! **Bounded lag.** At most [`super::ASYNC_MAX_LAG_BYTES`] bytes and
 //! [`super::ASYNC_MAX_LAG_OPS`] operations wait per async replica (a single larger
 //! operation is accepted into an empty queue). When the bound is hit, or a send fails,
@@ -41,6 +45,10 @@ use crate::cluster::ReplicaState;
 pub(super) enum AsyncOp {
     Write { offset: u64, data: Bytes },
     Zeroes { offset: u64, len: u32 },
+    /// A client flush: every write queued before it is made durable before any after it
+    /// is sent, so the replica's disk is always a state a local disk could be in after a
+    /// power loss (every write before the last flush it did, and some of the later ones).
+    Flush,
 }
 
 impl AsyncOp {
@@ -49,6 +57,7 @@ impl AsyncOp {
         match self {
             AsyncOp::Write { offset, data } => (*offset, data.len() as u64),
             AsyncOp::Zeroes { offset, len } => (*offset, *len as u64),
+            AsyncOp::Flush => (0, 0),
         }
     }
 
@@ -132,7 +141,13 @@ impl AsyncQueue {
     /// (bytes queued and not acked, when the oldest of them was queued, stopped).
     pub(super) fn lag(&self) -> (u64, Option<Instant>, bool) {
         let q = self.lock();
-        (q.bytes, q.pending.front().map(|p| p.at), q.stopped)
+        // A queued flush carries no data: the lag is the oldest write not acked.
+        let oldest = q
+            .pending
+            .iter()
+            .find(|p| !matches!(p.op, AsyncOp::Flush))
+            .map(|p| p.at);
+        (q.bytes, oldest, q.stopped)
     }
 
     /// Stops taking data and tells the worker to send nothing more. Returns the worker
@@ -212,6 +227,7 @@ async fn worker(
         let res: Result<(), TargetError> = match op {
             AsyncOp::Write { offset, data } => target.write(ctx, offset, data, false).await,
             AsyncOp::Zeroes { offset, len } => target.write_zeroes(ctx, offset, len, false).await,
+            AsyncOp::Flush => target.flush(ctx).await,
         };
         match res {
             Ok(()) => {

@@ -242,7 +242,7 @@ impl Member {
         for &(off, len) in ranges {
             d.set_bytes(off, len, DIRTY_REGION_BYTES);
         }
-        if !ranges.is_empty() {
+        if ranges.iter().any(|&(_, len)| len > 0) {
             self.async_behind_since = Some(match self.async_behind_since {
                 Some(t) => t.min(since),
                 None => since,
@@ -1078,7 +1078,7 @@ impl Inner {
     /// one. Out-of-sync replicas get `range` marked dirty instead, under the same lock,
     /// so a replica is always either sent a write or marked as missing it. Async replicas
     /// get `op` queued (not waited for), or `range` marked dirty when their queue is
-    /// stopped or full; a flush (`op` = `None`) does not reach them.
+    /// stopped or full; a flush (`range` = `None`) is queued for them, never waited for.
     pub(super) fn snapshot_targets(
         &self,
         range: Option<(u64, u64)>,
@@ -1094,6 +1094,11 @@ impl Inner {
                 }
                 ReplicaState::Async => {
                     if range.is_none() {
+                        // A flush: queued in order, not waited for. A stopped queue is
+                        // behind already; it leaves async (see `check_in_sync_connections`).
+                        if let (Some(q), Some(op)) = (&m.async_q, &op) {
+                            q.push(op.clone(), max_bytes, max_ops);
+                        }
                         continue;
                     }
                     let queued = match (&m.async_q, &op) {
@@ -1383,7 +1388,7 @@ impl Inner {
     pub(super) async fn flush_all(&self) -> Result<()> {
         self.check_fenced()?;
         let seq = self.hot.write_seq();
-        let targets = self.snapshot_targets(None, None);
+        let targets = self.snapshot_targets(None, Some(AsyncOp::Flush));
         let ctx = self.ctx;
         let results = self
             .fan_out(targets, |t| async move { t.flush(ctx).await })

@@ -318,6 +318,25 @@ impl Inner {
     /// that were never flushed (an unclean restart), the replicas that are not in sync may
     /// hold some of them: they get a full comparison against it.
     pub(super) async fn check_in_sync_connections(&self) {
+        // An async replica that lost its connection, or whose queue stopped, misses
+        // writes or durability: its record leaves `async` now, not at the next write (a
+        // promotion trusts an `async` record).
+        let lost_async: Vec<u64> = self
+            .lock_members()
+            .iter()
+            .filter(|m| m.state == ReplicaState::Async)
+            .filter(|m| {
+                m.target.as_ref().is_none_or(|t| t.is_closed())
+                    || m.async_q.as_ref().is_none_or(|q| q.lag().2)
+            })
+            .map(|m| m.node)
+            .collect();
+        for node in lost_async {
+            let e = TargetError::Transport("async replica lost or behind".into());
+            if let Err(err) = self.replica_failed(node, Some((0, 0)), &e, "connection check").await {
+                tracing::warn!(volume = %self.name, node, error = %err, "cannot commit a lost async replica out of sync");
+            }
+        }
         let (dead, alive): (Vec<u64>, usize) = {
             let members = self.lock_members();
             let in_sync: Vec<&Member> = members
@@ -439,6 +458,7 @@ impl Inner {
                 let _ = w.await;
             }
             missed = drain.take().0;
+            missed.retain(|&(_, len)| len > 0); // a queued flush carries no write
         }
         let mut members = self.lock_members();
         let Some(m) = members.iter_mut().find(|m| m.node == node) else {

@@ -93,6 +93,8 @@ struct Faulty {
     stall: Mutex<Option<watch::Receiver<bool>>>,
     /// Offsets of the `Write` frames that reached the server, in order.
     seen_writes: Mutex<Vec<u64>>,
+    /// For each `Flush` that reached the server: how many `Write`s had reached it before.
+    seen_flushes: Mutex<Vec<usize>>,
     /// This many `Flush` frames are answered EIO without reaching the server (a failed
     /// writeback: fsyncgate).
     fail_flushes: std::sync::atomic::AtomicU32,
@@ -112,6 +114,10 @@ impl FrameHandler for Faulty {
                 .is_ok()
         {
             return Frame::reply_to(&req, libc::EIO as u32, Bytes::new());
+        }
+        if req.kind == Kind::Flush {
+            let n = self.seen_writes.lock().unwrap().len();
+            self.seen_flushes.lock().unwrap().push(n);
         }
         if matches!(req.kind, Kind::Write | Kind::WriteZeroes) {
             let stall = self.stall.lock().unwrap().clone();
@@ -228,6 +234,7 @@ impl TestCluster {
                 stall: Mutex::new(None),
                 seen_writes: Mutex::new(Vec::new()),
                 fail_flushes: Default::default(),
+                seen_flushes: Mutex::new(Vec::new()),
             });
             nodes.push(Node {
                 pool,
@@ -1741,6 +1748,37 @@ async fn last_in_sync_replica_that_restarts_is_reconnected() {
         .await;
         assert_verify_clean(&coord, 2).await;
         c.assert_identical(&[1, 3]).await;
+        coord.close().await.unwrap();
+    })
+    .await
+}
+
+/// F8: an async replica is a copy a local disk could be after a power loss: every write
+/// before a client flush is made durable on it, in order (the flush travels through its
+/// queue), so a promotion after a far-node crash gets a crash-consistent image. And when
+/// its node goes away while the volume is idle, its record leaves `async` at once instead
+/// of at the next write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn async_replica_is_flushed_in_order_and_a_lost_one_leaves_async_at_once() {
+    bounded(async {
+        let mut c = TestCluster::new(&[1, 2, 3]).await;
+        let coord = c.coordinator(1).await;
+        set_mode(&c, &coord, 3, ReplicaState::Async).await;
+        c.node(3).faulty.seen_writes.lock().unwrap().clear();
+        for i in 0..5u64 {
+            coord.write(i * MIB, pattern(i, 4096), false).await.unwrap();
+        }
+        coord.flush().await.unwrap();
+        eventually("the flush reached the async replica after its five writes", || {
+            c.node(3).faulty.seen_flushes.lock().unwrap().iter().any(|&n| n >= 5)
+        })
+        .await;
+        // Its node dies while nothing is written.
+        c.stop(3).await;
+        eventually("the lost async replica left async", || {
+            c.replica_state(3) != ReplicaState::Async
+        })
+        .await;
         coord.close().await.unwrap();
     })
     .await
