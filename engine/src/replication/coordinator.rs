@@ -1054,11 +1054,12 @@ impl Inner {
                 m.dirty = Some(RegionBitmap::empty(size.div_ceil(DIRTY_REGION_BYTES)));
             }
         }
+        // Reopened (a new session) before its resync, the local replica too: an `Open`
+        // waits for every frame already admitted and refuses every later one of the old
+        // session, so nothing sent before the ejection can land after the resync copied.
         if let Some(t) = m.target.take() {
             if let Endpoint::Remote(c) = &t.endpoint {
                 m.old_client = Some(Arc::downgrade(c));
-            } else {
-                m.target = Some(t); // the local path has no connection to renew
             }
         }
         match range {

@@ -298,8 +298,6 @@ impl Inner {
             if let Some(t) = m.target.take() {
                 if let super::target::Endpoint::Remote(c) = &t.endpoint {
                     m.old_client = Some(Arc::downgrade(c));
-                } else {
-                    m.target = Some(t);
                 }
             }
             tracing::info!(volume = %self.name, node, dirty_bytes = ?m.dirty_bytes(size), "async replica leaves async; resyncing its dirty regions");
@@ -396,8 +394,6 @@ impl Inner {
                         if let Some(t) = o.target.take() {
                             if let super::target::Endpoint::Remote(c) = &t.endpoint {
                                 o.old_client = Some(Arc::downgrade(c));
-                            } else {
-                                o.target = Some(t);
                             }
                         }
                     }

@@ -139,6 +139,12 @@ pub struct ReplicaServer {
     meta: Arc<dyn MetaProposer>,
     replicas: Arc<dyn LocalReplicas>,
     fences: Mutex<HashMap<u64, Arc<VolumeFence>>>,
+    /// Tests: one `Write` at this offset waits here, before admission, until released (a
+    /// local write stalled before it reaches the fence); its reply status is recorded.
+    #[cfg(test)]
+    pub(super) hold: Mutex<Option<(u64, tokio::sync::watch::Receiver<bool>)>>,
+    #[cfg(test)]
+    pub(super) held_status: Mutex<Option<u32>>,
 }
 
 impl std::fmt::Debug for ReplicaServer {
@@ -162,6 +168,10 @@ impl ReplicaServer {
             meta,
             replicas,
             fences: Mutex::new(HashMap::new()),
+            #[cfg(test)]
+            hold: Mutex::new(None),
+            #[cfg(test)]
+            held_status: Mutex::new(None),
         })
     }
 
@@ -414,6 +424,24 @@ pub(crate) fn decode_checksums(offset: u64, len: u64, payload: &[u8]) -> Option<
 #[async_trait::async_trait]
 impl FrameHandler for ReplicaServer {
     async fn handle(&self, peer_node_id: u64, mut req: Frame) -> Frame {
+        #[cfg(test)]
+        let held = {
+            let mut hold = self.hold.lock().unwrap_or_else(|e| e.into_inner());
+            match &*hold {
+                Some((off, _)) if req.kind == Kind::Write && req.offset == *off => hold.take(),
+                _ => None,
+            }
+        };
+        #[cfg(test)]
+        if let Some((_, mut release)) = held {
+            let _ = release.wait_for(|r| *r).await;
+            let status = match self.serve(peer_node_id, &mut req).await {
+                Ok(_) => STATUS_OK,
+                Err(e) => e as u32,
+            };
+            *self.held_status.lock().unwrap_or_else(|e| e.into_inner()) = Some(status);
+            return Frame::reply_to(&req, status, Bytes::new());
+        }
         match self.serve(peer_node_id, &mut req).await {
             Ok(payload) => Frame::reply_to(&req, STATUS_OK, payload),
             Err(errno) => {

@@ -1783,3 +1783,42 @@ async fn async_replica_is_flushed_in_order_and_a_lost_one_leaves_async_at_once()
     })
     .await
 }
+
+/// S1: a local write that stalls before it reaches the replica's fence and times out
+/// ejects the local replica; the resync must start a new session on it (an `Open`
+/// barrier), so the stalled write is refused when it finally arrives instead of landing
+/// after the resync copied its region.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_local_write_can_never_land_after_the_local_resync() {
+    bounded(async {
+        let c = TestCluster::new(&[1, 2, 3]).await;
+        let mut cfg = c.config(1);
+        cfg.replica_timeout = Duration::from_millis(300);
+        let coord = c.coordinator_with(cfg).await;
+        let at = 3 * MIB + 512;
+        coord.write(0, pattern(1, 4096), false).await.unwrap();
+        let (release, rx) = watch::channel(false);
+        *c.node(1).server.hold.lock().unwrap() = Some((at, rx));
+        coord.write(at, pattern(2, 4096), false).await.unwrap();
+        assert_ne!(c.replica_state(1), ReplicaState::InSync, "local replica not ejected");
+        coord.write(at, pattern(3, 4096), false).await.unwrap();
+        eventually("node 1 back in sync", || {
+            c.replica_state(1) == ReplicaState::InSync
+        })
+        .await;
+        release.send_replace(true);
+        eventually("held frame answered", || {
+            c.node(1).server.held_status.lock().unwrap().is_some()
+        })
+        .await;
+        assert_eq!(
+            *c.node(1).server.held_status.lock().unwrap(),
+            Some(libc::ESTALE as u32),
+            "a local frame of an older session must be refused"
+        );
+        c.assert_identical(&[1, 2, 3]).await;
+        assert!(coord.read(at, 4096).await.unwrap() == pattern(3, 4096));
+        coord.close().await.unwrap();
+    })
+    .await
+}
