@@ -23,8 +23,7 @@ use crate::meta::IoPriority;
 use crate::placement::{place, PlacementRequest};
 use crate::replication::{
     Coordinator, CoordinatorConfig, CoordinatorStats, LocalReplicas, ReplicaServer,
-    ReplicationError, VerifyReport,
-};
+    ReplicationError, VerifyReport, LocalSession};
 use crate::store::{Pool, Replica, StoreError, BLOCK_SIZE};
 
 /// Largest volume: 64 TiB. Checksum tables for a fully written volume of this size take
@@ -166,8 +165,9 @@ pub struct VolumeInfo {
 /// Where an attached volume's I/O goes.
 enum Backend {
     /// RF 1 with the replica on this node: straight to the store (no replication, so no
-    /// coordinator activity log and no fan-out cost).
-    Local(Arc<Replica>),
+    /// coordinator activity log and no fan-out cost), within a fenced session of the
+    /// node's replica server, so a takeover elsewhere (`attach --force`) stops it at once.
+    Local(Arc<Replica>, LocalSession),
     /// Replicas on other nodes: the replication coordinator.
     Replicated(Arc<Coordinator>),
 }
@@ -193,7 +193,7 @@ struct Open {
 impl Backend {
     async fn close(&self) -> Result<()> {
         match self {
-            Backend::Local(r) => r.close().await?,
+            Backend::Local(r, _) => r.close().await?,
             Backend::Replicated(c) => c.close().await?,
         }
         Ok(())
@@ -212,7 +212,7 @@ impl AttachedVolume {
     pub async fn size_bytes(&self) -> u64 {
         match self.gate.read().await.as_ref() {
             Some(Open {
-                backend: Backend::Local(r),
+                backend: Backend::Local(r, _),
                 ..
             }) => r.size_bytes().await,
             Some(Open {
@@ -226,7 +226,7 @@ impl AttachedVolume {
     pub async fn checksum_errors(&self) -> u64 {
         match self.gate.read().await.as_ref() {
             Some(Open {
-                backend: Backend::Local(r),
+                backend: Backend::Local(r, _),
                 ..
             }) => r.checksum_errors(),
             Some(Open {
@@ -235,6 +235,19 @@ impl AttachedVolume {
             }) => c.stats().checksum_errors,
             None => 0,
         }
+    }
+
+    /// The local session's refusal: a coordinator elsewhere took the volume over.
+    fn fenced<T>(&self, r: std::result::Result<T, i32>) -> Result<T> {
+        r.map_err(|errno| {
+            VolumeError::Replication(ReplicationError::Fenced {
+                volume: self.name.clone(),
+                generation: self.generation(),
+                reason: format!(
+                    "another coordinator opened the replica (errno {errno}); this attachment is stale"
+                ),
+            })
+        })
     }
 
     fn detached(&self) -> VolumeError {
@@ -267,7 +280,7 @@ impl AttachedVolume {
         let g = self.gate.read().await;
         match g.as_ref().map(|o| &o.backend) {
             None => Err(self.detached()),
-            Some(Backend::Local(r)) => Ok(r.read(offset, len).await?),
+            Some(Backend::Local(r, s)) => Ok(self.fenced(s.run(r.read(offset, len)).await)??),
             Some(Backend::Replicated(c)) => Ok(c.read(offset, len).await?),
         }
     }
@@ -277,7 +290,9 @@ impl AttachedVolume {
         let g = self.gate.read().await;
         match g.as_ref().map(|o| &o.backend) {
             None => Err(self.detached()),
-            Some(Backend::Local(r)) => Ok(r.write(offset, data, fua).await?),
+            Some(Backend::Local(r, s)) => {
+                Ok(self.fenced(s.run(r.write(offset, data, fua)).await)??)
+            }
             Some(Backend::Replicated(c)) => Ok(c.write(offset, data, fua).await?),
         }
     }
@@ -287,7 +302,9 @@ impl AttachedVolume {
         let g = self.gate.read().await;
         match g.as_ref().map(|o| &o.backend) {
             None => Err(self.detached()),
-            Some(Backend::Local(r)) => Ok(r.write_zeroes(offset, len, fua).await?),
+            Some(Backend::Local(r, s)) => {
+                Ok(self.fenced(s.run(r.write_zeroes(offset, len, fua)).await)??)
+            }
             Some(Backend::Replicated(c)) => Ok(c.write_zeroes(offset, len, fua).await?),
         }
     }
@@ -297,7 +314,7 @@ impl AttachedVolume {
         let g = self.gate.read().await;
         match g.as_ref().map(|o| &o.backend) {
             None => Err(self.detached()),
-            Some(Backend::Local(r)) => Ok(r.flush().await?),
+            Some(Backend::Local(r, s)) => Ok(self.fenced(s.run(r.flush()).await)??),
             Some(Backend::Replicated(c)) => Ok(c.flush().await?),
         }
     }
@@ -318,7 +335,7 @@ impl AttachedVolume {
             None => Err(self.detached()),
             Some(Open {
                 record,
-                backend: Backend::Local(_),
+                backend: Backend::Local(..),
             }) => Ok(VerifyReport {
                 in_sync_nodes: record.replicas.iter().map(|r| r.node).collect(),
                 ..Default::default()
@@ -1054,9 +1071,20 @@ impl VolumeManager {
             && rec.parked.is_empty()
             && rec.replica(self.node_id).is_some()
         {
-            Backend::Local(local.ok_or_else(|| {
+            let replica = local.ok_or_else(|| {
                 VolumeError::Unavailable(format!("the local replica of '{name}' cannot be opened"))
-            })?)
+            })?;
+            let session = self
+                .replica_server()
+                .open_local_session(rec.wire_id(), rec.generation)
+                .await
+                .map_err(|errno| {
+                    VolumeError::Unavailable(format!(
+                        "the local replica of '{name}' cannot be opened at generation {} (errno {errno})",
+                        rec.generation
+                    ))
+                })?;
+            Backend::Local(replica, session)
         } else {
             let mut cfg = CoordinatorConfig::new(self.node_id, self.token.clone());
             cfg.local_server = Some(self.replica_server());

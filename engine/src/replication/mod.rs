@@ -47,7 +47,7 @@ use crate::cluster::{ApplyError, ApplyOutput, ClusterState, Command};
 pub use coordinator::{
     BlockMismatch, Coordinator, CoordinatorConfig, CoordinatorStats, ReplicaStats, VerifyReport,
 };
-pub use server::{LocalReplicas, ReplicaServer};
+pub use server::{LocalReplicas, LocalSession, ReplicaServer};
 
 /// How long one replica may take to answer one request before it is treated as failed
 /// (and, for a write or flush, ejected). A healthy replica answers a 32 MiB write plus

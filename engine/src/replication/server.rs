@@ -401,6 +401,51 @@ impl ReplicaServer {
     }
 }
 
+/// A fenced session on a local replica, for a frontend that calls the store directly (the
+/// RF 1 fast path). It is opened like any coordinator's session, so the same fence covers
+/// it: once a newer `Open` (an `attach --force` elsewhere) started another session, its
+/// I/O is refused with `ESTALE`, and that `Open` waits for the I/O already running.
+pub struct LocalSession {
+    fence: Arc<VolumeFence>,
+    wire_generation: u64,
+}
+
+impl ReplicaServer {
+    /// Opens this node's replica of `wire_id` at `generation` for direct local I/O (the
+    /// volume must be attached here at that generation).
+    pub async fn open_local_session(
+        &self,
+        wire_id: u64,
+        generation: u64,
+    ) -> Result<LocalSession, i32> {
+        let mut req = Frame::request(
+            Kind::Open,
+            wire_id,
+            wire_generation(generation, 0),
+            0,
+            0,
+            Bytes::new(),
+        );
+        let payload = self.serve(self.node_id, &mut req).await?;
+        let info = OpenInfo::decode(&payload).ok_or(libc::EPROTO)?;
+        Ok(LocalSession {
+            fence: self.fence(wire_id),
+            wire_generation: wire_generation(generation, info.session),
+        })
+    }
+}
+
+impl LocalSession {
+    /// Runs `io` as an I/O of this session, or refuses it with `ESTALE` (see the type doc).
+    pub async fn run<T>(&self, io: impl std::future::Future<Output = T>) -> Result<T, i32> {
+        let _admitted = self.fence.io.read().await;
+        if self.wire_generation < self.fence.opened.load(Ordering::Acquire) {
+            return Err(libc::ESTALE);
+        }
+        Ok(io.await)
+    }
+}
+
 /// Decodes a `Checksums` reply for `[offset, offset + len)`: one block digest per block
 /// covered ([`crate::store::block_digest`]).
 pub(crate) fn decode_checksums(offset: u64, len: u64, payload: &[u8]) -> Option<Vec<u64>> {

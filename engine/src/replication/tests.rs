@@ -1822,3 +1822,29 @@ async fn stalled_local_write_can_never_land_after_the_local_resync() {
     })
     .await
 }
+
+/// S2: the RF 1 fast path writes to the store directly, but through a fenced local session:
+/// once a coordinator elsewhere opened the replica at a newer generation (`attach --force`),
+/// every later local I/O is refused, and that coordinator's `Open` waits for the local I/O
+/// already running, so two writers never both get acks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_fast_path_is_fenced_by_a_takeover_elsewhere() {
+    bounded(async {
+        let c = TestCluster::new(&[1]).await;
+        let vol = c.attach(1);
+        let server = c.node(1).server.clone();
+        let session = server
+            .open_local_session(c.wire_id(), vol.generation)
+            .await
+            .unwrap();
+        let r = c.node(1).replica();
+        session.run(r.write(0, pattern(1, 4096), false)).await.unwrap().unwrap();
+        // Node 2 takes over and opens the replica through node 1's server.
+        let coord = c.coordinator(2).await;
+        let refused = session.run(r.write(0, pattern(2, 4096), false)).await;
+        assert_eq!(refused.err(), Some(libc::ESTALE), "the old local session still writes");
+        assert!(coord.read(0, 4096).await.unwrap() == pattern(1, 4096));
+        coord.close().await.unwrap();
+    })
+    .await
+}
