@@ -22,8 +22,9 @@ use crate::cluster::{
 use crate::meta::IoPriority;
 use crate::placement::{place, PlacementRequest};
 use crate::replication::{
-    Coordinator, CoordinatorConfig, CoordinatorStats, LocalReplicas, ReplicaServer,
-    ReplicationError, VerifyReport, LocalSession};
+    Coordinator, CoordinatorConfig, CoordinatorStats, LocalReplicas, LocalSession, ReplicaServer,
+    ReplicationError, VerifyReport,
+};
 use crate::store::{Pool, Replica, StoreError, BLOCK_SIZE};
 
 /// Largest volume: 64 TiB. Checksum tables for a fully written volume of this size take

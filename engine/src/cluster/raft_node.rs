@@ -186,7 +186,12 @@ impl Persist {
         state: &ClusterState,
     ) -> Result<(), RaftError> {
         use sled::Transactional;
-        let keys: Vec<sled::IVec> = self.log.iter().keys().collect::<Result<_, _>>().map_err(pb_err)?;
+        let keys: Vec<sled::IVec> = self
+            .log
+            .iter()
+            .keys()
+            .collect::<Result<_, _>>()
+            .map_err(pb_err)?;
         let mut compacted = meta.clone();
         compacted.clear_conf_state();
         let compacted = compacted.write_to_bytes().map_err(pb_err)?;
@@ -381,7 +386,11 @@ impl RaftNode {
                 if let Some(h) = hs.as_mut() {
                     let last = mem.last_index().unwrap_or(0);
                     if applied > h.commit && applied <= last {
-                        tracing::warn!(applied, commit = h.commit, "raft commit index behind the applied state; raised to it");
+                        tracing::warn!(
+                            applied,
+                            commit = h.commit,
+                            "raft commit index behind the applied state; raised to it"
+                        );
                         h.commit = applied;
                         persist.put_pb("hard_state", h)?;
                         persist.flush()?;

@@ -235,7 +235,10 @@ async fn restart_with_applied_state_ahead_of_the_saved_commit_index() {
     leader_of(&[&n1]).await;
     let mut idx = 0;
     for name in ["a", "b", "c"] {
-        (_, idx) = n1.propose(Command::AddNode { node: node(name) }).await.unwrap();
+        (_, idx) = n1
+            .propose(Command::AddNode { node: node(name) })
+            .await
+            .unwrap();
     }
     let generation_before = n1.state().next_node_id;
     n1.stop();
@@ -246,14 +249,18 @@ async fn restart_with_applied_state_ahead_of_the_saved_commit_index() {
     let mut hs = HardState::parse_from_bytes(&meta.get("hard_state").unwrap().unwrap()).unwrap();
     assert!(hs.commit >= idx);
     hs.commit = idx - 2;
-    meta.insert("hard_state", hs.write_to_bytes().unwrap()).unwrap();
+    meta.insert("hard_state", hs.write_to_bytes().unwrap())
+        .unwrap();
     db.flush().unwrap();
 
     let n1 = start(&net, 1, &db, Bootstrap::Restart);
     assert_eq!(n1.applied(), idx, "nothing re-applied, nothing lost");
     assert_eq!(n1.state().next_node_id, generation_before);
     leader_of(&[&n1]).await;
-    let (_, next) = n1.propose(Command::AddNode { node: node("d") }).await.unwrap();
+    let (_, next) = n1
+        .propose(Command::AddNode { node: node("d") })
+        .await
+        .unwrap();
     assert!(next > idx);
     assert_eq!(n1.state().nodes.len(), 4);
 }

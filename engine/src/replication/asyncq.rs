@@ -43,8 +43,14 @@ use crate::cluster::ReplicaState;
 /// One operation an async replica has not acked yet.
 #[derive(Clone)]
 pub(super) enum AsyncOp {
-    Write { offset: u64, data: Bytes },
-    Zeroes { offset: u64, len: u32 },
+    Write {
+        offset: u64,
+        data: Bytes,
+    },
+    Zeroes {
+        offset: u64,
+        len: u32,
+    },
     /// A client flush: every write queued before it is made durable before any after it
     /// is sent, so the replica's disk is always a state a local disk could be in after a
     /// power loss (every write before the last flush it did, and some of the later ones).

@@ -310,6 +310,10 @@ pub(super) struct Inner {
     pub(super) counters: Counters,
 }
 
+/// One replica's result of one fan-out: (node, its state when sent, Ok or the error with
+/// whether the replica may have lost more than this I/O, see [`Inner::settle_with`]).
+type Outcome = (u64, ReplicaState, Result<(), (TargetError, bool)>);
+
 /// A replica's failure to do one thing.
 pub(super) struct Failure {
     pub(super) node: u64,
@@ -539,7 +543,11 @@ impl Coordinator {
                 .filter(|m| m.state == ReplicaState::InSync)
                 .collect();
             (
-                in_sync.iter().filter(|m| created(m)).map(|m| m.node).collect(),
+                in_sync
+                    .iter()
+                    .filter(|m| created(m))
+                    .map(|m| m.node)
+                    .collect(),
                 in_sync.iter().filter(|m| !created(m)).count(),
             )
         };
@@ -556,7 +564,9 @@ impl Coordinator {
             let new: Vec<(u64, Target, u64)> = inner
                 .lock_members()
                 .iter()
-                .filter(|m| m.state == ReplicaState::InSync && m.suspect.0 == crate::store::SUSPECT_CREATED)
+                .filter(|m| {
+                    m.state == ReplicaState::InSync && m.suspect.0 == crate::store::SUSPECT_CREATED
+                })
                 .filter_map(|m| m.target.clone().map(|t| (m.node, t, m.suspect.1)))
                 .collect();
             for (node, t, epoch) in new {
@@ -1204,7 +1214,7 @@ impl Inner {
         &self,
         op: &'static str,
         range: Option<(u64, u64)>,
-        results: Vec<(u64, ReplicaState, Result<(), (TargetError, bool)>)>,
+        results: Vec<Outcome>,
     ) -> Result<()> {
         let mut in_sync_ok = false;
         let mut in_sync_failed = 0usize;
@@ -1344,7 +1354,9 @@ impl Inner {
             .into_iter()
             .map(|(node, state, res)| (node, state, res.map_err(|e| (e, fua))))
             .collect();
-        let res = self.settle_with("write", Some((offset, len)), results).await;
+        let res = self
+            .settle_with("write", Some((offset, len)), results)
+            .await;
         self.hot.finish(r0, r1, res.is_ok());
         res
     }

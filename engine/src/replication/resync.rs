@@ -331,7 +331,10 @@ impl Inner {
             .collect();
         for node in lost_async {
             let e = TargetError::Transport("async replica lost or behind".into());
-            if let Err(err) = self.replica_failed(node, Some((0, 0)), &e, "connection check").await {
+            if let Err(err) = self
+                .replica_failed(node, Some((0, 0)), &e, "connection check")
+                .await
+            {
                 tracing::warn!(volume = %self.name, node, error = %err, "cannot commit a lost async replica out of sync");
             }
         }
@@ -355,7 +358,10 @@ impl Inner {
         if alive > 0 {
             for node in dead {
                 let e = TargetError::Transport("connection lost while idle".into());
-                if let Err(err) = self.replica_failed(node, Some((0, 0)), &e, "connection check").await {
+                if let Err(err) = self
+                    .replica_failed(node, Some((0, 0)), &e, "connection check")
+                    .await
+                {
                     tracing::warn!(volume = %self.name, node, error = %err, "cannot eject an in-sync replica whose connection is gone");
                 }
             }
@@ -365,7 +371,10 @@ impl Inner {
             let (target, info) = match self.connect(node).await {
                 Ok(v) => v,
                 Err(e) => {
-                    self.set_last_error(node, format!("reconnecting the last in-sync replica: {e}"));
+                    self.set_last_error(
+                        node,
+                        format!("reconnecting the last in-sync replica: {e}"),
+                    );
                     continue;
                 }
             };
@@ -386,7 +395,10 @@ impl Inner {
             tracing::warn!(volume = %self.name, node, restarted, "reconnected the last in-sync replica");
             if lost {
                 tracing::error!(volume = %self.name, node, "the last in-sync replica restarted uncleanly: acknowledged writes that were not flushed may be lost; the other replicas get a full comparison");
-                for o in members.iter_mut().filter(|o| o.node != node && o.state != ReplicaState::InSync) {
+                for o in members
+                    .iter_mut()
+                    .filter(|o| o.node != node && o.state != ReplicaState::InSync)
+                {
                     o.dirty = None;
                     if o.state == ReplicaState::Resyncing {
                         // Its running copy started from a bitmap; restart it from scratch.

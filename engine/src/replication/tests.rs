@@ -1140,7 +1140,12 @@ async fn replica_server_fences_by_generation_and_session() {
         let zero = crate::store::zero_block_digest();
         assert_eq!(
             crcs,
-            vec![crate::store::block_digest(&pattern(1, 4096)), zero, zero, zero]
+            vec![
+                crate::store::block_digest(&pattern(1, 4096)),
+                zero,
+                zero,
+                zero
+            ]
         );
 
         // A newer generation than the metadata has: held, then refused (paused clock).
@@ -1512,7 +1517,11 @@ async fn failed_flush_ejects_with_everything_since_the_last_good_flush_to_compar
             .fail_flushes
             .store(1, std::sync::atomic::Ordering::SeqCst);
         coord.flush().await.unwrap();
-        assert_ne!(c.replica_state(3), ReplicaState::InSync, "node 3 was not ejected");
+        assert_ne!(
+            c.replica_state(3),
+            ReplicaState::InSync,
+            "node 3 was not ejected"
+        );
         eventually("node 3 back in sync", || {
             c.replica_state(3) == ReplicaState::InSync
         })
@@ -1541,7 +1550,11 @@ fn block_with_crc32(target: u32, seed: u64) -> Vec<u8> {
         .collect();
     // Solve sum(x_i * cols[i]) = base ^ target: rows are crc bits, augmented with the
     // combination of tail bits that produced them.
-    let mut rows: Vec<(u32, u32)> = cols.iter().enumerate().map(|(i, &c)| (c, 1u32 << i)).collect();
+    let mut rows: Vec<(u32, u32)> = cols
+        .iter()
+        .enumerate()
+        .map(|(i, &c)| (c, 1u32 << i))
+        .collect();
     let mut basis: Vec<(u32, u32)> = Vec::new();
     for (mut v, mut combo) in rows.drain(..) {
         for &(bv, bc) in &basis {
@@ -1552,7 +1565,7 @@ fn block_with_crc32(target: u32, seed: u64) -> Vec<u8> {
         }
         if v != 0 {
             basis.push((v, combo));
-            basis.sort_by(|a, b| b.0.cmp(&a.0));
+            basis.sort_by_key(|b| std::cmp::Reverse(b.0));
         }
     }
     let mut want = base ^ target;
@@ -1608,7 +1621,11 @@ async fn block_whose_crc32_equals_the_zero_blocks_reaches_a_new_replica() {
         assert!(on3 == tricky, "the new replica did not get the block");
         // Same crc32, other bytes: verify must report it.
         let other = block_with_crc32(crc32fast::hash(&tricky), 8);
-        c.node(2).replica().write(8 * MIB, other, true).await.unwrap();
+        c.node(2)
+            .replica()
+            .write(8 * MIB, other, true)
+            .await
+            .unwrap();
         let report = coord.verify().await.unwrap();
         assert_eq!(report.mismatched_blocks, 1, "{report:?}");
         coord.close().await.unwrap();
@@ -1637,7 +1654,10 @@ async fn crash_then_clean_restart_still_gets_a_full_comparison() {
         coord.write(0, pattern(2, 64 << 10), false).await.unwrap();
         c.stop(3).await;
         c.node(3).replicas.0.lock().unwrap().clear(); // kill -9
-        coord.write(10 * MIB, pattern(3, 4096), false).await.unwrap();
+        coord
+            .write(10 * MIB, pattern(3, 4096), false)
+            .await
+            .unwrap();
         assert_eq!(c.replica_state(3), ReplicaState::OutOfSync);
         // Power loss on node 3: the unflushed write is gone from its disk.
         lose_unflushed(&c, 3, 0, &pattern(1, 64 << 10));
@@ -1681,12 +1701,21 @@ async fn replica_recreated_empty_is_never_trusted() {
     bounded(async {
         let mut c = TestCluster::new(&[1, 2, 3]).await;
         let coord = c.coordinator(1).await;
-        coord.write(0, pattern(1, MIB as usize), true).await.unwrap();
-        coord.write(20 * MIB, pattern(2, MIB as usize), true).await.unwrap();
+        coord
+            .write(0, pattern(1, MIB as usize), true)
+            .await
+            .unwrap();
+        coord
+            .write(20 * MIB, pattern(2, MIB as usize), true)
+            .await
+            .unwrap();
         // Node 3 restarts with an empty pool.
         c.stop(3).await;
         wipe_replica(&c, 3).await;
-        coord.write(40 * MIB, pattern(3, 4096), false).await.unwrap();
+        coord
+            .write(40 * MIB, pattern(3, 4096), false)
+            .await
+            .unwrap();
         c.start(3).await;
         eventually("node 3 back in sync", || {
             c.replica_state(3) == ReplicaState::InSync
@@ -1701,9 +1730,7 @@ async fn replica_recreated_empty_is_never_trusted() {
         c.start(2).await;
         let coord = c.coordinator(2).await;
         assert!(coord.read(0, MIB as usize).await.unwrap() == pattern(1, MIB as usize));
-        assert!(
-            coord.read(20 * MIB, MIB as usize).await.unwrap() == pattern(2, MIB as usize)
-        );
+        assert!(coord.read(20 * MIB, MIB as usize).await.unwrap() == pattern(2, MIB as usize));
         eventually("node 2 back in sync", || {
             c.replica_state(2) == ReplicaState::InSync
         })
@@ -1724,7 +1751,10 @@ async fn last_in_sync_replica_that_restarts_is_reconnected() {
         let mut c = TestCluster::new(&[1, 3]).await;
         // The coordinator runs on node 2, which holds no replica (an `attach --force`).
         let coord = c.coordinator(2).await;
-        coord.write(0, pattern(1, MIB as usize), true).await.unwrap();
+        coord
+            .write(0, pattern(1, MIB as usize), true)
+            .await
+            .unwrap();
         c.stop(1).await;
         coord.write(4 * MIB, pattern(2, 4096), true).await.unwrap();
         assert_eq!(c.replica_state(1), ReplicaState::OutOfSync);
@@ -1734,7 +1764,10 @@ async fn last_in_sync_replica_that_restarts_is_reconnected() {
         tokio::time::sleep(Duration::from_millis(200)).await;
         let deadline = std::time::Instant::now() + WAIT;
         while let Err(e) = coord.read(0, 4096).await {
-            assert!(std::time::Instant::now() < deadline, "reads still fail: {e}");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "reads still fail: {e}"
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         assert!(coord.read(0, MIB as usize).await.unwrap() == pattern(1, MIB as usize));
@@ -1769,9 +1802,18 @@ async fn async_replica_is_flushed_in_order_and_a_lost_one_leaves_async_at_once()
             coord.write(i * MIB, pattern(i, 4096), false).await.unwrap();
         }
         coord.flush().await.unwrap();
-        eventually("the flush reached the async replica after its five writes", || {
-            c.node(3).faulty.seen_flushes.lock().unwrap().iter().any(|&n| n >= 5)
-        })
+        eventually(
+            "the flush reached the async replica after its five writes",
+            || {
+                c.node(3)
+                    .faulty
+                    .seen_flushes
+                    .lock()
+                    .unwrap()
+                    .iter()
+                    .any(|&n| n >= 5)
+            },
+        )
         .await;
         // Its node dies while nothing is written.
         c.stop(3).await;
@@ -1800,7 +1842,11 @@ async fn stalled_local_write_can_never_land_after_the_local_resync() {
         let (release, rx) = watch::channel(false);
         *c.node(1).server.hold.lock().unwrap() = Some((at, rx));
         coord.write(at, pattern(2, 4096), false).await.unwrap();
-        assert_ne!(c.replica_state(1), ReplicaState::InSync, "local replica not ejected");
+        assert_ne!(
+            c.replica_state(1),
+            ReplicaState::InSync,
+            "local replica not ejected"
+        );
         coord.write(at, pattern(3, 4096), false).await.unwrap();
         eventually("node 1 back in sync", || {
             c.replica_state(1) == ReplicaState::InSync
@@ -1838,11 +1884,19 @@ async fn local_fast_path_is_fenced_by_a_takeover_elsewhere() {
             .await
             .unwrap();
         let r = c.node(1).replica();
-        session.run(r.write(0, pattern(1, 4096), false)).await.unwrap().unwrap();
+        session
+            .run(r.write(0, pattern(1, 4096), false))
+            .await
+            .unwrap()
+            .unwrap();
         // Node 2 takes over and opens the replica through node 1's server.
         let coord = c.coordinator(2).await;
         let refused = session.run(r.write(0, pattern(2, 4096), false)).await;
-        assert_eq!(refused.err(), Some(libc::ESTALE), "the old local session still writes");
+        assert_eq!(
+            refused.err(),
+            Some(libc::ESTALE),
+            "the old local session still writes"
+        );
         assert!(coord.read(0, 4096).await.unwrap() == pattern(1, 4096));
         coord.close().await.unwrap();
     })

@@ -92,7 +92,10 @@ impl Drop for AlGuard<'_> {
 
 fn encode(seq: u64, hot: &BTreeSet<u64>) -> Vec<u8> {
     // `begin` never lets the set grow past what a record holds (and `decode` accepts).
-    assert!(hot.len() <= AL_MAX_HOT_REGIONS, "activity log record over capacity");
+    assert!(
+        hot.len() <= AL_MAX_HOT_REGIONS,
+        "activity log record over capacity"
+    );
     let mut rec = Vec::with_capacity(SLOT_BYTES);
     rec.extend_from_slice(&MAGIC.to_le_bytes());
     rec.extend_from_slice(&seq.to_le_bytes());
@@ -302,7 +305,11 @@ impl ActivityLog {
     async fn write_record(&self, seq: &mut u64, hot: &BTreeSet<u64>) -> Result<()> {
         #[cfg(test)]
         {
-            let hold = self.hold_records.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            let hold = self
+                .hold_records
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone();
             if let Some(mut release) = hold {
                 let _ = release.wait_for(|r| *r).await;
             }

@@ -250,9 +250,8 @@ async fn write_to_a_region_whose_hot_record_is_not_durable_waits_for_it() {
         *r.al.hold_records.lock().unwrap() = Some(hold);
         // Write A makes region 2 hot; its record write is held.
         let ra = r.clone();
-        let a = tokio::spawn(async move {
-            ra.write(REGION_SIZE * 2, pattern(1, 4096), false).await
-        });
+        let a =
+            tokio::spawn(async move { ra.write(REGION_SIZE * 2, pattern(1, 4096), false).await });
         tokio::time::sleep(Duration::from_millis(100)).await;
         // Write B, to another block of the same region, with FUA.
         let rb = r.clone();
@@ -281,13 +280,19 @@ async fn write_to_a_region_whose_hot_record_is_not_durable_waits_for_it() {
         } else {
             // Not acked at the loss: old or new bytes, never an error.
             let got = read.unwrap();
-            assert!(got == pattern(2, 4096) || got == vec![0; 4096], "{engine:?}");
+            assert!(
+                got == pattern(2, 4096) || got == vec![0; 4096],
+                "{engine:?}"
+            );
         }
         // And after the record: both writes are durable and read back.
         r.flush().await.unwrap();
         copy_replica_files(&dir.path().join("pool"), &dir.path().join("after-flush"));
         let later = open(&dir.path().join("after-flush"), &engine, 1 << 30, 64 << 20).await;
-        assert_eq!(later.read(REGION_SIZE * 2, 4096).await.unwrap(), pattern(1, 4096));
+        assert_eq!(
+            later.read(REGION_SIZE * 2, 4096).await.unwrap(),
+            pattern(1, 4096)
+        );
         assert_eq!(
             later.read(REGION_SIZE * 2 + 8 * 4096, 4096).await.unwrap(),
             pattern(2, 4096)
@@ -302,16 +307,22 @@ async fn write_to_a_region_whose_hot_record_is_not_durable_waits_for_it() {
 async fn failed_hot_record_leaves_the_region_cold() {
     let dir = tempfile::tempdir().unwrap();
     let r = open(dir.path(), &IoEngine::Std, 1 << 30, 64 << 20).await;
-    r.al.fail_records.store(true, std::sync::atomic::Ordering::Relaxed);
+    r.al.fail_records
+        .store(true, std::sync::atomic::Ordering::Relaxed);
     assert!(r.write(REGION_SIZE, pattern(1, 4096), false).await.is_err());
     assert_eq!(r.al.hot_count(), 0, "a failed record left its region hot");
-    r.al.fail_records.store(false, std::sync::atomic::Ordering::Relaxed);
+    r.al.fail_records
+        .store(false, std::sync::atomic::Ordering::Relaxed);
     let (release, hold) = tokio::sync::watch::channel(false);
     *r.al.hold_records.lock().unwrap() = Some(hold);
     let ra = r.clone();
     let a = tokio::spawn(async move { ra.write(REGION_SIZE, pattern(1, 4096), false).await });
     tokio::time::sleep(Duration::from_millis(50)).await;
-    assert_eq!(r.al.hot_count(), 0, "a region is hot before its record is durable");
+    assert_eq!(
+        r.al.hot_count(),
+        0,
+        "a region is hot before its record is durable"
+    );
     release.send_replace(true);
     a.await.unwrap().unwrap();
     assert_eq!(r.al.hot_count(), 1);
