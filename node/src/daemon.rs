@@ -313,6 +313,22 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         shutdown_rx.clone(),
     ));
 
+    // The leader converges raft's configuration to the node table (concurrent joins).
+    let membership_task = {
+        let cluster = cluster.clone();
+        let mut shutdown = shutdown_rx.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = shutdown.wait_for(|s| *s) => return,
+                    _ = tokio::time::sleep(tandem_engine::cluster::membership::CONVERGE_INTERVAL) => {}
+                }
+                if let Err(e) = cluster.converge_membership().await {
+                    tracing::debug!(error = %e, "raft membership change not made yet; retrying");
+                }
+            }
+        })
+    };
     let data_task = tokio::spawn(crate::replica::serve_data_path(
         data_l,
         token.clone(),
@@ -396,6 +412,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     }
     let _ = prober_task.await;
     let _ = rtt_watch_task.await;
+    let _ = membership_task.await;
     raft.stop();
     tracing::info!("tandemd stopped cleanly");
     Ok(())

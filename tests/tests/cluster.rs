@@ -133,3 +133,50 @@ fn leader_loss_keeps_metadata_available_and_a_restarted_node_rejoins_without_a_t
     );
     assert_eq!(node_count(&dead), 3);
 }
+
+/// F10: nodes that join at once (a DaemonSet starting four pods) all end up raft members
+/// in the role the node table gives them. raft takes one configuration change at a time,
+/// so concurrent joins used to lose voters (`Voters: [1, 2, 3]` with five in the table);
+/// the leader now converges raft's configuration to the node table.
+#[test]
+fn concurrent_joins_converge_raft_membership_to_the_node_table() {
+    let a = Daemon::start(DaemonOpts::default());
+    let joined: Vec<Daemon> = std::thread::scope(|s| {
+        let handles: Vec<_> = [
+            vec!["--kvdb"],
+            vec!["--kvdb"],
+            vec!["--kvdb"],
+            vec!["--witness"],
+        ]
+        .into_iter()
+        .map(|extra| {
+            let a = &a;
+            s.spawn(move || Daemon::join(a, &extra))
+        })
+        .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert_eq!(joined.len(), 4);
+    let voters = eventually(Duration::from_secs(40), "five raft voters", || {
+        let i = a.ctl_json(&["cluster", "inspect"]);
+        let voters: Vec<u64> = i["voters"]
+            .as_array()?
+            .iter()
+            .filter_map(|v| v.as_u64())
+            .collect();
+        (voters.len() == 5).then_some(voters)
+    });
+    let table: Vec<u64> = a
+        .ctl_json(&["cluster", "inspect"])["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|n| n["role"] != "learner")
+        .filter_map(|n| n["id"].as_u64())
+        .collect();
+    let mut sorted = voters.clone();
+    sorted.sort();
+    let mut table_sorted = table.clone();
+    table_sorted.sort();
+    assert_eq!(sorted, table_sorted, "raft voters match the node table");
+}

@@ -122,6 +122,27 @@ impl ClusterHandle {
             .map(|_| ())
     }
 
+    /// On the leader: proposes the next raft configuration change the node table calls
+    /// for ([`super::membership::next_conf_change`]). Returns the change made, if any. A
+    /// follower does nothing (its leader converges).
+    pub async fn converge_membership(
+        &self,
+    ) -> Result<Option<super::membership::ConfChangeDue>, ClusterError> {
+        let status = self.status();
+        if status.role != "leader" {
+            return Ok(None);
+        }
+        let state = self.state();
+        let Some(due) =
+            super::membership::next_conf_change(&state.nodes, &status.voters, &status.learners)
+        else {
+            return Ok(None);
+        };
+        tracing::info!(node = due.node, voter = due.voter, "raft membership behind the node table; adding");
+        self.add_member(due.node, due.voter).await?;
+        Ok(Some(due))
+    }
+
     /// Runs a proposal on this node, which must be the leader (the forwarding target).
     pub async fn propose_local(
         &self,

@@ -4,6 +4,8 @@
 //! * [`state`]: the deterministic state machine and its commands; the safety rules that
 //!   must hold whoever proposes (unique names, one attachment, generation fencing) are
 //!   enforced at apply time there.
+//! * [`membership`]: raft's configuration converges to the node table (the leader drives
+//!   it, one change at a time).
 //! * [`raft_node`]: the `RawNode` ready loop on its own thread, persistence in sled, log
 //!   compaction and snapshots.
 //!
@@ -11,6 +13,7 @@
 //! crate behind [`raft_node::RaftTransport`].
 
 pub mod handle;
+pub mod membership;
 pub mod raft_node;
 pub mod state;
 

@@ -1265,6 +1265,7 @@ impl Inner {
                 self.replica_failed(f.node, f.range(range), &f.error, op)
                     .await?;
             }
+            self.unknown_outcome(range, &failures);
             let detail = failures
                 .iter()
                 .map(|f| format!("node {}: {}", f.node, f.error))
@@ -1286,6 +1287,47 @@ impl Inner {
                 .await?;
         }
         Ok(())
+    }
+
+    /// A write failed on every in-sync replica, so nobody was ejected, but it may have
+    /// landed anywhere: a resyncing replica that took it no longer matches the in-sync
+    /// copy over `range` (it compares that range again), and an in-sync replica whose
+    /// answer never came may still apply it later, after a resync copied the range. That
+    /// one gets a new session before any further I/O (`check_in_sync_connections`
+    /// reconnects it; until then I/O fails), so the late frame is refused.
+    fn unknown_outcome(&self, range: Option<(u64, u64)>, failures: &[Failure]) {
+        let failed: Vec<u64> = failures.iter().map(|f| f.node).collect();
+        let lost: Vec<u64> = failures
+            .iter()
+            .filter(|f| {
+                matches!(
+                    f.error,
+                    TargetError::Timeout(_) | TargetError::Transport(_) | TargetError::BadReply(_)
+                )
+            })
+            .map(|f| f.node)
+            .collect();
+        let mut members = self.lock_members();
+        for m in members.iter_mut() {
+            match m.state {
+                ReplicaState::Resyncing if !failed.contains(&m.node) => {
+                    if let (Some((off, len)), Some(d)) = (range, m.dirty.as_mut()) {
+                        d.set_bytes(off, len, DIRTY_REGION_BYTES);
+                    }
+                }
+                ReplicaState::InSync if lost.contains(&m.node) => {
+                    if let Some(t) = m.target.take() {
+                        if let Endpoint::Remote(c) = &t.endpoint {
+                            m.old_client = Some(Arc::downgrade(c));
+                        }
+                    }
+                    tracing::warn!(volume = %self.name, node = m.node, "in-sync replica did not answer a failed write; it gets a new session before further I/O");
+                }
+                _ => {}
+            }
+        }
+        drop(members);
+        self.resync_wake.notify_one();
     }
 
     /// Makes sure regions `r0..=r1` are committed hot and enters them.

@@ -25,6 +25,8 @@ use crate::meta::IoPriority;
 use crate::store::{Pool, Replica, BLOCK_SIZE};
 use crate::wire::{self, Frame, FrameHandler, Kind};
 
+mod sim;
+
 const TEST_TIMEOUT: Duration = Duration::from_secs(30);
 const WAIT: Duration = Duration::from_secs(15);
 const TOKEN: &[u8] = b"replication-test-token";
@@ -173,6 +175,8 @@ impl Node {
 
 struct TestCluster {
     meta: Arc<InMemoryMeta>,
+    /// The volume's size ([`SIZE`] unless built with [`TestCluster::sized`]).
+    size: u64,
     /// The volume's id, assigned by the state machine at create.
     vol_id: String,
     nodes: Vec<Node>,
@@ -210,7 +214,22 @@ impl TestCluster {
     }
 
     async fn build(replica_nodes: &[u64], pool_bytes: [u64; 3], domains: [&str; 3]) -> TestCluster {
-        let dir = tempfile::tempdir().unwrap();
+        TestCluster::sized(replica_nodes, pool_bytes, domains, SIZE).await
+    }
+
+    async fn sized(
+        replica_nodes: &[u64],
+        pool_bytes: [u64; 3],
+        domains: [&str; 3],
+        size: u64,
+    ) -> TestCluster {
+        // Small clusters (the simulation builds hundreds) live in memory where possible.
+        let shm = std::path::Path::new("/dev/shm");
+        let dir = if size < SIZE && shm.is_dir() {
+            tempfile::tempdir_in(shm).unwrap()
+        } else {
+            tempfile::tempdir().unwrap()
+        };
         let meta = InMemoryMeta::new(crate::cluster::ClusterState::new("test"));
         let mut nodes = Vec::new();
         for id in 1..=3u64 {
@@ -248,7 +267,7 @@ impl TestCluster {
         let volume = VolumeRecord {
             id: String::new(),
             name: VOLUME.into(),
-            size_bytes: SIZE,
+            size_bytes: size,
             repl: replica_nodes.len() as u32,
             io_priority: IoPriority::Medium,
             labels: BTreeMap::new(),
@@ -277,6 +296,7 @@ impl TestCluster {
         let vol_id = meta.state().volumes[VOLUME].id.clone();
         let mut c = TestCluster {
             meta,
+            size,
             vol_id,
             nodes,
             _dir: dir,
@@ -301,7 +321,7 @@ impl TestCluster {
         let n = self.node(id);
         let r = n
             .pool
-            .open_replica(&self.vol_id, VOLUME, SIZE)
+            .open_replica(&self.vol_id, VOLUME, self.size)
             .await
             .unwrap();
         n.replicas.0.lock().unwrap().insert(self.wire_id(), r);
@@ -395,11 +415,12 @@ impl TestCluster {
         let mut out = Vec::new();
         for &id in nodes {
             let r = self.node(id).replica();
-            let mut all = Vec::with_capacity(SIZE as usize);
+            let mut all = Vec::with_capacity(self.size as usize);
             let mut off = 0;
-            while off < SIZE {
-                all.extend(r.read(off, (16 * MIB) as usize).await.unwrap());
-                off += 16 * MIB;
+            while off < self.size {
+                let n = (16 * MIB).min(self.size - off);
+                all.extend(r.read(off, n as usize).await.unwrap());
+                off += n;
             }
             out.push((id, all));
         }
@@ -1898,6 +1919,54 @@ async fn local_fast_path_is_fenced_by_a_takeover_elsewhere() {
             "the old local session still writes"
         );
         assert!(coord.read(0, 4096).await.unwrap() == pattern(1, 4096));
+        coord.close().await.unwrap();
+    })
+    .await
+}
+
+/// Found by the simulation (seed 108, timing-dependent): a write that times out on the last
+/// in-sync replica (nothing can be ejected, so the write fails) while a resyncing replica
+/// took it. The stalled frame must never land on the in-sync replica later (it gets a new
+/// session first), and the resyncing replica must compare that range again, so the two
+/// end byte-identical.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn write_that_times_out_on_the_last_in_sync_replica_leaves_no_divergence() {
+    bounded(async {
+        let mut c = TestCluster::new(&[1, 3]).await;
+        let mut cfg = c.config(1);
+        cfg.replica_timeout = Duration::from_millis(300);
+        let coord = c.coordinator_with(cfg).await;
+        let at = 5 * MIB;
+        coord.write(at, pattern(1, 4096), true).await.unwrap();
+        c.stop(3).await;
+        for i in 0..16u64 {
+            coord.write(i * 2 * MIB + 8192, pattern(50 + i, 4096), false).await.unwrap();
+        }
+        assert_eq!(c.replica_state(3), ReplicaState::OutOfSync);
+        // Node 3 comes back and resyncs slowly.
+        *c.node(3).faulty.write_delay.lock().unwrap() = Duration::from_millis(100);
+        c.start(3).await;
+        eventually("node 3 resyncing", || c.replica_state(3) == ReplicaState::Resyncing).await;
+        // The write stalls on node 1 (the only in-sync replica) and lands on node 3.
+        let (release, rx) = watch::channel(false);
+        *c.node(1).server.hold.lock().unwrap() = Some((at, rx));
+        let res = coord.write(at, pattern(2, 4096), false).await;
+        assert!(res.is_err(), "acked without the in-sync replica: {res:?}");
+        *c.node(3).faulty.write_delay.lock().unwrap() = Duration::ZERO;
+        eventually("node 3 in sync", || c.replica_state(3) == ReplicaState::InSync).await;
+        // Now the stalled frame reaches node 1's replica.
+        release.send_replace(true);
+        eventually("held frame answered", || {
+            c.node(1).server.held_status.lock().unwrap().is_some()
+        })
+        .await;
+        assert_eq!(
+            *c.node(1).server.held_status.lock().unwrap(),
+            Some(libc::ESTALE as u32),
+            "the timed-out frame landed after the resync"
+        );
+        assert_verify_clean(&coord, 2).await;
+        c.assert_identical(&[1, 3]).await;
         coord.close().await.unwrap();
     })
     .await
