@@ -166,8 +166,7 @@ fn concurrent_joins_converge_raft_membership_to_the_node_table() {
             .collect();
         (voters.len() == 5).then_some(voters)
     });
-    let table: Vec<u64> = a
-        .ctl_json(&["cluster", "inspect"])["nodes"]
+    let table: Vec<u64> = a.ctl_json(&["cluster", "inspect"])["nodes"]
         .as_array()
         .unwrap()
         .iter()

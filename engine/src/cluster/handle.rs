@@ -138,7 +138,11 @@ impl ClusterHandle {
         else {
             return Ok(None);
         };
-        tracing::info!(node = due.node, voter = due.voter, "raft membership behind the node table; adding");
+        tracing::info!(
+            node = due.node,
+            voter = due.voter,
+            "raft membership behind the node table; adding"
+        );
         self.add_member(due.node, due.voter).await?;
         Ok(Some(due))
     }

@@ -86,7 +86,11 @@ mod tests {
             }
         }
         voters.sort();
-        assert_eq!(voters, vec![1, 2, 3, 5], "a learner in raft but a voter in the table is promoted");
+        assert_eq!(
+            voters,
+            vec![1, 2, 3, 5],
+            "a learner in raft but a voter in the table is promoted"
+        );
         assert_eq!(learners, vec![4]);
         // Agreement: nothing due.
         assert_eq!(next_conf_change(&nodes, &voters, &learners), None);

@@ -1940,20 +1940,29 @@ async fn write_that_times_out_on_the_last_in_sync_replica_leaves_no_divergence()
         coord.write(at, pattern(1, 4096), true).await.unwrap();
         c.stop(3).await;
         for i in 0..16u64 {
-            coord.write(i * 2 * MIB + 8192, pattern(50 + i, 4096), false).await.unwrap();
+            coord
+                .write(i * 2 * MIB + 8192, pattern(50 + i, 4096), false)
+                .await
+                .unwrap();
         }
         assert_eq!(c.replica_state(3), ReplicaState::OutOfSync);
         // Node 3 comes back and resyncs slowly.
         *c.node(3).faulty.write_delay.lock().unwrap() = Duration::from_millis(100);
         c.start(3).await;
-        eventually("node 3 resyncing", || c.replica_state(3) == ReplicaState::Resyncing).await;
+        eventually("node 3 resyncing", || {
+            c.replica_state(3) == ReplicaState::Resyncing
+        })
+        .await;
         // The write stalls on node 1 (the only in-sync replica) and lands on node 3.
         let (release, rx) = watch::channel(false);
         *c.node(1).server.hold.lock().unwrap() = Some((at, rx));
         let res = coord.write(at, pattern(2, 4096), false).await;
         assert!(res.is_err(), "acked without the in-sync replica: {res:?}");
         *c.node(3).faulty.write_delay.lock().unwrap() = Duration::ZERO;
-        eventually("node 3 in sync", || c.replica_state(3) == ReplicaState::InSync).await;
+        eventually("node 3 in sync", || {
+            c.replica_state(3) == ReplicaState::InSync
+        })
+        .await;
         // Now the stalled frame reaches node 1's replica.
         release.send_replace(true);
         eventually("held frame answered", || {

@@ -181,8 +181,8 @@ impl Run {
 
     fn config(&self, node: u64) -> CoordinatorConfig {
         let mut cfg = self.c.config(node);
-        cfg.replica_timeout = Duration::from_millis(150);
-        cfg.resync_retry = Duration::from_millis(20);
+        cfg.replica_timeout = Duration::from_millis(60);
+        cfg.resync_retry = Duration::from_millis(10);
         cfg.resync_progress_interval = Duration::from_millis(20);
         cfg
     }
@@ -245,7 +245,9 @@ impl Run {
                         }
                         coord.write(off, data, fua).await.map(|_| None)
                     }
-                    Op::Zeroes { off, len } => coord.write_zeroes(off, len, false).await.map(|_| None),
+                    Op::Zeroes { off, len } => {
+                        coord.write_zeroes(off, len, false).await.map(|_| None)
+                    }
                     Op::Read { off, len } => coord.read(off, len as usize).await.map(Some),
                     Op::Flush => coord.flush().await.map(|_| None),
                 }
@@ -267,7 +269,9 @@ impl Run {
         let mut touched: Vec<(std::ops::Range<usize>, u64, bool)> = Vec::new();
         for ((op, tag), res) in ops.iter().zip(&tags).zip(&results) {
             match op {
-                Op::Write { off, len, .. } => touched.push((sectors(*off, *len), *tag, res.is_ok())),
+                Op::Write { off, len, .. } => {
+                    touched.push((sectors(*off, *len), *tag, res.is_ok()))
+                }
                 Op::Zeroes { off, len } => touched.push((sectors(*off, *len), 0, res.is_ok())),
                 _ => {}
             }
@@ -377,7 +381,8 @@ impl Run {
                     return;
                 }
                 Err(e) if Instant::now() < deadline => {
-                    self.log.push(format!("  open on node {to} failed again: {e}"));
+                    self.log
+                        .push(format!("  open on node {to} failed again: {e}"));
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
                 Err(e) => self.fail(format!("no coordinator could open on node {to}: {e}")),
@@ -397,7 +402,10 @@ impl Run {
 
     async fn fault(&mut self, f: Fault) {
         self.faults += 1;
-        self.log.push(format!("fault {f:?} (coordinator on node {})", self.coord_node));
+        self.log.push(format!(
+            "fault {f:?} (coordinator on node {})",
+            self.coord_node
+        ));
         match f {
             Fault::CrashReplica => {
                 if self.down.is_some() {
@@ -423,10 +431,12 @@ impl Run {
                     let n = self.coord_node;
                     self.crash_node(n).await;
                     self.down = Some((n, self.batch_no));
-                    self.log.push(format!("  node {n} (the coordinator's) killed"));
+                    self.log
+                        .push(format!("  node {n} (the coordinator's) killed"));
                 }
                 self.takeover(crash).await;
-                self.log.push(format!("  coordinator now on node {}", self.coord_node));
+                self.log
+                    .push(format!("  coordinator now on node {}", self.coord_node));
             }
             Fault::FailFlush => {
                 let nodes = self.replica_nodes();
@@ -444,9 +454,9 @@ impl Run {
                 }
                 let nodes = self.replica_nodes();
                 let n = nodes[self.rng.below(nodes.len() as u64) as usize];
-                *self.c.node(n).faulty.write_delay.lock().unwrap() = Duration::from_millis(200);
+                *self.c.node(n).faulty.write_delay.lock().unwrap() = Duration::from_millis(100);
                 self.stalled = Some((n, self.batch_no));
-                self.log.push(format!("  node {n} stalls writes by 200 ms"));
+                self.log.push(format!("  node {n} stalls writes by 100 ms"));
             }
             Fault::Async => {
                 if self.async_node.is_some() {
@@ -454,8 +464,11 @@ impl Run {
                 }
                 let vol = self.c.volume();
                 let in_sync = vol.in_sync_nodes();
-                let others: Vec<u64> =
-                    in_sync.iter().copied().filter(|&n| n != self.coord_node).collect();
+                let others: Vec<u64> = in_sync
+                    .iter()
+                    .copied()
+                    .filter(|&n| n != self.coord_node)
+                    .collect();
                 if in_sync.len() < 2 || others.is_empty() {
                     return;
                 }
@@ -495,7 +508,10 @@ impl Run {
             if force || now > at + 5 {
                 self.async_node = None;
                 let vol = self.c.volume();
-                if vol.replica(n).is_some_and(|r| r.state == ReplicaState::Async) {
+                if vol
+                    .replica(n)
+                    .is_some_and(|r| r.state == ReplicaState::Async)
+                {
                     let _ = self.c.meta.apply(&Command::SetReplicaState {
                         name: VOLUME.into(),
                         node: n,
@@ -512,7 +528,11 @@ impl Run {
     async fn finish(&mut self) {
         self.heal(true).await;
         for n in 1..=3 {
-            self.c.node(n).faulty.fail_flushes.store(0, Ordering::SeqCst);
+            self.c
+                .node(n)
+                .faulty
+                .fail_flushes
+                .store(0, Ordering::SeqCst);
         }
         let deadline = Instant::now() + WAIT;
         loop {
@@ -521,7 +541,10 @@ impl Run {
                 break;
             }
             if Instant::now() > deadline {
-                self.fail(format!("replicas not back in sync after healing: {:?}", vol.replicas));
+                self.fail(format!(
+                    "replicas not back in sync after healing: {:?}",
+                    vol.replicas
+                ));
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -571,15 +594,19 @@ impl Run {
 
 /// Runs one seed; returns (operations acked, operations failed, faults).
 async fn run_seed(seed: u64, ops: usize) -> (usize, usize, usize) {
+    let t0 = Instant::now();
     let mut rng = Rng(seed ^ 0x5EED_0000_0000);
     let rf2 = rng.chance(25);
     let replicas: &[u64] = if rf2 { &[1, 2] } else { &[1, 2, 3] };
     let c = TestCluster::sized(replicas, [1 << 30; 3], ["d"; 3], SIM_SIZE).await;
     let mut cfg = c.config(1);
-    cfg.replica_timeout = Duration::from_millis(150);
-    cfg.resync_retry = Duration::from_millis(20);
+    cfg.replica_timeout = Duration::from_millis(60);
+    cfg.resync_retry = Duration::from_millis(10);
     cfg.resync_progress_interval = Duration::from_millis(20);
     let coord = c.coordinator_with(cfg).await;
+    if std::env::var_os("TANDEM_SIM_TIMING").is_some() {
+        eprintln!("seed {seed}: setup {:?}", t0.elapsed());
+    }
     let mut run = Run {
         seed,
         rng,
@@ -619,7 +646,11 @@ async fn run_seed(seed: u64, ops: usize) -> (usize, usize, usize) {
         run.batch(batch, mid).await;
         run.heal(false).await;
     }
+    let t1 = Instant::now();
     run.finish().await;
+    if std::env::var_os("TANDEM_SIM_TIMING").is_some() {
+        eprintln!("seed {seed}: run {:?} finish {:?}", t1 - t0, t1.elapsed());
+    }
     if run.faults < FAULTS_PER_SEED {
         run.fail(format!("only {} faults injected", run.faults));
     }
