@@ -1980,3 +1980,63 @@ async fn write_that_times_out_on_the_last_in_sync_replica_leaves_no_divergence()
     })
     .await
 }
+
+/// Found by the simulation (seed 524, timing-dependent): a resyncing replica turned in sync
+/// while a write that it took, and that timed out on the only other in-sync replica, was
+/// still in flight. Turning in sync now waits for in-flight writes, so the failed write
+/// marks it dirty again first and the two end byte-identical.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replica_does_not_turn_in_sync_under_a_write_with_an_unknown_outcome() {
+    bounded(async {
+        let mut c = TestCluster::new(&[1, 3]).await;
+        let mut cfg = c.config(2);
+        cfg.replica_timeout = Duration::from_millis(400);
+        let coord = c.coordinator_with(cfg).await;
+        let at = 5 * MIB;
+        coord.write(at, pattern(1, 4096), true).await.unwrap();
+        c.stop(3).await;
+        coord.write(0, pattern(2, 4096), true).await.unwrap();
+        // Node 3's resync is held at its one copy (block 0).
+        let (release3, rx3) = watch::channel(false);
+        *c.node(3).faulty.hold.lock().unwrap() = Some((0, rx3));
+        c.start(3).await;
+        eventually("node 3 resyncing", || {
+            c.replica_state(3) == ReplicaState::Resyncing
+        })
+        .await;
+        // A write that node 3 takes and node 1 (the only in-sync replica) never answers.
+        let (release1, rx1) = watch::channel(false);
+        *c.node(1).server.hold.lock().unwrap() = Some((at, rx1));
+        let coord2 = coord.clone();
+        let w = tokio::spawn(async move { coord2.write(at, pattern(3, 4096), false).await });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        // The resync finishes while that write is in flight.
+        release3.send_replace(true);
+        assert!(w.await.unwrap().is_err());
+
+        eventually("node 3 in sync", || {
+            c.replica_state(3) == ReplicaState::InSync
+        })
+        .await;
+        // Several membership checks: node 1 gets its new session before the frame arrives.
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        release1.send_replace(true);
+        eventually("held frame answered", || {
+            c.node(1).server.held_status.lock().unwrap().is_some()
+        })
+        .await;
+        assert_eq!(
+            *c.node(1).server.held_status.lock().unwrap(),
+            Some(libc::ESTALE as u32),
+            "the timed-out frame landed late"
+        );
+        eventually("both in sync", || {
+            c.replica_state(1) == ReplicaState::InSync && c.replica_state(3) == ReplicaState::InSync
+        })
+        .await;
+        assert_verify_clean(&coord, 2).await;
+        c.assert_identical(&[1, 3]).await;
+        coord.close().await.unwrap();
+    })
+    .await
+}
