@@ -2,6 +2,7 @@
 # bench-ab.sh: A/B of two tandemd builds on the replicated write path, interleaved.
 #
 #   scripts/bench-ab.sh OLD_TANDEMD NEW_TANDEMD [ROUNDS]
+#   REPL=1 scripts/bench-ab.sh ...     the RF 1 local fast path (one node) instead
 #
 # For each round and each binary (alternating), starts a 2-node cluster on loopback (fresh
 # data directories under a temporary directory), creates and fills a 1 GiB RF 2 volume,
@@ -12,6 +13,7 @@ set -euo pipefail
 OLD=${1:?usage: bench-ab.sh OLD_TANDEMD NEW_TANDEMD [ROUNDS]}
 NEW=${2:?usage: bench-ab.sh OLD_TANDEMD NEW_TANDEMD [ROUNDS]}
 ROUNDS=${3:-3}
+REPL=${REPL:-2}
 CTL=$(cd "$(dirname "$0")/.." && pwd)/target/release/tandemctl
 [[ -x $CTL ]] || { echo "build tandemctl first: cargo build --release -p tandem-node" >&2; exit 1; }
 command -v fio >/dev/null || { echo "fio is missing: scripts/test.sh installs it" >&2; exit 1; }
@@ -28,14 +30,16 @@ run_one() { # label binary
         --metrics-addr 127.0.0.1:7911 --data-addr 127.0.0.1:7920 --pool-size 4GiB --log warn >"$d/n1.log" 2>&1 &
     local p1=$!; PIDS+=("$p1")
     for _ in $(seq 100); do "$CTL" --endpoint 127.0.0.1:7910 status >/dev/null 2>&1 && break; sleep 0.1; done
-    local token
-    token=$("$CTL" --endpoint 127.0.0.1:7910 -j cluster token show | python3 -c 'import json,sys; print(json.load(sys.stdin)["token"])')
-    "$bin" --data-dir "$d/n2" --admin-addr 127.0.0.1:7930 --nbd-addr 127.0.0.1:7939 \
-        --metrics-addr 127.0.0.1:7931 --data-addr 127.0.0.1:7940 --pool-size 4GiB --log warn \
-        --join 127.0.0.1:7910 --token "$token" >"$d/n2.log" 2>&1 &
-    local p2=$!; PIDS+=("$p2")
+    local token p2=$p1
+    if [[ $REPL -gt 1 ]]; then
+        token=$("$CTL" --endpoint 127.0.0.1:7910 -j cluster token show | python3 -c 'import json,sys; print(json.load(sys.stdin)["token"])')
+        "$bin" --data-dir "$d/n2" --admin-addr 127.0.0.1:7930 --nbd-addr 127.0.0.1:7939 \
+            --metrics-addr 127.0.0.1:7931 --data-addr 127.0.0.1:7940 --pool-size 4GiB --log warn \
+            --join 127.0.0.1:7910 --token "$token" >"$d/n2.log" 2>&1 &
+        p2=$!; PIDS+=("$p2")
+    fi
     for _ in $(seq 100); do
-        "$CTL" --endpoint 127.0.0.1:7910 volume create v --size 1GiB --repl 2 >/dev/null 2>&1 && break
+        "$CTL" --endpoint 127.0.0.1:7910 volume create v --size 1GiB --repl "$REPL" >/dev/null 2>&1 && break
         sleep 0.2
     done
     "$CTL" --endpoint 127.0.0.1:7910 volume attach v >/dev/null
@@ -47,7 +51,8 @@ run_one() { # label binary
         fio --name=w --ioengine=nbd --uri=$uri --rw=randwrite --bs=4k --size=1G --iodepth=$qd \
             --time_based --runtime=10 --lat_percentiles=1 --output-format=json 2>/dev/null |
             sed -n '/^{/,$p' >"$d/f.json"
-        local cpu=$(( $(ticks "$p1") - a + $(ticks "$p2") - b ))
+        local cpu=$(( $(ticks "$p1") - a ))
+        [[ $p2 != "$p1" ]] && cpu=$(( cpu + $(ticks "$p2") - b ))
         python3 - "$d/f.json" "$cpu" "$label" "$qd" <<'PY'
 import json, os, sys
 j = json.load(open(sys.argv[1]))["jobs"][0]["write"]

@@ -1,6 +1,8 @@
 //! A userspace TCP proxy for fault injection: sits in front of a listener, can cut every
-//! connection through it (and refuse new ones) and heal again, and can add a fixed delay
-//! to every chunk it forwards. Threads only, loopback only, bounded by its owner's life.
+//! connection through it (and refuse new ones) and heal again, can hold every byte
+//! silently (a blackhole: connections stay open, nothing arrives, as in a partition that
+//! drops packets) and release them again, and can add a fixed delay to every chunk it
+//! forwards. Threads only, loopback only, bounded by its owner's life.
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
@@ -11,6 +13,7 @@ use std::time::Duration;
 struct Shared {
     target: String,
     cut: AtomicBool,
+    blackhole: AtomicBool,
     stop: AtomicBool,
     delay_us: AtomicU64,
     conns: Mutex<Vec<TcpStream>>,
@@ -30,6 +33,7 @@ impl Proxy {
         let shared = Arc::new(Shared {
             target: target.to_string(),
             cut: AtomicBool::new(false),
+            blackhole: AtomicBool::new(false),
             stop: AtomicBool::new(false),
             delay_us: AtomicU64::new(0),
             conns: Mutex::new(Vec::new()),
@@ -48,8 +52,21 @@ impl Proxy {
         }
     }
 
+    /// Heals a cut and a blackhole.
     pub fn heal(&self) {
         self.shared.cut.store(false, Ordering::SeqCst);
+        self.shared.blackhole.store(false, Ordering::SeqCst);
+    }
+
+    /// A silent partition: connections stay open and accept bytes, but nothing is
+    /// forwarded until [`Proxy::heal`] (then what was held goes through, as TCP would
+    /// retransmit it).
+    pub fn blackhole(&self) {
+        self.shared.blackhole.store(true, Ordering::SeqCst);
+    }
+
+    pub fn is_blackholed(&self) -> bool {
+        self.shared.blackhole.load(Ordering::SeqCst)
     }
 
     pub fn is_cut(&self) -> bool {
@@ -117,6 +134,15 @@ fn pump(mut from: TcpStream, mut to: TcpStream, s: Arc<Shared>) {
             Ok(0) | Err(_) => break,
             Ok(n) => n,
         };
+        if s.cut.load(Ordering::SeqCst) {
+            break;
+        }
+        while s.blackhole.load(Ordering::SeqCst)
+            && !s.cut.load(Ordering::SeqCst)
+            && !s.stop.load(Ordering::SeqCst)
+        {
+            std::thread::sleep(Duration::from_millis(5));
+        }
         if s.cut.load(Ordering::SeqCst) {
             break;
         }
