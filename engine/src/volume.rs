@@ -501,12 +501,14 @@ impl VolumeManager {
     /// every volume that would replicate across domains again.
     /// `promote_async` (deactivation only): volumes left without an in-sync replica get
     /// their async replicas outside the domain promoted, losing the writes those lag.
+    /// Returns the volumes a deactivation leaves unavailable (no copy outside the domain:
+    /// kept as they are until it returns).
     pub async fn set_domain_active(
         &self,
         domain: &str,
         active: bool,
         promote_async: bool,
-    ) -> Result<()> {
+    ) -> Result<Vec<String>> {
         let _op = self.ops.lock().await;
         let state = self.cluster.state();
         if !state.nodes.values().any(|n| n.domain == domain) {
@@ -550,8 +552,12 @@ impl VolumeManager {
         // Volumes attached here whose replica set changed: their coordinator adopts the new
         // set by itself (it refreshes membership from the metadata).
         self.reconcile().await;
+        let unavailable = self.cluster.state().unavailable_in(domain);
+        if !unavailable.is_empty() {
+            tracing::error!(%domain, volumes = ?unavailable, "volumes with no copy outside the deactivated domain stay unavailable until it returns");
+        }
         tracing::info!(%domain, active, "cluster domain {verb}");
-        Ok(())
+        Ok(unavailable)
     }
 
     /// The data-path server answering for this node's replicas.

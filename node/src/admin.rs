@@ -409,7 +409,10 @@ fn domains_pb(vm: &VolumeManager) -> pb::ListDomainsResponse {
             }
         })
         .collect();
-    pb::ListDomainsResponse { domains }
+    pb::ListDomainsResponse {
+        domains,
+        unavailable_volumes: Vec::new(),
+    }
 }
 
 fn role_name(r: NodeRole) -> &'static str {
@@ -490,6 +493,14 @@ impl ClusterService for AdminApi {
             learners: st.learners.clone(),
             nodes: self.nodes_pb(vm),
             volume_count: state.volumes.len() as u32,
+            warnings: tandem_engine::cluster::membership::majority_domain(&state.nodes, &st.voters)
+                .map(|(d, here, total)| {
+                    format!(
+                        "domain '{d}' holds {here} of the {total} raft voters: losing it loses the raft majority (add voters elsewhere with --kvdb, or a --witness in a third domain)"
+                    )
+                })
+                .into_iter()
+                .collect(),
         }))
     }
 
@@ -582,10 +593,13 @@ impl ClusterService for AdminApi {
     ) -> Result<Response<pb::ListDomainsResponse>, Status> {
         let vm = self.vm()?;
         let r = req.into_inner();
-        vm.set_domain_active(&r.domain, r.active, r.promote_async)
+        let unavailable = vm
+            .set_domain_active(&r.domain, r.active, r.promote_async)
             .await
             .map_err(status)?;
-        Ok(Response::new(domains_pb(vm)))
+        let mut resp = domains_pb(vm);
+        resp.unavailable_volumes = unavailable;
+        Ok(Response::new(resp))
     }
 
     async fn list_alerts(

@@ -157,8 +157,11 @@ fn run_seed(seed: u64) {
                         }
                     }
                 }
-                8 if nodes.iter().all(|n| n.proxy.as_ref().is_some_and(|p| !p.is_cut() && !p.is_blackholed()))
-                    && nodes.iter_mut().all(|n| n.is_running()) =>
+                8 if nodes.iter().all(|n| {
+                    n.proxy
+                        .as_ref()
+                        .is_some_and(|p| !p.is_cut() && !p.is_blackholed())
+                }) && nodes.iter_mut().all(|n| n.is_running()) =>
                 {
                     events.push(format!("op {op}: kill the coordinator (node {coord})"));
                     nodes[coord].kill9();
@@ -174,7 +177,9 @@ fn run_seed(seed: u64) {
             e.0 |= ok;
             e.1.push(pattern);
             if !ok {
-                events.push(format!("op {op}: write {pattern} to chunk {chunk} not acked"));
+                events.push(format!(
+                    "op {op}: write {pattern} to chunk {chunk} not acked"
+                ));
             }
         }
         for (chunk, (acked, patterns)) in round {
@@ -197,7 +202,9 @@ fn run_seed(seed: u64) {
     // A seed that injected nothing would prove nothing.
     assert!(
         events.iter().any(|e| e.contains("kill"))
-            && events.iter().any(|e| e.contains("cut") || e.contains("blackhole")),
+            && events
+                .iter()
+                .any(|e| e.contains("cut") || e.contains("blackhole")),
         "seed {seed} injected no kill or no partition: {events:#?}"
     );
     // Heal everything; the coordinator must bring every replica back in sync by itself.
@@ -265,7 +272,10 @@ fn run_seed(seed: u64) {
             let o = qemu_io(stale, &["write -P 238 0 4k", "flush"]);
             let t = text(&o);
             assert!(
-                !o.status.success() || t.contains("failed") || t.contains("error") || t.contains("Connection"),
+                !o.status.success()
+                    || t.contains("failed")
+                    || t.contains("error")
+                    || t.contains("Connection"),
                 "seed {seed}: a replaced coordinator acked a write: {t}"
             );
         }

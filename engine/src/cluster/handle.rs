@@ -4,8 +4,10 @@
 //! A proposal made on a follower is forwarded to the leader (through a [`Forwarder`], the
 //! node's authenticated gRPC), and the caller then waits until its own node has applied
 //! the same index, so it reads its own writes. Proposals are retried only when they were
-//! certainly not delivered (no leader, connection refused); an outcome that is unknown
-//! (a timeout after sending) is reported as such, never retried blindly.
+//! certainly not delivered (no leader, connection refused), or when applying them twice
+//! is harmless ([`Proposal::is_idempotent`]: a domain deactivation right after the
+//! leader's site died); any other outcome that is unknown (a timeout after sending) is
+//! reported as such, never retried blindly.
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
@@ -27,6 +29,21 @@ pub const APPLY_WAIT: Duration = Duration::from_secs(10);
 pub enum Proposal {
     Command(Command),
     AddMember { id: u64, voter: bool },
+}
+
+impl Proposal {
+    /// Applying it twice is the same as once, so a proposal whose outcome is unknown
+    /// (the leader died with it in flight) may be sent again to the next leader.
+    pub fn is_idempotent(&self) -> bool {
+        matches!(
+            self,
+            Proposal::Command(
+                Command::SetDomainActive { .. }
+                    | Command::UpdateNodeAddrs { .. }
+                    | Command::AddNode { .. }
+            )
+        )
+    }
 }
 
 /// A forwarding failure.
@@ -190,6 +207,11 @@ impl ClusterHandle {
                             return res.map_err(ClusterError::Apply);
                         }
                         Err(ForwardError::NotDelivered(e)) => last = e,
+                        // The leader may have died with it (a site loss): an idempotent
+                        // change waits for the next leader instead of failing at once.
+                        Err(ForwardError::Unknown(e)) if p.is_idempotent() => {
+                            last = format!("leader {leader} at {addr}: {e}");
+                        }
                         Err(ForwardError::Unknown(e)) => {
                             return Err(ClusterError::Unavailable(format!(
                                 "leader {leader} at {addr}: {e}"

@@ -42,6 +42,28 @@ pub fn next_conf_change(
     })
 }
 
+/// The domain whose loss alone would lose the raft majority, if there is one and the
+/// cluster has another domain: (domain, its voters, all voters). `cluster inspect` warns.
+pub fn majority_domain(
+    nodes: &BTreeMap<u64, NodeRecord>,
+    voters: &[u64],
+) -> Option<(String, usize, usize)> {
+    let domains: std::collections::BTreeSet<&str> =
+        nodes.values().map(|n| n.domain.as_str()).collect();
+    if domains.len() < 2 {
+        return None;
+    }
+    let total = voters.len();
+    domains.into_iter().find_map(|d| {
+        let here = voters
+            .iter()
+            .filter(|v| nodes.get(v).is_some_and(|n| n.domain == d))
+            .count();
+        // Losing `here` voters leaves `total - here`, which must be a majority of `total`.
+        (here > 0 && 2 * (total - here) <= total).then(|| (d.to_string(), here, total))
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -97,5 +119,30 @@ mod tests {
         // A node raft has but the table lacks is not touched.
         voters.push(9);
         assert_eq!(next_conf_change(&nodes, &voters, &learners), None);
+    }
+
+    #[test]
+    fn a_domain_holding_a_voter_majority_is_named() {
+        let mut nodes = BTreeMap::new();
+        for (id, d) in [(1, "a"), (2, "a"), (3, "b"), (4, "b"), (5, "w")] {
+            let mut n = rec(id, NodeRole::Voter);
+            n.domain = d.into();
+            nodes.insert(id, n);
+        }
+        // The first three to join: two in a, one in b. Losing a loses the majority.
+        assert_eq!(
+            majority_domain(&nodes, &[1, 2, 3]),
+            Some(("a".into(), 2, 3))
+        );
+        // Two sites of two voters and a witness: no single site holds a majority.
+        assert_eq!(majority_domain(&nodes, &[1, 2, 3, 4, 5]), None);
+        // Four voters split two and two: losing either leaves two of four, no majority.
+        assert_eq!(
+            majority_domain(&nodes, &[1, 2, 3, 4]),
+            Some(("a".into(), 2, 4))
+        );
+        // One domain only: nothing to warn about.
+        let one: BTreeMap<u64, NodeRecord> = [(1, rec(1, NodeRole::Voter))].into_iter().collect();
+        assert_eq!(majority_domain(&one, &[1]), None);
     }
 }

@@ -377,8 +377,12 @@ impl ClusterState {
             return Ok(ApplyOutput::None);
         }
         // Refuse before changing anything if a volume would lose its last in-sync copy
-        // (unless an async copy outside may be promoted, accepting its lag).
+        // while an async copy outside could be promoted (the operator decides to accept
+        // its lag). A volume with no copy outside at all does not hold up the failover of
+        // the others: it stays as it is (metadata, replicas, attachment), unavailable
+        // until its domain returns, and an alert names it.
         let mut promote: Vec<(String, Vec<u64>)> = Vec::new();
+        let mut stranded: Vec<String> = Vec::new();
         for v in self.volumes.values() {
             let inside = v.replicas.iter().any(|r| self.in_domain(r.node, domain));
             let outside = |st: ReplicaState| -> Vec<u64> {
@@ -402,11 +406,22 @@ impl ClusterState {
                     v.name
                 )));
             } else {
-                return Err(ApplyError::FailedPrecondition(format!(
-                    "deactivating domain '{domain}' would leave volume '{}' without an in-sync replica",
-                    v.name
-                )));
+                stranded.push(v.name.clone());
             }
+        }
+        for name in &stranded {
+            let id = self.next_alert_id;
+            self.next_alert_id += 1;
+            self.alerts.push(Alert {
+                id,
+                unix_seconds,
+                severity: "critical".into(),
+                kind: "volume-unavailable".into(),
+                resource: format!("volume/{name}"),
+                message: format!(
+                    "volume {name} has no in-sync copy outside domain {domain}: it stays unavailable until {domain} is activated again (its metadata and replicas are kept)"
+                ),
+            });
         }
         // Promotion: each async replica holds a prefix of the acknowledged writes (a
         // replica that missed one was committed out of sync before that write's ack), so
@@ -451,6 +466,9 @@ impl ClusterState {
             .map(|n| n.id)
             .collect();
         for v in self.volumes.values_mut() {
+            if stranded.contains(&v.name) {
+                continue;
+            }
             let parked: Vec<u64> = v
                 .replicas
                 .iter()
@@ -470,8 +488,25 @@ impl ClusterState {
                 v.lease_wait = true;
             }
         }
+        if self.alerts.len() > MAX_ALERTS {
+            let drop = self.alerts.len() - MAX_ALERTS;
+            self.alerts.drain(..drop);
+        }
         self.inactive_domains.insert(domain.to_string());
         Ok(ApplyOutput::None)
+    }
+
+    /// Volumes a deactivated `domain` left unavailable: replicas still in the domain that
+    /// were not parked (they had no in-sync copy outside it when it was deactivated).
+    pub fn unavailable_in(&self, domain: &str) -> Vec<String> {
+        if !self.inactive_domains.contains(domain) {
+            return Vec::new();
+        }
+        self.volumes
+            .values()
+            .filter(|v| v.replicas.iter().any(|r| self.in_domain(r.node, domain)))
+            .map(|v| v.name.clone())
+            .collect()
     }
 
     fn volume_mut(&mut self, name: &str) -> Result<&mut VolumeRecord, ApplyError> {
@@ -1040,5 +1075,81 @@ mod tests {
         let alert = s.alerts.last().unwrap();
         assert_eq!(alert.kind, "async-promoted");
         assert_eq!(alert.unix_seconds, 7);
+    }
+
+    /// A volume that lives only in the lost domain does not hold up the failover of the
+    /// others: it stays as it is, unavailable, and is named by an alert.
+    #[test]
+    fn deactivation_fails_over_every_volume_with_a_copy_outside_and_keeps_the_others() {
+        let mut s = ClusterState::new("c");
+        for (name, domain) in [("a1", "east"), ("a2", "east"), ("b1", "west")] {
+            let mut n = node(name);
+            n.domain = domain.into();
+            s.apply(&Command::AddNode { node: n }).unwrap();
+        }
+        let ids: BTreeMap<String, u64> = s.nodes.values().map(|n| (n.name.clone(), n.id)).collect();
+        let vol = |name: &str, nodes: &[u64]| VolumeRecord {
+            id: String::new(),
+            name: name.into(),
+            size_bytes: 1 << 20,
+            repl: nodes.len() as u32,
+            io_priority: IoPriority::Medium,
+            labels: BTreeMap::new(),
+            created_unix_seconds: 0,
+            generation: 0,
+            attached_node: None,
+            replicas: nodes
+                .iter()
+                .map(|&node| ReplicaRecord {
+                    node,
+                    state: ReplicaState::InSync,
+                    generation: 0,
+                    resync_done_bytes: 0,
+                    resync_total_bytes: 0,
+                })
+                .collect(),
+            hot_regions: BTreeSet::new(),
+            parked: Vec::new(),
+            lease_wait: false,
+            async_domains: Default::default(),
+        };
+        s.apply(&Command::CreateVolume {
+            volume: Box::new(vol("metro", &[ids["a1"], ids["b1"]])),
+        })
+        .unwrap();
+        s.apply(&Command::CreateVolume {
+            volume: Box::new(vol("local", &[ids["a1"], ids["a2"]])),
+        })
+        .unwrap();
+        s.apply(&Command::SetDomainActive {
+            domain: "east".into(),
+            active: false,
+            promote_async: false,
+            unix_seconds: 9,
+        })
+        .expect("the failover goes on");
+        assert_eq!(s.volumes["metro"].in_sync_nodes(), vec![ids["b1"]]);
+        assert_eq!(s.volumes["metro"].parked, vec![ids["a1"]]);
+        let local = &s.volumes["local"];
+        assert_eq!(local.replicas.len(), 2, "kept as it was");
+        assert!(local.parked.is_empty());
+        assert_eq!(s.unavailable_in("east"), vec!["local".to_string()]);
+        let alert = s
+            .alerts
+            .iter()
+            .find(|a| a.kind == "volume-unavailable")
+            .unwrap();
+        assert_eq!(alert.resource, "volume/local");
+        assert_eq!(alert.severity, "critical");
+        // It comes back with its domain.
+        s.apply(&Command::SetDomainActive {
+            domain: "east".into(),
+            active: true,
+            promote_async: false,
+            unix_seconds: 10,
+        })
+        .unwrap();
+        assert!(s.unavailable_in("east").is_empty());
+        assert_eq!(s.volumes["local"].in_sync_nodes().len(), 2);
     }
 }

@@ -264,3 +264,108 @@ async fn restart_with_applied_state_ahead_of_the_saved_commit_index() {
     assert!(next > idx);
     assert_eq!(n1.state().nodes.len(), 4);
 }
+
+/// Forwards to a leader's handle, after answering "outcome unknown" the first `fail` times
+/// (a leader that died with the proposal in flight).
+struct FlakyForwarder {
+    leader: std::sync::OnceLock<Arc<ClusterHandle>>,
+    fail: std::sync::atomic::AtomicU32,
+    calls: std::sync::atomic::AtomicU32,
+}
+
+#[async_trait::async_trait]
+impl Forwarder for FlakyForwarder {
+    async fn forward(
+        &self,
+        _admin_addr: &str,
+        proposal: &Proposal,
+    ) -> Result<(Result<ApplyOutput, ApplyError>, u64), ForwardError> {
+        use std::sync::atomic::Ordering::SeqCst;
+        self.calls.fetch_add(1, SeqCst);
+        if self
+            .fail
+            .fetch_update(SeqCst, SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+        {
+            return Err(ForwardError::Unknown("transport error".into()));
+        }
+        let leader = self.leader.get().expect("leader handle set");
+        leader
+            .propose_local(proposal)
+            .await
+            .map_err(|e| ForwardError::NotDelivered(e.to_string()))
+    }
+}
+
+/// A domain deactivation submitted while the leader's answer is lost (its site just died)
+/// waits for a leader and succeeds; a change that is not idempotent is not sent twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idempotent_change_rides_out_an_unknown_outcome_and_others_do_not() {
+    let net = Arc::new(Net::default());
+    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let dbs: Vec<sled::Db> = dirs.iter().map(|d| sled::open(d.path()).unwrap()).collect();
+    let n1 = start(&net, 1, &dbs[0], Bootstrap::NewCluster);
+    leader_of(&[&n1]).await;
+    let mut a = node("a");
+    a.admin_addr = "n1".into();
+    a.domain = "east".into();
+    n1.propose(Command::AddNode { node: a }).await.unwrap();
+    let n2 = start(&net, 2, &dbs[1], Bootstrap::Join);
+    let (_, idx) = n1
+        .propose(Command::AddNode { node: node("b") })
+        .await
+        .unwrap();
+    n1.add_member(2, true).await.unwrap();
+    n2.wait_applied(idx, Duration::from_secs(20)).await.unwrap();
+    for _ in 0..200 {
+        if n2.status().leader_id == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(n2.status().leader_id, 1);
+    let flaky = |fail| {
+        Arc::new(FlakyForwarder {
+            leader: std::sync::OnceLock::new(),
+            fail: std::sync::atomic::AtomicU32::new(fail),
+            calls: Default::default(),
+        })
+    };
+    let unused = flaky(0);
+    let h1 = ClusterHandle::new(n1.clone(), unused);
+    let f = flaky(1);
+    let _ = f.leader.set(h1.clone());
+    let h2 = ClusterHandle::new(n2.clone(), f.clone());
+    h2.set_seed_peers(HashMap::from([(1, "n1".to_string())]));
+    h2.propose(Command::SetDomainActive {
+        domain: "east".into(),
+        active: false,
+        promote_async: false,
+        unix_seconds: 1,
+    })
+    .await
+    .expect("the deactivation waits for a leader and commits");
+    assert_eq!(f.calls.load(std::sync::atomic::Ordering::SeqCst), 2);
+    assert!(n2.state().inactive_domains.contains("east"));
+
+    let f = flaky(1);
+    let _ = f.leader.set(h1.clone());
+    let h2 = ClusterHandle::new(n2.clone(), f.clone());
+    h2.set_seed_peers(HashMap::from([(1, "n1".to_string())]));
+    let err = h2
+        .propose(Command::RaiseAlert {
+            unix_seconds: 1,
+            severity: "info".into(),
+            kind: "k".into(),
+            resource: "r".into(),
+            message: "m".into(),
+        })
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ClusterError::Unavailable(_)), "{err}");
+    assert_eq!(
+        f.calls.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "not sent twice"
+    );
+}

@@ -1536,6 +1536,54 @@ impl Inner {
             let skip = (offset - aoff) as usize;
             return Ok(good[skip..skip + len].to_vec());
         }
+        // No copy holds the whole range intact: assemble it block by block from whichever
+        // in-sync copy holds each block (the first bad node included), and rewrite only the
+        // blocks a copy failed.
+        let mut sources = vec![(bad_node, bad.clone())];
+        sources.extend(self.read_sources(Some(bad_node)));
+        let mut out = Vec::with_capacity(alen as usize);
+        let mut complete = true;
+        for b in b0..b1 {
+            // Every copy is read (this path is rare): each bad block found is rewritten.
+            let mut good = None;
+            let mut failed = Vec::new();
+            for (node, source) in &sources {
+                match read_range(source, self.ctx, b * bs, bs).await {
+                    Ok(d) => {
+                        if good.is_none() {
+                            good = Some((*node, d));
+                        }
+                    }
+                    Err(e) if e.is_bad_data() => failed.push((*node, source.clone())),
+                    Err(_) => {}
+                }
+            }
+            let Some((from, data)) = good else {
+                complete = false;
+                break;
+            };
+            for (node, target) in failed {
+                match write_range(&target, self.ctx, b * bs, &data).await {
+                    Ok(()) => {
+                        self.counters.read_repairs.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(volume = %self.name, bad_node = node, from, block = b, "block repaired");
+                    }
+                    Err(e) => {
+                        self.replica_failed(node, Some((b * bs, bs)), &e, "read repair")
+                            .await?;
+                    }
+                }
+            }
+            out.extend_from_slice(&data);
+        }
+        if complete {
+            self.alert(
+                "read-repair",
+                format!("{alen} bytes at offset {aoff} had bad blocks on several copies; each was served and rewritten from a good one"),
+            );
+            let skip = (offset - aoff) as usize;
+            return Ok(out[skip..skip + len].to_vec());
+        }
         self.alert(
             "read-failed",
             format!(

@@ -641,30 +641,45 @@ impl Inner {
                     }
                 }
             };
-            let Some((_, src)) = self.read_sources(Some(node)).into_iter().next() else {
+            let sources = self.read_sources(Some(node));
+            if sources.is_empty() {
                 reset(self);
                 self.set_last_error(node, "no in-sync replica to copy from".into());
                 return;
-            };
-            match sync_range(self.ctx, &src, &dst, off, len).await {
-                Ok(blocks) => {
-                    if let Some(m) = self.lock_members().iter_mut().find(|m| m.node == node) {
-                        m.resync_done_bytes += len;
-                        m.resync_copied_bytes += blocks * BLOCK_SIZE as u64;
+            }
+            // Each in-sync copy in turn: a bad block on one (or one that stopped
+            // answering) does not stall the resync while another holds the region.
+            let mut source_errors = Vec::new();
+            for (src_node, src) in &sources {
+                match sync_range(self.ctx, src, &dst, off, len).await {
+                    Ok(blocks) => {
+                        if let Some(m) = self.lock_members().iter_mut().find(|m| m.node == node) {
+                            m.resync_done_bytes += len;
+                            m.resync_copied_bytes += blocks * BLOCK_SIZE as u64;
+                        }
+                        source_errors.clear();
+                        break;
+                    }
+                    Err(CopyError::Target(e)) => {
+                        reset(self);
+                        let _ = self
+                            .replica_failed(node, Some((off, len)), &e, "resync")
+                            .await;
+                        return;
+                    }
+                    Err(CopyError::Source(e)) => {
+                        tracing::warn!(volume = %self.name, node, source = src_node, region, error = %e, "resync source failed; trying another in-sync copy");
+                        source_errors.push(format!("node {src_node}: {e}"));
                     }
                 }
-                Err(CopyError::Target(e)) => {
-                    reset(self);
-                    let _ = self
-                        .replica_failed(node, Some((off, len)), &e, "resync")
-                        .await;
-                    return;
-                }
-                Err(CopyError::Source(e)) => {
-                    reset(self);
-                    self.set_last_error(node, format!("resync source failed: {e}"));
-                    return;
-                }
+            }
+            if !source_errors.is_empty() {
+                reset(self);
+                self.set_last_error(
+                    node,
+                    format!("resync source failed: {}", source_errors.join("; ")),
+                );
+                return;
             }
             drop(lock);
             if last_publish.elapsed() >= self.cfg.resync_progress_interval {

@@ -2040,3 +2040,53 @@ async fn replica_does_not_turn_in_sync_under_a_write_with_an_unknown_outcome() {
     })
     .await
 }
+
+/// M2: a bad block on the first in-sync source must not stall a resync forever; it copies
+/// from another in-sync replica.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resync_copies_from_another_source_when_the_first_has_a_bad_block() {
+    bounded(async {
+        let mut c = TestCluster::new(&[1, 2, 3]).await;
+        let coord = c.coordinator(1).await;
+        let at = 6 * MIB;
+        c.stop(3).await;
+        coord.write(at, pattern(1, 64 << 10), true).await.unwrap();
+        assert_eq!(c.replica_state(3), ReplicaState::OutOfSync);
+        // The local replica (the first source) rots a block of that region.
+        c.corrupt(1, at + 100);
+        c.start(3).await;
+        eventually("node 3 in sync", || {
+            c.replica_state(3) == ReplicaState::InSync
+        })
+        .await;
+        c.assert_identical(&[2, 3]).await;
+        assert!(coord.read(at, 64 << 10).await.unwrap() == pattern(1, 64 << 10));
+        assert_verify_clean(&coord, 3).await;
+        coord.close().await.unwrap();
+    })
+    .await
+}
+
+/// M3: two copies with different bad blocks still give the data: read repair assembles
+/// the range block by block and rewrites each bad block from the copy that holds it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_repair_merges_copies_block_by_block() {
+    bounded(async {
+        let c = TestCluster::new(&[1, 2]).await;
+        let coord = c.coordinator(1).await;
+        let at = 2 * MIB;
+        coord.write(at, pattern(9, 8192), true).await.unwrap();
+        c.corrupt(1, at + 10);
+        c.corrupt(2, at + 4096 + 10);
+        let got = coord.read(at, 8192).await;
+        assert!(
+            got.as_ref().is_ok_and(|d| *d == pattern(9, 8192)),
+            "{:?}",
+            got.err()
+        );
+        assert_verify_clean(&coord, 2).await;
+        c.assert_identical(&[1, 2]).await;
+        coord.close().await.unwrap();
+    })
+    .await
+}

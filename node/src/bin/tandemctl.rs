@@ -875,6 +875,7 @@ async fn run_cluster(ch: Channel, json: bool, cmd: ClusterCmd) -> Result<(), Fai
                     "local_node_id": r.local_node_id,
                     "voters": r.voters,
                     "learners": r.learners,
+                    "warnings": r.warnings,
                     "volume_count": r.volume_count,
                     "nodes": nodes,
                 }));
@@ -895,6 +896,9 @@ async fn run_cluster(ch: Channel, json: bool, cmd: ClusterCmd) -> Result<(), Fai
                 t.add_row(vec![format!("{k}:"), v]);
             }
             println!("{t}");
+            for w in &r.warnings {
+                println!("Warning: {w}");
+            }
             print_nodes(&nodes);
         }
         ClusterCmd::Latency => {
@@ -999,8 +1003,21 @@ async fn run_cluster(ch: Channel, json: bool, cmd: ClusterCmd) -> Result<(), Fai
                         })
                     })
                     .collect();
-                print_json(&v);
+                if r.unavailable_volumes.is_empty() {
+                    print_json(&v);
+                } else {
+                    print_json(&serde_json::json!({
+                        "domains": v,
+                        "unavailable_volumes": r.unavailable_volumes,
+                    }));
+                }
                 return Ok(());
+            }
+            if !r.unavailable_volumes.is_empty() {
+                eprintln!(
+                    "warning: these volumes have no in-sync copy outside the domain and stay unavailable until it is activated again (nothing was deleted): {}",
+                    r.unavailable_volumes.join(", ")
+                );
             }
             let mut t = table();
             t.set_header(vec!["DOMAIN", "STATE", "NODES", "VOLUMES"]);
