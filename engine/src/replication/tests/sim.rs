@@ -636,7 +636,7 @@ async fn run_seed(seed: u64, ops: usize) -> (usize, usize, usize) {
         done += n;
         batch_no += 1;
         run.batch_no = batch_no;
-        let due = batch_no % fault_every == 0 || run.rng.chance(5);
+        let due = batch_no.is_multiple_of(fault_every) || run.rng.chance(5);
         let fault = due.then(|| FAULTS[run.rng.below(FAULTS.len() as u64) as usize]);
         let mid = fault.filter(|_| run.rng.chance(50));
         run.log.push(format!("batch {batch_no}: {batch:?}"));
