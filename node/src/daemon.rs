@@ -235,6 +235,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     cluster.set_seed_peers(seeds);
     transport.bind(&cluster);
     peer_api.bind(cluster.clone());
+    if matches!(bootstrap, Bootstrap::Join) {
+        wait_for_voter(&cluster, identity.node_id).await;
+    }
 
     let me = NodeRecord {
         id: identity.node_id,
@@ -416,4 +419,29 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     raft.stop();
     tracing::info!("tandemd stopped cleanly");
     Ok(())
+}
+
+/// How long a joining node waits to become a raft voter before it serves anyway.
+const VOTER_WAIT: Duration = Duration::from_secs(30);
+
+/// A node that joined as a future voter starts as a raft learner; the leader promotes it
+/// once it answers (`cluster::membership`). Serve only after that (bounded), so a cluster
+/// that reports this node as started counts its vote.
+async fn wait_for_voter(cluster: &ClusterHandle, id: u64) {
+    let deadline = Instant::now() + VOTER_WAIT;
+    loop {
+        let st = cluster.status();
+        let role = cluster.state().nodes.get(&id).map(|n| n.role);
+        if st.voters.contains(&id) || role == Some(NodeRole::Learner) {
+            return;
+        }
+        if Instant::now() > deadline {
+            tracing::warn!(
+                id,
+                "not a raft voter yet after {VOTER_WAIT:?}; the leader keeps trying"
+            );
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }

@@ -405,10 +405,15 @@ impl PeerService for PeerApi {
             .get(&id)
             .map(|n| n.role)
             .unwrap_or(role);
-        cluster
-            .add_member(id, role != NodeRole::Learner)
-            .await
-            .map_err(|e| Status::unavailable(e.to_string()))?;
+        // A new member starts as a learner: it cannot change the majority before it runs.
+        // The leader promotes it to voter (when its role says so) once it answers, and
+        // retries a change that concurrent joins made raft refuse (`cluster::membership`).
+        let status = cluster.status();
+        if !status.voters.contains(&id) && !status.learners.contains(&id) {
+            if let Err(e) = cluster.add_member(id, false).await {
+                tracing::info!(name = %r.name, id, error = %e, "raft learner not added yet; the leader retries");
+            }
+        }
         tracing::info!(%peer, name = %r.name, id, ?role, "node joined");
         let state = cluster.state();
         Ok(Response::new(pb::JoinResponse {

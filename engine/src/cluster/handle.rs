@@ -150,9 +150,12 @@ impl ClusterHandle {
             return Ok(None);
         }
         let state = self.state();
-        let Some(due) =
-            super::membership::next_conf_change(&state.nodes, &status.voters, &status.learners)
-        else {
+        let Some(due) = super::membership::next_conf_change(
+            &state.nodes,
+            &status.voters,
+            &status.learners,
+            &status.active,
+        ) else {
             return Ok(None);
         };
         tracing::info!(

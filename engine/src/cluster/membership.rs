@@ -1,11 +1,15 @@
 //! Raft membership follows the node table: a pure decision, driven by the leader.
 //!
-//! A join commits the node's record (`AddNode`, with its role) and then a raft
-//! configuration change. raft-rs takes one configuration change at a time and refuses
-//! the others, so joins that arrive together, or a join whose change was lost with a
-//! leader, used to leave nodes in the table that raft does not count. The leader now
-//! compares the table with raft's configuration every [`CONVERGE_INTERVAL`] and proposes
-//! the next missing change, one at a time, until they agree, whatever the join order.
+//! A join commits the node's record (`AddNode`, with its role) and adds the node to raft
+//! as a learner. raft-rs takes one configuration change at a time and refuses the others,
+//! so joins that arrive together, or a join whose change was lost with a leader, used to
+//! leave nodes in the table that raft does not count. The leader now compares the table
+//! with raft's configuration every [`CONVERGE_INTERVAL`] and proposes the next missing
+//! change, one at a time, until they agree, whatever the join order.
+//!
+//! A node that should vote is first a learner and is promoted only once the leader hears
+//! from it: adding a voter that is not running yet (its join is still in flight) would
+//! shrink the live majority and could stall every proposal, the joins included.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -23,22 +27,31 @@ pub struct ConfChangeDue {
     pub voter: bool,
 }
 
-/// The next change due, lowest node id first, or `None` when raft agrees with the table.
-/// A voter in the table that raft has as a learner is promoted; nodes raft has that the
-/// table lacks are left alone (removal is an operator's decision).
+/// The next change due, lowest node id first, or `None` when raft agrees with the table
+/// (as far as it can now). A node missing from raft is added as a learner; a voter in the
+/// table that raft has as a learner is promoted once it is `active` (the leader heard
+/// from it recently). Nodes raft has that the table lacks are left alone (removal is an
+/// operator's decision), and a voter is never demoted.
 pub fn next_conf_change(
     nodes: &BTreeMap<u64, NodeRecord>,
     voters: &[u64],
     learners: &[u64],
+    active: &[u64],
 ) -> Option<ConfChangeDue> {
     nodes.values().find_map(|n| {
-        let voter = n.role != NodeRole::Learner;
-        let due = if voter {
-            !voters.contains(&n.id)
-        } else {
-            !voters.contains(&n.id) && !learners.contains(&n.id)
-        };
-        due.then_some(ConfChangeDue { node: n.id, voter })
+        if voters.contains(&n.id) {
+            return None;
+        }
+        if !learners.contains(&n.id) {
+            return Some(ConfChangeDue {
+                node: n.id,
+                voter: false,
+            });
+        }
+        (n.role != NodeRole::Learner && active.contains(&n.id)).then_some(ConfChangeDue {
+            node: n.id,
+            voter: true,
+        })
     })
 }
 
@@ -96,10 +109,22 @@ mod tests {
         .map(|n| (n.id, n))
         .collect();
         let (mut voters, mut learners) = (vec![1u64], vec![5u64]);
+        // Nobody answers yet: nodes join as learners, nobody is promoted.
         let mut steps = 0;
-        while let Some(c) = next_conf_change(&nodes, &voters, &learners) {
+        while let Some(c) = next_conf_change(&nodes, &voters, &learners, &[]) {
             steps += 1;
             assert!(steps <= 5, "does not converge");
+            assert!(!c.voter, "a silent node is never made a voter");
+            learners.push(c.node);
+        }
+        learners.sort();
+        assert_eq!(learners, vec![2, 3, 4, 5]);
+        assert_eq!(voters, vec![1]);
+        // They answer: the voters of the table are promoted, one at a time.
+        let active = [2, 3, 4, 5];
+        while let Some(c) = next_conf_change(&nodes, &voters, &learners, &active) {
+            steps += 1;
+            assert!(steps <= 10, "does not converge");
             learners.retain(|&n| n != c.node);
             if c.voter {
                 voters.push(c.node);
@@ -115,10 +140,10 @@ mod tests {
         );
         assert_eq!(learners, vec![4]);
         // Agreement: nothing due.
-        assert_eq!(next_conf_change(&nodes, &voters, &learners), None);
+        assert_eq!(next_conf_change(&nodes, &voters, &learners, &active), None);
         // A node raft has but the table lacks is not touched.
         voters.push(9);
-        assert_eq!(next_conf_change(&nodes, &voters, &learners), None);
+        assert_eq!(next_conf_change(&nodes, &voters, &learners, &active), None);
     }
 
     #[test]
