@@ -722,7 +722,7 @@ impl Inner {
         // (and a write that failed on every in-sync replica marked it dirty again, see
         // `unknown_outcome`, which the check below then sees) or sees it in sync.
         let blocks = self.size_bytes.div_ceil(BLOCK_SIZE as u64);
-        let _quiesced = self.locks.lock(0, blocks).await;
+        let _quiesced = self.locks.lock_all(blocks).await;
         let _s = self.state_lock.lock().await;
         if self.check_fenced().is_err() {
             return;
