@@ -208,6 +208,10 @@ pub(super) struct Member {
     pub(super) suspect: (u64, u64),
     /// The running resync compares every block (it started without a dirty bitmap).
     pub(super) full_compare: bool,
+    /// While async: ranges of writes that failed on every in-sync replica but were queued
+    /// to it, so it may hold them while the in-sync copies do not. Not missing acked
+    /// writes (a promotion ignores them); compared again when it leaves async.
+    pub(super) diverged: Vec<(u64, u64)>,
 }
 
 impl Member {
@@ -226,6 +230,7 @@ impl Member {
             async_behind_since: None,
             suspect: (0, 0),
             full_compare: false,
+            diverged: Vec::new(),
         }
     }
 
@@ -1056,6 +1061,8 @@ impl Inner {
             let (ranges, since) = drain.take();
             m.mark_behind(size, &ranges, since.unwrap_or_else(std::time::Instant::now));
         }
+        let diverged = std::mem::take(&mut m.diverged);
+        m.mark_behind(size, &diverged, std::time::Instant::now());
         m.async_behind_since = None;
         if m.state != ReplicaState::OutOfSync {
             m.state = ReplicaState::OutOfSync;
@@ -1291,7 +1298,8 @@ impl Inner {
 
     /// A write failed on every in-sync replica, so nobody was ejected, but it may have
     /// landed anywhere: a resyncing replica that took it no longer matches the in-sync
-    /// copy over `range` (it compares that range again), and an in-sync replica whose
+    /// copy over `range` (it compares that range again), an async one may get it from its
+    /// queue (the range is compared again when it leaves async), and an in-sync replica whose
     /// answer never came may still apply it later, after a resync copied the range. That
     /// one gets a new session before any further I/O (`check_in_sync_connections`
     /// reconnects it; until then I/O fails), so the late frame is refused.
@@ -1313,6 +1321,12 @@ impl Inner {
                 ReplicaState::Resyncing if !failed.contains(&m.node) => {
                     if let (Some((off, len)), Some(d)) = (range, m.dirty.as_mut()) {
                         d.set_bytes(off, len, DIRTY_REGION_BYTES);
+                    }
+                }
+                ReplicaState::Async => {
+                    // Its queue carries the write whatever the in-sync replicas answered.
+                    if let Some(r) = range {
+                        m.diverged.push(r);
                     }
                 }
                 ReplicaState::InSync if lost.contains(&m.node) => {

@@ -246,6 +246,7 @@ impl Inner {
                 continue;
             };
             m.state = ReplicaState::Async;
+            m.diverged.clear();
             m.async_behind_since = None;
             match m.target.clone() {
                 Some(t) => {
@@ -291,6 +292,8 @@ impl Inner {
                 let (ranges, since) = d.take();
                 m.mark_behind(size, &ranges, since.unwrap_or_else(Instant::now));
             }
+            let diverged = std::mem::take(&mut m.diverged);
+            m.mark_behind(size, &diverged, Instant::now());
             m.async_behind_since = None;
             m.state = ReplicaState::OutOfSync;
             // A new connection (a new session) for the resync: a frame still queued in
@@ -479,6 +482,7 @@ impl Inner {
         }
         m.state = ReplicaState::InSync;
         m.dirty = None;
+        m.diverged.clear(); // unacked writes it holds beyond the lost copies: allowed
         m.async_behind_since = None;
         tracing::warn!(volume = %self.name, node, "promoted async replica is in sync");
         true

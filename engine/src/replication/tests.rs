@@ -2090,3 +2090,46 @@ async fn read_repair_merges_copies_block_by_block() {
     })
     .await
 }
+
+/// Found by the simulation (seed 1007): a write that fails on every in-sync replica still
+/// reaches an async replica through its queue. When that replica leaves async, the range
+/// is compared again, so it cannot come back in sync holding a write the others lack.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_write_an_async_replica_took_is_compared_when_it_leaves_async() {
+    bounded(async {
+        let c = TestCluster::new(&[1, 3]).await;
+        let mut cfg = c.config(2);
+        cfg.replica_timeout = Duration::from_millis(300);
+        let coord = c.coordinator_with(cfg).await;
+        let at = 5 * MIB;
+        coord.write(at, pattern(1, 4096), true).await.unwrap();
+        set_mode(&c, &coord, 3, ReplicaState::Async).await;
+        // Node 1, the only in-sync replica, never answers this write; node 3's queue
+        // delivers it.
+        let (release, rx) = watch::channel(false);
+        *c.node(1).server.hold.lock().unwrap() = Some((at, rx));
+        assert!(coord.write(at, pattern(2, 4096), false).await.is_err());
+        eventually("async replica caught up", || {
+            replica_stats(&coord, 3).async_lag_bytes == 0
+                || replica_stats(&coord, 3).state != ReplicaState::Async
+        })
+        .await;
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        release.send_replace(true);
+        eventually("held frame answered", || {
+            c.node(1).server.held_status.lock().unwrap().is_some()
+        })
+        .await;
+        if c.replica_state(3) == ReplicaState::Async {
+            set_mode(&c, &coord, 3, ReplicaState::Resyncing).await;
+        }
+        eventually("both in sync", || {
+            c.replica_state(1) == ReplicaState::InSync && c.replica_state(3) == ReplicaState::InSync
+        })
+        .await;
+        assert_verify_clean(&coord, 2).await;
+        c.assert_identical(&[1, 3]).await;
+        coord.close().await.unwrap();
+    })
+    .await
+}

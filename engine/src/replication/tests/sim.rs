@@ -702,7 +702,7 @@ async fn sweep(seeds: std::ops::Range<u64>) {
 }
 
 /// Seeds that failed once, kept forever (see docs/ARCHITECTURE.md).
-const REGRESSION_SEEDS: &[u64] = &[108, 524];
+const REGRESSION_SEEDS: &[u64] = &[108, 524, 1007];
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sweep_even_half() {
