@@ -172,12 +172,28 @@ fn metro_gate_with_sites_in_network_namespaces() {
     eprintln!("at {METRO_RTT:?} after {:?}: {pair}", t0.elapsed());
     let p50 = pair["p50_us"].as_u64().unwrap();
     let want = METRO_RTT.as_micros() as u64;
-    // The relay sleeps exactly the injected delay; a debug-build ping and the relay's
-    // threads add 0.3 to 0.7 ms on a busy 2-core machine (measured 2.4 to 2.7 ms), which
-    // the 1 ms tolerance holds.
+    // The relay sleeps exactly the injected delay. What a ping costs besides (a debug
+    // build, relay threads, five daemons on two cores: 0.3 to 2 ms measured) is also paid
+    // inside a site, where nothing is injected: the median of the intra-site pairs is that
+    // baseline, and the inter-site figure less it must be the injected RTT within the
+    // issue's tolerance (20% or 1 ms).
+    let mut intra: Vec<u64> = l["nodes"]
+        .as_array()
+        .expect("node pairs")
+        .iter()
+        .filter(|p| {
+            site_of(p["from"].as_str().unwrap_or_default())
+                == site_of(p["to"].as_str().unwrap_or_default())
+        })
+        .filter_map(|p| p["p50_us"].as_u64())
+        .collect();
+    intra.sort_unstable();
+    let baseline = intra.get(intra.len() / 2).copied().unwrap_or(0);
+    eprintln!("intra-site p50s {intra:?}: baseline {baseline} us");
+    assert!(p50 >= want, "the inter-site RTT is below the injected one: {pair}");
     assert!(
-        p50.abs_diff(want) <= rtt_tolerance_us(METRO_RTT),
-        "measured A-B RTT must be within 20% or 1 ms of the injected {METRO_RTT:?}: {pair}"
+        p50.saturating_sub(baseline).abs_diff(want) <= rtt_tolerance_us(METRO_RTT),
+        "measured A-B RTT less the intra-site baseline ({baseline} us) must be within 20% or 1 ms of the injected {METRO_RTT:?}: {pair}"
     );
     assert_eq!(pair["sync_allowed"], true, "{pair}");
     assert_only_inter_site_traffic_is_delayed(&l, METRO_RTT);
