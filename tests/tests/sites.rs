@@ -190,7 +190,10 @@ fn metro_gate_with_sites_in_network_namespaces() {
     intra.sort_unstable();
     let baseline = intra.get(intra.len() / 2).copied().unwrap_or(0);
     eprintln!("intra-site p50s {intra:?}: baseline {baseline} us");
-    assert!(p50 >= want, "the inter-site RTT is below the injected one: {pair}");
+    assert!(
+        p50 >= want,
+        "the inter-site RTT is below the injected one: {pair}"
+    );
     assert!(
         p50.saturating_sub(baseline).abs_diff(want) <= rtt_tolerance_us(METRO_RTT),
         "measured A-B RTT less the intra-site baseline ({baseline} us) must be within 20% or 1 ms of the injected {METRO_RTT:?}: {pair}"
