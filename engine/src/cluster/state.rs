@@ -1088,37 +1088,12 @@ mod tests {
             s.apply(&Command::AddNode { node: n }).unwrap();
         }
         let ids: BTreeMap<String, u64> = s.nodes.values().map(|n| (n.name.clone(), n.id)).collect();
-        let vol = |name: &str, nodes: &[u64]| VolumeRecord {
-            id: String::new(),
-            name: name.into(),
-            size_bytes: 1 << 20,
-            repl: nodes.len() as u32,
-            io_priority: IoPriority::Medium,
-            labels: BTreeMap::new(),
-            created_unix_seconds: 0,
-            generation: 0,
-            attached_node: None,
-            replicas: nodes
-                .iter()
-                .map(|&node| ReplicaRecord {
-                    node,
-                    state: ReplicaState::InSync,
-                    generation: 0,
-                    resync_done_bytes: 0,
-                    resync_total_bytes: 0,
-                })
-                .collect(),
-            hot_regions: BTreeSet::new(),
-            parked: Vec::new(),
-            lease_wait: false,
-            async_domains: Default::default(),
-        };
         s.apply(&Command::CreateVolume {
-            volume: Box::new(vol("metro", &[ids["a1"], ids["b1"]])),
+            volume: Box::new(volume("metro", &[ids["a1"], ids["b1"]])),
         })
         .unwrap();
         s.apply(&Command::CreateVolume {
-            volume: Box::new(vol("local", &[ids["a1"], ids["a2"]])),
+            volume: Box::new(volume("local", &[ids["a1"], ids["a2"]])),
         })
         .unwrap();
         s.apply(&Command::SetDomainActive {

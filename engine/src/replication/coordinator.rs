@@ -278,6 +278,17 @@ impl Member {
         )
     }
 
+    /// Drops its connection so the next use opens a new session (an `Open` barrier: no
+    /// frame sent before can land after it); a remote one's old connection is remembered
+    /// until every call on it ended.
+    pub(super) fn end_session(&mut self) {
+        if let Some(t) = self.target.take() {
+            if let Endpoint::Remote(c) = &t.endpoint {
+                self.old_client = Some(Arc::downgrade(c));
+            }
+        }
+    }
+
     pub(super) fn dirty_bytes(&self, size_bytes: u64) -> Option<u64> {
         self.dirty
             .as_ref()
@@ -314,10 +325,6 @@ pub(super) struct Inner {
     pub(super) resync_wake: Notify,
     pub(super) counters: Counters,
 }
-
-/// One replica's result of one fan-out: (node, its state when sent, Ok or the error with
-/// whether the replica may have lost more than this I/O, see [`Inner::settle_with`]).
-type Outcome = (u64, ReplicaState, Result<(), (TargetError, bool)>);
 
 /// A replica's failure to do one thing.
 pub(super) struct Failure {
@@ -1074,11 +1081,7 @@ impl Inner {
         // Reopened (a new session) before its resync, the local replica too: an `Open`
         // waits for every frame already admitted and refuses every later one of the old
         // session, so nothing sent before the ejection can land after the resync copied.
-        if let Some(t) = m.target.take() {
-            if let Endpoint::Remote(c) = &t.endpoint {
-                m.old_client = Some(Arc::downgrade(c));
-            }
-        }
+        m.end_session();
         match range {
             Some((off, len)) => {
                 if let Some(d) = m.dirty.as_mut() {
@@ -1145,24 +1148,17 @@ impl Inner {
     }
 
     /// In-sync replicas to read from, the local one first.
+    /// A suspect copy (recovered after a crash, a failed fdatasync) is the last choice, also
+    /// as the source when reconciling.
     pub(super) fn read_sources(&self, except: Option<u64>) -> Vec<(u64, Target)> {
-        let mut out: Vec<(u64, Target)> = self
+        let mut out: Vec<(bool, u64, Target)> = self
             .lock_members()
             .iter()
             .filter(|m| m.state == ReplicaState::InSync && Some(m.node) != except)
-            .filter_map(|m| m.target.clone().map(|t| (m.node, t)))
+            .filter_map(|m| m.target.clone().map(|t| (m.suspect.0 != 0, m.node, t)))
             .collect();
-        out.sort_by_key(|(_, t)| !t.is_local());
-        // A suspect copy (recovered after a crash, a failed fdatasync) is the last choice,
-        // also as the source when reconciling.
-        let suspect: Vec<u64> = self
-            .lock_members()
-            .iter()
-            .filter(|m| m.suspect.0 != 0)
-            .map(|m| m.node)
-            .collect();
-        out.sort_by_key(|(n, _)| suspect.contains(n));
-        out
+        out.sort_by_key(|(suspect, _, t)| (*suspect, !t.is_local()));
+        out.into_iter().map(|(_, n, t)| (n, t)).collect()
     }
 
     /// Runs `op` on every target in parallel (each in its own task) and collects results.
@@ -1201,27 +1197,16 @@ impl Inner {
         out
     }
 
-    /// The ack rule (module doc) applied to one fan-out's results.
+    /// The ack rule (module doc) applied to one fan-out's results. With `synced` (a FUA
+    /// write), a failure the replica itself reported (a status, not a lost connection) may
+    /// be a failed fdatasync, which may have lost any earlier write: like a failed flush,
+    /// it marks the replica for a full comparison (see `mark_out_of_sync`).
     async fn settle(
         &self,
         op: &'static str,
         range: Option<(u64, u64)>,
+        synced: bool,
         results: Vec<(u64, ReplicaState, Result<(), TargetError>)>,
-    ) -> Result<()> {
-        let results = results
-            .into_iter()
-            .map(|(node, state, res)| (node, state, res.map_err(|e| (e, false))))
-            .collect();
-        self.settle_with(op, range, results).await
-    }
-
-    /// [`Inner::settle`], where a failure flagged `true` that the replica itself reported
-    /// (a status, not a lost connection) marks the replica for a full comparison.
-    async fn settle_with(
-        &self,
-        op: &'static str,
-        range: Option<(u64, u64)>,
-        results: Vec<Outcome>,
     ) -> Result<()> {
         let mut in_sync_ok = false;
         let mut in_sync_failed = 0usize;
@@ -1230,7 +1215,7 @@ impl Inner {
         for (node, state, res) in results {
             match res {
                 Ok(()) => in_sync_ok |= state == ReplicaState::InSync,
-                Err((error, synced)) => {
+                Err(error) => {
                     if state == ReplicaState::InSync {
                         in_sync_failed += 1;
                         in_sync_no_space += error.is_no_space() as usize;
@@ -1330,11 +1315,7 @@ impl Inner {
                     }
                 }
                 ReplicaState::InSync if lost.contains(&m.node) => {
-                    if let Some(t) = m.target.take() {
-                        if let Endpoint::Remote(c) = &t.endpoint {
-                            m.old_client = Some(Arc::downgrade(c));
-                        }
-                    }
+                    m.end_session();
                     tracing::warn!(volume = %self.name, node = m.node, "in-sync replica did not answer a failed write; it gets a new session before further I/O");
                 }
                 _ => {}
@@ -1404,14 +1385,8 @@ impl Inner {
                 async move { t.write(ctx, offset, data, fua).await }
             })
             .await;
-        // A FUA write the replica answered with an error may have failed its fdatasync:
-        // like a failed flush, that may have lost any earlier write (see `mark_out_of_sync`).
-        let results = results
-            .into_iter()
-            .map(|(node, state, res)| (node, state, res.map_err(|e| (e, fua))))
-            .collect();
         let res = self
-            .settle_with("write", Some((offset, len)), results)
+            .settle("write", Some((offset, len)), fua, results)
             .await;
         self.hot.finish(r0, r1, res.is_ok());
         res
@@ -1444,7 +1419,7 @@ impl Inner {
                 })
                 .await;
             let res = self
-                .settle("write-zeroes", Some((pos, piece)), results)
+                .settle("write-zeroes", Some((pos, piece)), false, results)
                 .await;
             self.hot.finish(r0, r1, res.is_ok());
             res?;
@@ -1462,7 +1437,7 @@ impl Inner {
         let results = self
             .fan_out(targets, |t| async move { t.flush(ctx).await })
             .await;
-        self.settle("flush", None, results).await?;
+        self.settle("flush", None, false, results).await?;
         self.hot.flushed(seq);
         Ok(())
     }

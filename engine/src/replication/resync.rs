@@ -298,11 +298,7 @@ impl Inner {
             m.state = ReplicaState::OutOfSync;
             // A new connection (a new session) for the resync: a frame still queued in
             // the old one can never land after the copy.
-            if let Some(t) = m.target.take() {
-                if let super::target::Endpoint::Remote(c) = &t.endpoint {
-                    m.old_client = Some(Arc::downgrade(c));
-                }
-            }
+            m.end_session();
             tracing::info!(volume = %self.name, node, dirty_bytes = ?m.dirty_bytes(size), "async replica leaves async; resyncing its dirty regions");
         }
         if changed {
@@ -406,11 +402,7 @@ impl Inner {
                     if o.state == ReplicaState::Resyncing {
                         // Its running copy started from a bitmap; restart it from scratch.
                         o.state = ReplicaState::OutOfSync;
-                        if let Some(t) = o.target.take() {
-                            if let super::target::Endpoint::Remote(c) = &t.endpoint {
-                                o.old_client = Some(Arc::downgrade(c));
-                            }
-                        }
+                        o.end_session();
                     }
                 }
             }

@@ -443,6 +443,26 @@ impl TestCluster {
         }
     }
 
+    /// Holds the next `Write` at `at` in node `id`'s replica server, before the fence
+    /// admits it (a frame stalled in a queue), until the returned sender releases it.
+    fn hold_write(&self, id: u64, at: u64) -> watch::Sender<bool> {
+        let (release, rx) = watch::channel(false);
+        *self.node(id).server.hold.lock().unwrap() = Some((at, rx));
+        release
+    }
+
+    /// Releases the frame held by [`TestCluster::hold_write`] and returns the status its
+    /// reply had.
+    async fn release_held(&self, id: u64, release: watch::Sender<bool>) -> Option<u32> {
+        release.send_replace(true);
+        let server = &self.node(id).server;
+        eventually("held frame answered", || {
+            server.held_status.lock().unwrap().is_some()
+        })
+        .await;
+        *server.held_status.lock().unwrap()
+    }
+
     /// Corrupts one byte of node `id`'s data file behind the store's back.
     fn corrupt(&self, id: u64, offset: u64) {
         let path = self
@@ -1530,9 +1550,7 @@ async fn failed_flush_ejects_with_everything_since_the_last_good_flush_to_compar
         coord.write(0, pattern(2, 64 << 10), false).await.unwrap();
         // Node 3's writeback of that write fails: the page is dropped (its disk holds the
         // old bytes) and its next fsync reports EIO, once.
-        let path = c.node(3).pool.dir().join(format!("{}.data", c.vol_id));
-        let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
-        f.write_all_at(&pattern(1, 64 << 10), 0).unwrap();
+        lose_unflushed(&c, 3, 0, &pattern(1, 64 << 10));
         c.node(3)
             .faulty
             .fail_flushes
@@ -1860,8 +1878,7 @@ async fn stalled_local_write_can_never_land_after_the_local_resync() {
         let coord = c.coordinator_with(cfg).await;
         let at = 3 * MIB + 512;
         coord.write(0, pattern(1, 4096), false).await.unwrap();
-        let (release, rx) = watch::channel(false);
-        *c.node(1).server.hold.lock().unwrap() = Some((at, rx));
+        let release = c.hold_write(1, at);
         coord.write(at, pattern(2, 4096), false).await.unwrap();
         assert_ne!(
             c.replica_state(1),
@@ -1873,13 +1890,8 @@ async fn stalled_local_write_can_never_land_after_the_local_resync() {
             c.replica_state(1) == ReplicaState::InSync
         })
         .await;
-        release.send_replace(true);
-        eventually("held frame answered", || {
-            c.node(1).server.held_status.lock().unwrap().is_some()
-        })
-        .await;
         assert_eq!(
-            *c.node(1).server.held_status.lock().unwrap(),
+            c.release_held(1, release).await,
             Some(libc::ESTALE as u32),
             "a local frame of an older session must be refused"
         );
@@ -1954,8 +1966,7 @@ async fn write_that_times_out_on_the_last_in_sync_replica_leaves_no_divergence()
         })
         .await;
         // The write stalls on node 1 (the only in-sync replica) and lands on node 3.
-        let (release, rx) = watch::channel(false);
-        *c.node(1).server.hold.lock().unwrap() = Some((at, rx));
+        let release = c.hold_write(1, at);
         let res = coord.write(at, pattern(2, 4096), false).await;
         assert!(res.is_err(), "acked without the in-sync replica: {res:?}");
         *c.node(3).faulty.write_delay.lock().unwrap() = Duration::ZERO;
@@ -1964,13 +1975,8 @@ async fn write_that_times_out_on_the_last_in_sync_replica_leaves_no_divergence()
         })
         .await;
         // Now the stalled frame reaches node 1's replica.
-        release.send_replace(true);
-        eventually("held frame answered", || {
-            c.node(1).server.held_status.lock().unwrap().is_some()
-        })
-        .await;
         assert_eq!(
-            *c.node(1).server.held_status.lock().unwrap(),
+            c.release_held(1, release).await,
             Some(libc::ESTALE as u32),
             "the timed-out frame landed after the resync"
         );
@@ -2005,8 +2011,7 @@ async fn replica_does_not_turn_in_sync_under_a_write_with_an_unknown_outcome() {
         })
         .await;
         // A write that node 3 takes and node 1 (the only in-sync replica) never answers.
-        let (release1, rx1) = watch::channel(false);
-        *c.node(1).server.hold.lock().unwrap() = Some((at, rx1));
+        let release1 = c.hold_write(1, at);
         let coord2 = coord.clone();
         let w = tokio::spawn(async move { coord2.write(at, pattern(3, 4096), false).await });
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -2020,13 +2025,8 @@ async fn replica_does_not_turn_in_sync_under_a_write_with_an_unknown_outcome() {
         .await;
         // Several membership checks: node 1 gets its new session before the frame arrives.
         tokio::time::sleep(Duration::from_millis(400)).await;
-        release1.send_replace(true);
-        eventually("held frame answered", || {
-            c.node(1).server.held_status.lock().unwrap().is_some()
-        })
-        .await;
         assert_eq!(
-            *c.node(1).server.held_status.lock().unwrap(),
+            c.release_held(1, release1).await,
             Some(libc::ESTALE as u32),
             "the timed-out frame landed late"
         );
@@ -2106,8 +2106,7 @@ async fn failed_write_an_async_replica_took_is_compared_when_it_leaves_async() {
         set_mode(&c, &coord, 3, ReplicaState::Async).await;
         // Node 1, the only in-sync replica, never answers this write; node 3's queue
         // delivers it.
-        let (release, rx) = watch::channel(false);
-        *c.node(1).server.hold.lock().unwrap() = Some((at, rx));
+        let release = c.hold_write(1, at);
         assert!(coord.write(at, pattern(2, 4096), false).await.is_err());
         eventually("async replica caught up", || {
             replica_stats(&coord, 3).async_lag_bytes == 0
@@ -2115,11 +2114,7 @@ async fn failed_write_an_async_replica_took_is_compared_when_it_leaves_async() {
         })
         .await;
         tokio::time::sleep(Duration::from_millis(400)).await;
-        release.send_replace(true);
-        eventually("held frame answered", || {
-            c.node(1).server.held_status.lock().unwrap().is_some()
-        })
-        .await;
+        c.release_held(1, release).await;
         if c.replica_state(3) == ReplicaState::Async {
             set_mode(&c, &coord, 3, ReplicaState::Resyncing).await;
         }
