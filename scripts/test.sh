@@ -9,7 +9,7 @@
 # python3-pip, and the kubernetes-validate package from PyPI (offline schemas for the
 # deploy/ manifests). Runs every test of the workspace: unit tests (both I/O engines), the
 # multi-process tests against real tandemd processes (bench/tests/quick.rs runs
-# `tandem-bench run --quick` on a tiny matrix, about 35 s), and compiles the benchmarks.
+# `tandem-bench run --quick` on a tiny matrix, about 35 s), and compiles the benchmarks (test profile).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -42,5 +42,7 @@ fi
 cargo build --workspace --bins
 # Heavy multi-process tests share 2 cores; two test threads keep them from starving.
 cargo test --workspace -- --test-threads=2
-# Benchmarks must keep compiling.
-cargo bench -p tandem-bench --no-run
+# Benchmarks must keep compiling. `cargo build --benches` builds them in the test profile,
+# on the debug build's dependencies; `cargo bench --no-run` would build every dependency
+# again with optimizations (about ten minutes on 2 cores) only to throw it away.
+cargo build -p tandem-bench --benches
