@@ -13,7 +13,7 @@
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::Duration;
 
-use crate::cluster::ClusterState;
+use crate::cluster::{ClusterState, ReplicaState, VolumeRecord};
 
 /// Samples kept per peer: one per second for half a minute, so a lasting change of RTT
 /// shows in the p50 within about 15 s while one slow ping does not.
@@ -163,6 +163,83 @@ pub fn check_sync(
     Ok(())
 }
 
+/// Policy `degrade`, for one replica: the mode a replica in a far domain should be
+/// committed to, given its domain pair's RTT. Async above the limit; back to `Resyncing`
+/// (the coordinator resyncs its dirty regions, then commits it in sync) only below 90% of
+/// it, so a pair that hovers at the limit does not flap between resyncs. `None`: stay.
+pub fn degrade_target(state: ReplicaState, p50_us: u64, limit_us: u64) -> Option<ReplicaState> {
+    match state {
+        ReplicaState::InSync if p50_us > limit_us => Some(ReplicaState::Async),
+        ReplicaState::Async if p50_us < limit_us / 10 * 9 => Some(ReplicaState::Resyncing),
+        _ => None,
+    }
+}
+
+/// A mode change that policy `degrade` calls for (see [`degrade_changes`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DegradeChange {
+    pub node: u64,
+    pub domain: String,
+    pub to: ReplicaState,
+    pub p50_us: u64,
+}
+
+/// Policy `degrade` for one volume whose coordinator runs on `me`: every replica outside
+/// `me`'s domain whose pair RTT calls for a mode change ([`degrade_target`]). Replicas in
+/// the volume's async domains stay async whatever the RTT; a pair with no fresh samples
+/// gets no decision either way. Empty when the volume is not attached on `me`.
+pub fn degrade_changes(
+    state: &ClusterState,
+    v: &VolumeRecord,
+    me: u64,
+    limit_us: u64,
+    now_unix: u64,
+) -> Vec<DegradeChange> {
+    if v.attached_node != Some(me) {
+        return Vec::new();
+    }
+    let Some(mine) = state.nodes.get(&me).map(|n| n.domain.as_str()) else {
+        return Vec::new();
+    };
+    v.replicas
+        .iter()
+        .filter(|r| !state.async_pinned(v, r.node))
+        .filter_map(|r| {
+            let domain = state.nodes.get(&r.node)?.domain.as_str();
+            if domain == mine {
+                return None;
+            }
+            let rtt = domain_pair_rtt(state, mine, domain, now_unix)?;
+            let to = degrade_target(r.state, rtt.p50_us, limit_us)?;
+            Some(DegradeChange {
+                node: r.node,
+                domain: domain.to_string(),
+                to,
+                p50_us: rtt.p50_us,
+            })
+        })
+        .collect()
+}
+
+/// The domain pairs the latency gate watches for a volume: those of its synchronous
+/// replicas (replicas in its async domains are never gated), each pair once, in order.
+pub fn gated_pairs(state: &ClusterState, v: &VolumeRecord) -> Vec<(String, String)> {
+    let domains: BTreeSet<&str> = v
+        .replicas
+        .iter()
+        .filter(|r| !state.async_pinned(v, r.node))
+        .filter_map(|r| state.nodes.get(&r.node).map(|n| n.domain.as_str()))
+        .collect();
+    let ds: Vec<&str> = domains.into_iter().collect();
+    let mut pairs = Vec::new();
+    for i in 0..ds.len() {
+        for j in i + 1..ds.len() {
+            pairs.push((ds[i].to_string(), ds[j].to_string()));
+        }
+    }
+    pairs
+}
+
 /// Node-pair matrix from the published reports: (from, to) -> stats.
 pub fn node_matrix(state: &ClusterState) -> BTreeMap<(u64, u64), RttStats> {
     let mut m = BTreeMap::new();
@@ -191,6 +268,7 @@ mod tests {
             role: NodeRole::Voter,
             pool_size_bytes: 0,
             joined_unix_seconds: 0,
+            instance: String::new(),
         }
     }
 
@@ -211,6 +289,87 @@ mod tests {
                 })
                 .collect(),
         }
+    }
+
+    #[test]
+    fn degrade_has_hysteresis() {
+        let (lim, ins, asy) = (10_000, ReplicaState::InSync, ReplicaState::Async);
+        assert_eq!(degrade_target(ins, 10_001, lim), Some(asy));
+        assert_eq!(
+            degrade_target(ins, 10_000, lim),
+            None,
+            "at the limit: stays"
+        );
+        // Between 90% and the limit an async replica stays async: no flapping.
+        assert_eq!(degrade_target(asy, 9_500, lim), None);
+        assert_eq!(degrade_target(asy, 9_000, lim), None);
+        assert_eq!(
+            degrade_target(asy, 8_999, lim),
+            Some(ReplicaState::Resyncing)
+        );
+        // Other states are the coordinator's business.
+        assert_eq!(degrade_target(ReplicaState::OutOfSync, 50_000, lim), None);
+        assert_eq!(degrade_target(ReplicaState::Resyncing, 50_000, lim), None);
+    }
+
+    #[test]
+    fn degrade_changes_only_far_unpinned_replicas_of_a_volume_attached_here() {
+        use crate::cluster::ReplicaRecord;
+        let mut s = ClusterState::new("c");
+        for (id, d) in [(1, "east"), (2, "east"), (3, "west"), (4, "dr")] {
+            s.nodes.insert(id, node(id, d));
+        }
+        s.latency
+            .insert(1, report(100, &[(2, 100), (3, 20_000), (4, 50_000)]));
+        let rep = |node, state| ReplicaRecord {
+            node,
+            state,
+            generation: 0,
+            resync_done_bytes: 0,
+            resync_total_bytes: 0,
+        };
+        let v = VolumeRecord {
+            id: String::new(),
+            name: "v".into(),
+            size_bytes: 1 << 20,
+            repl: 4,
+            io_priority: crate::meta::IoPriority::Medium,
+            labels: BTreeMap::new(),
+            created_unix_seconds: 0,
+            generation: 1,
+            attached_node: Some(1),
+            replicas: vec![
+                rep(1, ReplicaState::InSync),
+                rep(2, ReplicaState::InSync),
+                rep(3, ReplicaState::InSync),
+                rep(4, ReplicaState::Async),
+            ],
+            hot_regions: BTreeSet::new(),
+            parked: Vec::new(),
+            lease_wait: false,
+            async_domains: ["dr".to_string()].into(),
+        };
+        let changes = degrade_changes(&s, &v, 1, 10_000, 100);
+        assert_eq!(
+            changes,
+            vec![DegradeChange {
+                node: 3,
+                domain: "west".into(),
+                to: ReplicaState::Async,
+                p50_us: 20_000
+            }],
+            "the same-domain replica and the pinned async one are left alone"
+        );
+        assert!(
+            degrade_changes(&s, &v, 2, 10_000, 100).is_empty(),
+            "not attached on 2"
+        );
+        // Stale samples: no decision.
+        assert!(degrade_changes(&s, &v, 1, 10_000, 100 + REPORT_MAX_AGE_SECONDS + 1).is_empty());
+        assert_eq!(
+            gated_pairs(&s, &v),
+            vec![("east".to_string(), "west".to_string())]
+        );
     }
 
     #[test]

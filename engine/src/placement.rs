@@ -153,6 +153,7 @@ mod tests {
             role: NodeRole::Voter,
             pool_size_bytes: 100 << 30,
             joined_unix_seconds: 0,
+            instance: String::new(),
         }
     }
 

@@ -496,6 +496,62 @@ impl VolumeManager {
             .map_err(VolumeError::FailedPrecondition)
     }
 
+    /// `cluster remove`: takes a node that is gone for good, or that lost its state, out of
+    /// the node table and (through the leader's membership loop) out of raft. `node` is a
+    /// name or an id. Refused for this node, the raft leader, a node the answering node
+    /// hears from, and a node that still holds replicas or attachments (the state machine
+    /// checks that last part, so it cannot race a placement). Waits (bounded) until raft
+    /// has dropped it. Removing a removed node again is refused as not found.
+    pub async fn remove_node(&self, node: &str) -> Result<(u64, String)> {
+        let _op = self.ops.lock().await;
+        let state = self.cluster.state();
+        let rec = state
+            .nodes
+            .values()
+            .find(|n| n.name == node || n.id.to_string() == node)
+            .cloned()
+            .ok_or_else(|| VolumeError::NotFound(format!("node '{node}'")))?;
+        let status = self.cluster.status();
+        if rec.id == self.node_id {
+            return Err(VolumeError::FailedPrecondition(format!(
+                "node {} is the node answering this request; run `cluster remove` on another member",
+                rec.name
+            )));
+        }
+        if rec.id == status.leader_id {
+            return Err(VolumeError::FailedPrecondition(format!(
+                "node {} is the raft leader; a live node is never removed",
+                rec.name
+            )));
+        }
+        if self.cluster.raft().peer_activity(rec.id) == Some(true) {
+            return Err(VolumeError::FailedPrecondition(format!(
+                "node {} is online; stop it first (`cluster remove` is for a node that is gone or lost its state)",
+                rec.name
+            )));
+        }
+        self.cluster
+            .propose(Command::RemoveNode { id: rec.id })
+            .await?;
+        tracing::warn!(node = rec.id, name = %rec.name, "node removed from the cluster");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let st = self.cluster.status();
+            if !st.voters.contains(&rec.id) && !st.learners.contains(&rec.id) {
+                break;
+            }
+            if tokio::time::Instant::now() > deadline {
+                tracing::warn!(
+                    node = rec.id,
+                    "still a raft member after 10 s; the leader keeps removing it"
+                );
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Ok((rec.id, rec.name))
+    }
+
     /// Activates or deactivates a cluster domain. Activation brings the domain's replicas
     /// back (out of sync; their coordinators resync them) and passes the latency gate for
     /// every volume that would replicate across domains again.
@@ -1310,6 +1366,7 @@ mod tests {
                         role: NodeRole::Voter,
                         pool_size_bytes: 1 << 30,
                         joined_unix_seconds: 0,
+                        instance: String::new(),
                     },
                 })
                 .await

@@ -415,11 +415,13 @@ fn domains_pb(vm: &VolumeManager) -> pb::ListDomainsResponse {
     }
 }
 
-fn role_name(r: NodeRole) -> &'static str {
+/// The role a node plays now: a witness, or a storage node that raft has as a voter or a
+/// learner (pinned by `--kvdb`, or placed by topology).
+fn role_name(r: NodeRole, raft_voter: bool) -> &'static str {
     match r {
-        NodeRole::Voter => "voter",
-        NodeRole::Learner => "learner",
         NodeRole::Witness => "witness",
+        _ if raft_voter => "voter",
+        _ => "learner",
     }
 }
 
@@ -445,7 +447,7 @@ impl AdminApi {
                 pb::NodeInfo {
                     id: n.id,
                     name: n.name.clone(),
-                    role: role_name(n.role).into(),
+                    role: role_name(n.role, status.voters.contains(&n.id)).into(),
                     admin_addr: n.admin_addr.clone(),
                     data_addr: n.data_addr.clone(),
                     domain: n.domain.clone(),
@@ -600,6 +602,19 @@ impl ClusterService for AdminApi {
         let mut resp = domains_pb(vm);
         resp.unavailable_volumes = unavailable;
         Ok(Response::new(resp))
+    }
+
+    async fn remove_node(
+        &self,
+        req: Request<pb::RemoveNodeRequest>,
+    ) -> Result<Response<pb::RemoveNodeResponse>, Status> {
+        let vm = self.vm()?;
+        let r = req.into_inner();
+        if r.node.is_empty() {
+            return Err(Status::invalid_argument("give the node's name or id"));
+        }
+        let (id, name) = vm.remove_node(&r.node).await.map_err(status)?;
+        Ok(Response::new(pb::RemoveNodeResponse { id, name }))
     }
 
     async fn list_alerts(

@@ -214,6 +214,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 .into(),
                 pool_size_bytes: if config.witness { 0 } else { pool_size },
                 mac: Vec::new(),
+                instance: new_instance()?,
             },
         )
         .await?;
@@ -247,9 +248,16 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         domain: config.domain.clone(),
         zone: config.zone.clone(),
         rack: config.rack.clone(),
-        role: NodeRole::Voter,
+        // The first node is raft's only voter; as a record it is pinned only with `--kvdb`
+        // (the placement by topology may later hand its vote to a better-placed node).
+        role: if config.kvdb {
+            NodeRole::Voter
+        } else {
+            NodeRole::Learner
+        },
         pool_size_bytes: pool_size,
         joined_unix_seconds: now_unix(),
+        instance: new_instance()?,
     };
     if matches!(bootstrap, Bootstrap::NewCluster) {
         let deadline = Instant::now() + BOOTSTRAP_TIMEOUT;
@@ -421,18 +429,39 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A random id for this incarnation of the node (`NodeRecord::instance`).
+fn new_instance() -> anyhow::Result<String> {
+    let mut b = [0u8; 16];
+    getrandom::fill(&mut b).map_err(|e| anyhow::anyhow!("no randomness: {e}"))?;
+    Ok(b.iter().map(|x| format!("{x:02x}")).collect())
+}
+
 /// How long a joining node waits to become a raft voter before it serves anyway.
 const VOTER_WAIT: Duration = Duration::from_secs(30);
 
 /// A node that joined as a future voter starts as a raft learner; the leader promotes it
 /// once it answers (`cluster::membership`). Serve only after that (bounded), so a cluster
-/// that reports this node as started counts its vote.
+/// that reports this node as started counts its vote. A future voter is a pinned one
+/// (`--kvdb`, `--witness`), or a storage node the placement by topology picks (as seen
+/// from here: every node of the table counted as reachable).
 async fn wait_for_voter(cluster: &ClusterHandle, id: u64) {
     let deadline = Instant::now() + VOTER_WAIT;
     loop {
         let st = cluster.status();
-        let role = cluster.state().nodes.get(&id).map(|n| n.role);
-        if st.voters.contains(&id) || role == Some(NodeRole::Learner) {
+        if st.voters.contains(&id) {
+            return;
+        }
+        let state = cluster.state();
+        let everyone: Vec<u64> = state.nodes.keys().copied().collect();
+        let placed = tandem_engine::cluster::membership::desired_voters(
+            &state.nodes,
+            &st.voters,
+            &everyone,
+            st.leader_id,
+        );
+        // Until this node has caught up to its own join, it cannot tell.
+        let caught_up = state.nodes.contains_key(&id) && !st.voters.is_empty();
+        if caught_up && !placed.contains(&id) {
             return;
         }
         if Instant::now() > deadline {

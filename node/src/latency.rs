@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use tandem_engine::cluster::{
     ClusterHandle, ClusterState, Command, LatencyReport, NodeRole, ReplicaState, VolumeRecord,
 };
-use tandem_engine::latency::{PeerWindow, PING_INTERVAL, REPORT_INTERVAL};
+use tandem_engine::latency::{DegradeChange, PeerWindow, PING_INTERVAL, REPORT_INTERVAL};
 use tandem_engine::wire::WireClient;
 use tokio::sync::watch;
 
@@ -36,7 +36,7 @@ pub async fn run_rtt_watch(
     policy: RttPolicy,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    use std::collections::{BTreeSet, HashSet};
+    use std::collections::HashSet;
     let mut above: HashSet<(String, String, String)> = HashSet::new();
     // Replicas this watcher sent back to resync, until they are in sync again.
     let mut returning: HashSet<(String, u64)> = HashSet::new();
@@ -58,48 +58,36 @@ pub async fn run_rtt_watch(
             let Some(v) = state.volumes.get(&name) else {
                 continue;
             };
-            // Only synchronous replicas' domains are gated (async-domain ones never are).
-            let domains: BTreeSet<String> = v
-                .replicas
-                .iter()
-                .filter(|r| !state.async_pinned(v, r.node))
-                .filter_map(|r| state.nodes.get(&r.node).map(|n| n.domain.clone()))
-                .collect();
-            let ds: Vec<&String> = domains.iter().collect();
-            for i in 0..ds.len() {
-                for j in i + 1..ds.len() {
-                    let key = (name.clone(), ds[i].clone(), ds[j].clone());
-                    let Some(r) =
-                        tandem_engine::latency::domain_pair_rtt(&state, ds[i], ds[j], now)
-                    else {
-                        continue;
-                    };
-                    let over = r.p50_us > limit_us;
-                    let consequence = match policy {
-                        RttPolicy::Alert => {
-                            "replication stays synchronous (policy alert) and writes pay the round trip"
-                        }
-                        RttPolicy::Degrade => {
-                            "the coordinator's far replicas turn async (policy degrade)"
-                        }
-                    };
-                    let change = if over && above.insert(key.clone()) {
-                        Some(("warning", "rtt-exceeded", format!(
-                            "volume {name}: RTT between domains {} and {} is p50 {:.1} ms p99 {:.1} ms, above the {:.1} ms sync limit; {consequence}",
-                            ds[i], ds[j], r.p50_us as f64 / 1e3, r.p99_us as f64 / 1e3, limit_us as f64 / 1e3
-                        )))
-                    } else if !over && above.remove(&key) {
-                        Some(("info", "rtt-recovered", format!(
-                            "volume {name}: RTT between domains {} and {} is back under the limit (p50 {:.1} ms)",
-                            ds[i], ds[j], r.p50_us as f64 / 1e3
-                        )))
-                    } else {
-                        None
-                    };
-                    if let Some((severity, kind, message)) = change {
-                        tracing::warn!(volume = %name, %message, "latency gate");
-                        alert(cluster, now, severity, kind, &name, message).await;
+            for (a, b) in tandem_engine::latency::gated_pairs(&state, v) {
+                let key = (name.clone(), a.clone(), b.clone());
+                let Some(r) = tandem_engine::latency::domain_pair_rtt(&state, &a, &b, now) else {
+                    continue;
+                };
+                let over = r.p50_us > limit_us;
+                let consequence = match policy {
+                    RttPolicy::Alert => {
+                        "replication stays synchronous (policy alert) and writes pay the round trip"
                     }
+                    RttPolicy::Degrade => {
+                        "the coordinator's far replicas turn async (policy degrade)"
+                    }
+                };
+                let change = if over && above.insert(key.clone()) {
+                    Some(("warning", "rtt-exceeded", format!(
+                            "volume {name}: RTT between domains {a} and {b} is p50 {:.1} ms p99 {:.1} ms, above the {:.1} ms sync limit; {consequence}",
+                            r.p50_us as f64 / 1e3, r.p99_us as f64 / 1e3, limit_us as f64 / 1e3
+                        )))
+                } else if !over && above.remove(&key) {
+                    Some(("info", "rtt-recovered", format!(
+                            "volume {name}: RTT between domains {a} and {b} is back under the limit (p50 {:.1} ms)",
+                            r.p50_us as f64 / 1e3
+                        )))
+                } else {
+                    None
+                };
+                if let Some((severity, kind, message)) = change {
+                    tracing::warn!(volume = %name, %message, "latency gate");
+                    alert(cluster, now, severity, kind, &name, message).await;
                 }
             }
             if policy == RttPolicy::Degrade {
@@ -128,7 +116,8 @@ async fn alert(
         .await;
 }
 
-/// Policy `degrade` for one volume attached here (see [`run_rtt_watch`]).
+/// Policy `degrade` for one volume attached here (see [`run_rtt_watch`]): commits the
+/// mode changes [`tandem_engine::latency::degrade_changes`] decides, with their alerts.
 async fn degrade_volume(
     volumes: &tandem_engine::volume::VolumeManager,
     state: &ClusterState,
@@ -142,16 +131,12 @@ async fn degrade_volume(
     if v.attached_node != Some(me) {
         return;
     }
-    let Some(my_domain) = state.nodes.get(&me).map(|n| n.domain.clone()) else {
-        return;
-    };
     let Ok(attached) = volumes.attached(&v.name) else {
         return;
     };
     let name = &v.name;
     for rep in &v.replicas {
-        let key = (name.clone(), rep.node);
-        if rep.state == ReplicaState::InSync && returning.remove(&key) {
+        if rep.state == ReplicaState::InSync && returning.remove(&(name.clone(), rep.node)) {
             alert(
                 cluster,
                 now,
@@ -165,48 +150,32 @@ async fn degrade_volume(
             )
             .await;
         }
-        let Some(domain) = state.nodes.get(&rep.node).map(|n| n.domain.clone()) else {
-            continue;
-        };
-        if domain == my_domain {
-            continue;
-        }
-        // No samples yet (or stale): no decision either way.
-        let Some(r) = tandem_engine::latency::domain_pair_rtt(state, &my_domain, &domain, now)
-        else {
-            continue;
-        };
-        // Hysteresis: async above the limit, back to sync only below 90% of it, so a
-        // pair hovering at the limit does not flap between resyncs.
-        let over = r.p50_us > limit_us;
-        let under = r.p50_us < limit_us / 10 * 9;
-        let node_name = volumes.node_name(state, rep.node);
-        // Replicas in the volume's async domains stay async whatever the RTT.
-        if state.async_pinned(v, rep.node) {
-            continue;
-        }
-        let target = match rep.state {
-            ReplicaState::InSync if over => ReplicaState::Async,
-            ReplicaState::Async if under => ReplicaState::Resyncing,
-            _ => continue,
-        };
+    }
+    for change in tandem_engine::latency::degrade_changes(state, v, me, limit_us, now) {
+        let DegradeChange {
+            node,
+            domain,
+            to: target,
+            p50_us,
+        } = change;
+        let node_name = volumes.node_name(state, node);
         // The lag it leaves async with (before the coordinator stops its queue).
         let lag = attached.stats().and_then(|s| {
             s.replicas
                 .iter()
-                .find(|x| x.node == rep.node)
+                .find(|x| x.node == node)
                 .map(|x| (x.async_lag_bytes, x.async_lag_seconds))
         });
         let res = cluster
             .propose(Command::SetReplicaState {
                 name: name.clone(),
-                node: rep.node,
+                node,
                 state: target,
                 generation: v.generation,
             })
             .await;
         if let Err(e) = res {
-            tracing::warn!(volume = %name, node = rep.node, error = %e, "latency gate: cannot change the replica's mode");
+            tracing::warn!(volume = %name, node, error = %e, "latency gate: cannot change the replica's mode");
             continue;
         }
         attached.adopt_replica_states().await;
@@ -216,24 +185,24 @@ async fn degrade_volume(
                 "warning",
                 format!(
                     "volume {name}: replica on node {node_name} (domain {domain}) is now async: RTT p50 {:.1} ms is above the {:.1} ms sync limit (policy degrade); writes are acked without waiting for it, its lag (RPO) is in `tandemctl volume inspect` and tandem_replica_async_lag_seconds (now 0 bytes, 0.0 s)",
-                    r.p50_us as f64 / 1e3,
+                    p50_us as f64 / 1e3,
                     limit_us as f64 / 1e3
                 ),
             )
         } else {
-            returning.insert((name.clone(), rep.node));
+            returning.insert((name.clone(), node));
             let (bytes, secs) = lag.unwrap_or((0, 0.0));
             (
                 "replica-resync",
                 "info",
                 format!(
                     "volume {name}: replica on node {node_name} (domain {domain}) leaves async: RTT p50 {:.1} ms is back under 90% of the {:.1} ms limit; its lag was {bytes} bytes, {secs:.1} s; it resyncs its dirty regions and then is in sync",
-                    r.p50_us as f64 / 1e3,
+                    p50_us as f64 / 1e3,
                     limit_us as f64 / 1e3
                 ),
             )
         };
-        tracing::warn!(volume = %name, node = rep.node, %message, "latency gate");
+        tracing::warn!(volume = %name, node, %message, "latency gate");
         alert(cluster, now, severity, kind, name, message).await;
     }
 }

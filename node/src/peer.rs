@@ -18,17 +18,14 @@ use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Response, Status};
 
 use tandem_engine::cluster::{
-    ApplyError, ApplyOutput, ClusterHandle, Command, ForwardError, Forwarder, NodeRecord, NodeRole,
-    Proposal, RaftTransport,
+    ApplyError, ApplyOutput, ClusterError, ClusterHandle, Command, ForwardError, Forwarder,
+    NodeRecord, NodeRole, Proposal, RaftTransport,
 };
 use tandem_engine::wire::auth;
 use tandem_proto::admin as pb;
 use tandem_proto::admin::peer_service_client::PeerServiceClient;
 use tandem_proto::admin::peer_service_server::PeerService;
 
-/// Voters a cluster gets by default: the first three storage nodes (a majority survives the
-/// loss of one). Later nodes are learners unless started with `--kvdb`.
-pub const DEFAULT_VOTERS: usize = 3;
 /// How long a join nonce stays valid.
 pub const JOIN_NONCE_TTL: Duration = Duration::from_secs(60);
 /// Outstanding join nonces kept at once (bounds memory under a flood of challenges).
@@ -63,6 +60,7 @@ pub fn join_mac(token: &[u8], r: &pb::JoinRequest) -> [u8; 32] {
             r.rack.as_bytes(),
             r.role.as_bytes(),
             &r.pool_size_bytes.to_be_bytes(),
+            r.instance.as_bytes(),
         ],
     )
 }
@@ -354,22 +352,12 @@ impl PeerService for PeerApi {
             ));
         }
         let cluster = self.cluster()?;
-        let state = cluster.state();
+        // `--witness` and `--kvdb` pin the node as a voter; any other storage node votes
+        // when the leader's placement by topology picks it (`cluster::membership`).
         let role = match r.role.as_str() {
             "witness" => NodeRole::Witness,
             "voter" => NodeRole::Voter,
-            _ => {
-                let voters = state
-                    .nodes
-                    .values()
-                    .filter(|n| n.role != NodeRole::Learner)
-                    .count();
-                if voters < DEFAULT_VOTERS {
-                    NodeRole::Voter
-                } else {
-                    NodeRole::Learner
-                }
-            }
+            _ => NodeRole::Learner,
         };
         let rec = NodeRecord {
             id: 0,
@@ -385,12 +373,18 @@ impl PeerService for PeerApi {
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_secs())
                 .unwrap_or_default(),
+            instance: r.instance.clone(),
         };
         let id = match cluster
             .propose(Command::AddNode { node: rec })
             .await
-            .map_err(|e| Status::unavailable(e.to_string()))?
-        {
+            .map_err(|e| match e {
+                ClusterError::Apply(e @ ApplyError::NodeNameTaken { .. }) => {
+                    tracing::warn!(%peer, name = %r.name, "refused a join: {e}");
+                    Status::already_exists(e.to_string())
+                }
+                e => Status::unavailable(e.to_string()),
+            })? {
             ApplyOutput::NodeId(id) => id,
             other => {
                 return Err(Status::internal(format!(
@@ -398,7 +392,7 @@ impl PeerService for PeerApi {
                 )))
             }
         };
-        // A re-join under the same name keeps its id and role.
+        // The same join retried keeps its id and role.
         let role = cluster
             .state()
             .nodes
@@ -406,7 +400,7 @@ impl PeerService for PeerApi {
             .map(|n| n.role)
             .unwrap_or(role);
         // A new member starts as a learner: it cannot change the majority before it runs.
-        // The leader promotes it to voter (when its role says so) once it answers, and
+        // The leader promotes it to voter (when pinned or placed) once it answers, and
         // retries a change that concurrent joins made raft refuse (`cluster::membership`).
         let status = cluster.status();
         if !status.voters.contains(&id) && !status.learners.contains(&id) {

@@ -166,11 +166,11 @@ fn concurrent_joins_converge_raft_membership_to_the_node_table() {
             .collect();
         (voters.len() == 5).then_some(voters)
     });
+    // Three pinned by --kvdb and the witness round up to five: every node votes.
     let table: Vec<u64> = a.ctl_json(&["cluster", "inspect"])["nodes"]
         .as_array()
         .unwrap()
         .iter()
-        .filter(|n| n["role"] != "learner")
         .filter_map(|n| n["id"].as_u64())
         .collect();
     let mut sorted = voters.clone();
@@ -178,4 +178,85 @@ fn concurrent_joins_converge_raft_membership_to_the_node_table() {
     let mut table_sorted = table.clone();
     table_sorted.sort();
     assert_eq!(sorted, table_sorted, "raft voters match the node table");
+}
+
+/// F5 (raft part): a node whose disk was wiped comes back with `--join` under its old
+/// name. It must not get its old raft id back with an empty log (it would have forgotten
+/// its vote and its log); it is refused, with the command that unblocks it. Once the old
+/// member is removed, it joins under a new id. A live node is never removed.
+#[test]
+fn a_wiped_node_is_refused_until_removed_and_then_joins_under_a_new_id() {
+    let voters = |d: &Daemon| -> Vec<u64> {
+        d.ctl_json(&["cluster", "inspect"])["voters"]
+            .as_array()
+            .map(|v| v.iter().filter_map(|x| x.as_u64()).collect())
+            .unwrap_or_default()
+    };
+    let a = Daemon::start(DaemonOpts::default());
+    let _b = Daemon::join(&a, &["--name", "b"]);
+    let mut c = Daemon::join(&a, &["--name", "c"]);
+    let id_of = |d: &Daemon, name: &str| {
+        d.ctl_json(&["cluster", "list"])
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|n| n["name"] == name)
+            .and_then(|n| n["id"].as_u64())
+            .unwrap()
+    };
+    let old_id = id_of(&a, "c");
+    eventually(Duration::from_secs(20), "three voters", || {
+        (voters(&a).len() == 3).then_some(())
+    });
+
+    // c's disk is wiped: it starts empty and joins again under its name.
+    c.kill9();
+    let log = Daemon::start_expect_failure(DaemonOpts {
+        extra_args: vec![
+            "--join".into(),
+            a.admin_addr.clone(),
+            "--token".into(),
+            a.token(),
+            "--name".into(),
+            "c".into(),
+        ],
+        ..Default::default()
+    });
+    assert!(
+        log.contains("is taken by cluster member") && log.contains("tandemctl cluster remove c"),
+        "{log}"
+    );
+    assert!(voters(&a).contains(&old_id), "nothing changed");
+
+    // A live node cannot be removed, nor the leader, nor an unknown one.
+    let live = a.ctl(&["cluster", "remove", "b"]);
+    assert!(
+        live.code != 0 && live.stderr.contains("is online"),
+        "{live:?}"
+    );
+    let unknown = a.ctl(&["cluster", "remove", "nobody"]);
+    assert!(
+        unknown.code != 0 && unknown.stderr.contains("not found"),
+        "{unknown:?}"
+    );
+
+    // The dead one can, once the leader has noticed it is gone.
+    eventually(Duration::from_secs(20), "c removed", || {
+        let o = a.ctl(&["cluster", "remove", "c"]);
+        (o.code == 0).then_some(())
+    });
+    eventually(Duration::from_secs(20), "c out of raft", || {
+        (!voters(&a).contains(&old_id)).then_some(())
+    });
+    let listed = a.ctl_json(&["cluster", "list"]);
+    assert_eq!(listed.as_array().unwrap().len(), 2, "{listed}");
+
+    // Now it joins again, under a new id, and the leader makes it a voter.
+    let c2 = Daemon::join(&a, &["--name", "c"]);
+    let new_id = id_of(&a, "c");
+    assert_ne!(new_id, old_id, "a removed id is never given again");
+    eventually(Duration::from_secs(20), "the new c votes", || {
+        let v = voters(&c2);
+        (v.len() == 3 && v.contains(&new_id) && !v.contains(&old_id)).then_some(())
+    });
 }

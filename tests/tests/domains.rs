@@ -165,18 +165,39 @@ fn unplanned_site_loss_failover_and_failback_with_a_witness() {
         extra_args: dom("east"),
         ..Default::default()
     });
-    // Voters: a (east), the witness, c (west). b and d are learners.
+    // No --kvdb anywhere: the leader places the voters by topology, one in east, one in
+    // west and the witness, so that losing either site keeps the raft majority.
     let w = Daemon::join(&a, &["--witness", "--domain", "witness"]);
-    let c = Daemon::join(&a, &["--domain", "west", "--kvdb"]);
     let b = Daemon::join(&a, &["--domain", "east"]);
+    let c = Daemon::join(&a, &["--domain", "west"]);
     let d = Daemon::join(&a, &["--domain", "west"]);
     let mut nodes = [a, b, c, d, w];
-    let inspect = nodes[0].ctl_json(&["cluster", "inspect"]);
-    assert_eq!(inspect["voters"].as_array().unwrap().len(), 3, "{inspect}");
+    let inspect = eventually(
+        Duration::from_secs(30),
+        "voters spread over east, west and the witness",
+        || {
+            let i = nodes[0].ctl_json(&["cluster", "inspect"]);
+            let domain_of = |id: &serde_json::Value| {
+                i["nodes"]
+                    .as_array()?
+                    .iter()
+                    .find(|n| n["id"] == *id)
+                    .and_then(|n| n["domain"].as_str().map(str::to_string))
+            };
+            let voters = i["voters"].as_array()?;
+            let mut domains: Vec<String> = voters.iter().filter_map(domain_of).collect();
+            domains.sort();
+            (voters.len() == 3 && domains == ["east", "west", "witness"]).then_some(i)
+        },
+    );
     assert_eq!(
         inspect["learners"].as_array().unwrap().len(),
         2,
         "{inspect}"
+    );
+    assert!(
+        inspect["warnings"].as_array().is_none_or(|w| w.is_empty()),
+        "no single site holds the raft majority: {inspect}"
     );
     measured_pair(&nodes[0]);
 

@@ -29,6 +29,7 @@ pub const APPLY_WAIT: Duration = Duration::from_secs(10);
 pub enum Proposal {
     Command(Command),
     AddMember { id: u64, voter: bool },
+    RemoveMember { id: u64 },
 }
 
 impl Proposal {
@@ -139,9 +140,9 @@ impl ClusterHandle {
             .map(|_| ())
     }
 
-    /// On the leader: proposes the next raft configuration change the node table calls
-    /// for ([`super::membership::next_conf_change`]). Returns the change made, if any. A
-    /// follower does nothing (its leader converges).
+    /// On the leader: proposes the next raft configuration change that the node table and
+    /// the voter placement call for ([`super::membership::next_conf_change`]). Returns the
+    /// change made, if any. A follower does nothing (its leader converges).
     pub async fn converge_membership(
         &self,
     ) -> Result<Option<super::membership::ConfChangeDue>, ClusterError> {
@@ -150,18 +151,38 @@ impl ClusterHandle {
             return Ok(None);
         }
         let state = self.state();
+        if let Some(id) = super::membership::next_removal(
+            &state.removed_nodes,
+            &status.voters,
+            &status.learners,
+            status.id,
+        ) {
+            tracing::info!(
+                node = id,
+                "raft membership behind the node table: removing a removed node"
+            );
+            self.submit(Proposal::RemoveMember { id }).await?;
+            return Ok(None);
+        }
         let Some(due) = super::membership::next_conf_change(
             &state.nodes,
             &status.voters,
             &status.learners,
             &status.active,
+            status.id,
         ) else {
             return Ok(None);
         };
+        let what = if due.voter {
+            "promoting to voter"
+        } else if status.voters.contains(&due.node) {
+            "demoting to learner (voters placed by topology)"
+        } else {
+            "adding as learner"
+        };
         tracing::info!(
             node = due.node,
-            voter = due.voter,
-            "raft membership behind the node table; adding"
+            "raft membership behind the node table: {what}"
         );
         self.add_member(due.node, due.voter).await?;
         Ok(Some(due))
@@ -177,6 +198,11 @@ impl ClusterHandle {
             Proposal::AddMember { id, voter } => self
                 .raft
                 .add_member(*id, *voter)
+                .await
+                .map(|idx| (ApplyOutput::None, idx)),
+            Proposal::RemoveMember { id } => self
+                .raft
+                .remove_member(*id)
                 .await
                 .map(|idx| (ApplyOutput::None, idx)),
         };

@@ -43,6 +43,13 @@ pub struct NodeRecord {
     pub role: NodeRole,
     pub pool_size_bytes: u64,
     pub joined_unix_seconds: u64,
+    /// Random per node incarnation: drawn when the node joins, with no state of its own.
+    /// A join under a taken name is the same join retried only if this matches; a node
+    /// that lost its state (a wiped disk) comes back with another and is refused until
+    /// the old member is removed (`cluster remove`), so it never reuses the raft id of a
+    /// voter whose log and vote it has lost.
+    #[serde(default)]
+    pub instance: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -264,6 +271,8 @@ pub enum ApplyError {
     NodeNotFound(u64),
     #[error("{0}")]
     FailedPrecondition(String),
+    #[error("node name '{name}' is taken by cluster member {id}. A node that restarts keeps its state and needs no --join; if this node lost its state (a wiped or replaced disk), remove the old member first (`tandemctl cluster remove {name}`), then join again")]
+    NodeNameTaken { name: String, id: u64 },
     #[error("volume '{name}' is at generation {current}; a decision made at generation {stale} is refused (fenced)")]
     Fenced {
         name: String,
@@ -292,6 +301,10 @@ pub struct ClusterState {
     /// Deactivated cluster domains (every other domain is active).
     #[serde(default)]
     pub inactive_domains: BTreeSet<String>,
+    /// Nodes removed from the table (`cluster remove`). Ids are never reused; the leader
+    /// takes these out of raft's configuration (`membership::next_removal`).
+    #[serde(default)]
+    pub removed_nodes: BTreeSet<u64>,
     pub next_node_id: u64,
     pub next_volume_seq: u64,
     pub next_alert_id: u64,
@@ -528,9 +541,16 @@ impl ClusterState {
                 Ok(ApplyOutput::None)
             }
             Command::AddNode { node } => {
-                // Re-joining under the same name keeps the id (idempotent join).
+                // The same join retried keeps its id (idempotent); another incarnation
+                // under a taken name is refused (see `NodeRecord::instance`).
                 if let Some(existing) = self.nodes.values().find(|n| n.name == node.name) {
-                    return Ok(ApplyOutput::NodeId(existing.id));
+                    if existing.instance == node.instance {
+                        return Ok(ApplyOutput::NodeId(existing.id));
+                    }
+                    return Err(ApplyError::NodeNameTaken {
+                        name: node.name.clone(),
+                        id: existing.id,
+                    });
                 }
                 let id = if node.id != 0 && !self.nodes.contains_key(&node.id) {
                     node.id
@@ -557,8 +577,30 @@ impl ClusterState {
                 Ok(ApplyOutput::None)
             }
             Command::RemoveNode { id } => {
-                self.nodes.remove(id).ok_or(ApplyError::NodeNotFound(*id))?;
+                let name = &self
+                    .nodes
+                    .get(id)
+                    .ok_or(ApplyError::NodeNotFound(*id))?
+                    .name;
+                let used: Vec<&str> = self
+                    .volumes
+                    .values()
+                    .filter(|v| {
+                        v.attached_node == Some(*id)
+                            || v.parked.contains(id)
+                            || v.replicas.iter().any(|r| r.node == *id)
+                    })
+                    .map(|v| v.name.as_str())
+                    .collect();
+                if !used.is_empty() {
+                    return Err(ApplyError::FailedPrecondition(format!(
+                        "node {name} ({id}) still holds replicas or attachments of volume(s) {}; move them off it first (detach what is attached there; lowering `tandemctl volume update NAME --repl` drops an out-of-sync replica first, and raising it again places a new one elsewhere), then remove the node",
+                        used.join(", ")
+                    )));
+                }
+                self.nodes.remove(id);
                 self.latency.remove(id);
+                self.removed_nodes.insert(*id);
                 Ok(ApplyOutput::None)
             }
             Command::CreateVolume { volume } => {
@@ -843,6 +885,7 @@ mod tests {
             role: NodeRole::Voter,
             pool_size_bytes: 1 << 30,
             joined_unix_seconds: 0,
+            instance: String::new(),
         }
     }
 
@@ -883,9 +926,55 @@ mod tests {
         assert_eq!(b, ApplyOutput::NodeId(2));
         assert_eq!(s.apply(&Command::AddNode { node: node("a") }).unwrap(), a);
         s.apply(&Command::RemoveNode { id: 2 }).unwrap();
+        assert!(s.removed_nodes.contains(&2), "raft drops it next");
         assert_eq!(
             s.apply(&Command::AddNode { node: node("c") }).unwrap(),
             ApplyOutput::NodeId(3)
+        );
+    }
+
+    /// F5 (raft part): a node that lost its state joins again with another incarnation. It
+    /// must not get the old raft id back (its log and its vote are gone) until the old
+    /// member is removed; then it joins under a new id.
+    #[test]
+    fn a_wiped_node_cannot_take_back_its_old_id_until_removed() {
+        let mut s = ClusterState::new("c");
+        let mut first = node("a");
+        first.instance = "i1".into();
+        assert_eq!(
+            s.apply(&Command::AddNode {
+                node: first.clone()
+            })
+            .unwrap(),
+            ApplyOutput::NodeId(1)
+        );
+        // The same join retried: the same id.
+        assert_eq!(
+            s.apply(&Command::AddNode { node: first }).unwrap(),
+            ApplyOutput::NodeId(1)
+        );
+        let mut wiped = node("a");
+        wiped.instance = "i2".into();
+        let err = s
+            .apply(&Command::AddNode {
+                node: wiped.clone(),
+            })
+            .unwrap_err();
+        assert!(err.to_string().contains("cluster remove a"), "{err}");
+        // A node holding a replica cannot be removed; the error names the volume.
+        s.apply(&Command::CreateVolume {
+            volume: Box::new(volume("v", &[1])),
+        })
+        .unwrap();
+        let err = s.apply(&Command::RemoveNode { id: 1 }).unwrap_err();
+        assert!(err.to_string().contains("volume(s) v"), "{err}");
+        s.apply(&Command::DeleteVolume { name: "v".into() })
+            .unwrap();
+        s.apply(&Command::RemoveNode { id: 1 }).unwrap();
+        assert_eq!(
+            s.apply(&Command::AddNode { node: wiped }).unwrap(),
+            ApplyOutput::NodeId(2),
+            "a new id, never the old one"
         );
     }
 

@@ -74,6 +74,7 @@ fn node(name: &str) -> NodeRecord {
         role: NodeRole::Voter,
         pool_size_bytes: 0,
         joined_unix_seconds: 0,
+        instance: String::new(),
     }
 }
 

@@ -195,6 +195,7 @@ fn node_record(id: u64, addr: &str, domain: &str) -> NodeRecord {
         role: NodeRole::Voter,
         pool_size_bytes: 1 << 30,
         joined_unix_seconds: 0,
+        instance: String::new(),
     }
 }
 

@@ -66,6 +66,12 @@ enum ClusterCmd {
     /// The join token
     #[command(subcommand)]
     Token(TokenCmd),
+    /// Remove a node that is gone for good or lost its state (refused while it is online,
+    /// is the raft leader, or holds replicas); it may then join again, under a new id
+    Remove {
+        /// The node's name or id
+        node: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -1034,6 +1040,17 @@ async fn run_cluster(ch: Channel, json: bool, cmd: ClusterCmd) -> Result<(), Fai
                 ]);
             }
             println!("{t}");
+        }
+        ClusterCmd::Remove { node } => {
+            let r = c
+                .remove_node(pb::RemoveNodeRequest { node })
+                .await?
+                .into_inner();
+            if json {
+                print_json(&serde_json::json!({"id": r.id, "name": r.name, "removed": true}));
+            } else {
+                println!("Node {} ({}) removed from the cluster", r.name, r.id);
+            }
         }
         ClusterCmd::Token(TokenCmd::Show) => {
             let r = c.show_token(pb::ShowTokenRequest {}).await?.into_inner();
