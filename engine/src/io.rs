@@ -55,6 +55,11 @@ impl FromStr for IoEngineChoice {
 pub enum IoEngine {
     Std,
     Uring(Arc<UringEngine>),
+    /// Like [`IoEngine::Std`], but `fdatasync` runs on the calling thread too: every call
+    /// completes in program order, with no thread of its own. The deterministic simulation
+    /// runs on one thread with this engine (over a tmpfs, where `fdatasync` is cheap); it
+    /// is not for a daemon, where a slow device would stall the runtime.
+    Inline,
 }
 
 impl std::fmt::Debug for IoEngine {
@@ -86,13 +91,14 @@ impl IoEngine {
         match self {
             IoEngine::Std => "std",
             IoEngine::Uring(_) => "uring",
+            IoEngine::Inline => "inline",
         }
     }
 
     /// Reads `buf.len()` bytes at `offset`. Bytes past end of file read as zeros.
     pub async fn read_at(&self, file: &Arc<File>, mut buf: Vec<u8>, offset: u64) -> BufResult {
         match self {
-            IoEngine::Std => {
+            IoEngine::Std | IoEngine::Inline => {
                 let res = std_read_full(file, &mut buf, offset);
                 (res, buf)
             }
@@ -121,7 +127,7 @@ impl IoEngine {
     /// Writes all of `buf` at `offset`.
     pub async fn write_at(&self, file: &Arc<File>, mut buf: Vec<u8>, offset: u64) -> BufResult {
         match self {
-            IoEngine::Std => {
+            IoEngine::Std | IoEngine::Inline => {
                 let res = file.write_all_at(&buf, offset);
                 (res, buf)
             }
@@ -158,6 +164,7 @@ impl IoEngine {
                     .await
                     .map_err(|e| io::Error::other(format!("fdatasync task failed: {e}")))?
             }
+            IoEngine::Inline => file.sync_data(),
             IoEngine::Uring(ring) => ring
                 .submit(OpKind::Fdatasync, file.clone(), Vec::new(), 0, 0)
                 .await

@@ -30,7 +30,7 @@
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
-use std::time::Instant;
+use tokio::time::Instant;
 
 use bytes::Bytes;
 use tokio::sync::{watch, Notify};
@@ -226,6 +226,8 @@ async fn worker(
         };
         let Some(op) = next else {
             tokio::select! {
+                // Fixed polling order (shutdown first): the simulation replays exactly.
+                biased;
                 _ = shutdown.wait_for(|s| *s) => return,
                 _ = shared.wake.notified() => continue,
             }

@@ -7,8 +7,9 @@
 //! * **Ordering.** A write (or zeroing) holds the range lock on its blocks across its
 //!   whole fan-out, so overlapping writes are never in flight together and every replica
 //!   applies them in the same order.
-//! * **Ack rule (protocol C).** A write, zeroing or flush is acked only when every
-//!   replica the metadata counts as in-sync has done it. A replica that failed or timed out
+//! * **Ack rule (protocol C).** A write, zeroing or flush is acked only when at least one
+//!   in-sync replica took it and every replica the metadata counts as in-sync has done it
+//!   (the decision is the pure `replica_set::settle`; this module carries it out). A replica that failed or timed out
 //!   is ejected first: `SetReplicaState{OutOfSync}` at this generation is committed before
 //!   the ack, and from then on a dirty-region bitmap records what it misses. If the
 //!   ejection cannot be committed (fenced, no quorum), the coordinator is fenced: the I/O
@@ -40,8 +41,10 @@ use tokio::task::JoinHandle;
 use super::asyncq::{AsyncOp, AsyncQueue};
 use super::bitmap::RegionBitmap;
 use super::hot::HotSet;
+use super::link::{LocalLink, Network, TcpNetwork};
+use super::replica_set::{self, Failure, Verdict};
 use super::server::{LocalReplicas, ReplicaServer};
-use super::target::{Ctx, Endpoint, Target, TargetError};
+use super::target::{Ctx, Target, TargetError};
 use super::{
     MetaProposer, ProposeError, ReplicationError, ASYNC_MAX_LAG_BYTES, ASYNC_MAX_LAG_OPS,
     DIRTY_REGION_BYTES, HOT_REGION_BYTES, HOT_REGION_IDLE_RETIRE, MAX_HOT_REGIONS,
@@ -51,7 +54,6 @@ use super::{
 use crate::cluster::{ApplyError, Command, ReplicaState, VolumeRecord};
 use crate::range_lock::RangeLock;
 use crate::store::{Replica, BLOCK_SIZE, MAX_IO_BYTES};
-use crate::wire::WireClient;
 
 type Result<T, E = ReplicationError> = std::result::Result<T, E>;
 
@@ -60,8 +62,9 @@ type Result<T, E = ReplicationError> = std::result::Result<T, E>;
 pub struct CoordinatorConfig {
     /// This node's id: the volume must be attached here.
     pub node_id: u64,
-    /// The cluster token, for the wire handshake.
-    pub token: Arc<Vec<u8>>,
+    /// How replicas on other nodes are reached ([`TcpNetwork`] with the cluster token,
+    /// unless the environment passes another, as the simulation does).
+    pub network: Arc<dyn Network>,
     /// Per-request bound for one replica ([`REPLICA_IO_TIMEOUT`]).
     pub replica_timeout: Duration,
     /// The node's [`ReplicaServer`]. The local replica is reached through it so that its
@@ -88,7 +91,7 @@ impl CoordinatorConfig {
     pub fn new(node_id: u64, token: Arc<Vec<u8>>) -> CoordinatorConfig {
         CoordinatorConfig {
             node_id,
-            token,
+            network: TcpNetwork::new(token),
             replica_timeout: REPLICA_IO_TIMEOUT,
             local_server: None,
             resync_retry: RESYNC_RETRY_INTERVAL,
@@ -191,7 +194,7 @@ pub(super) struct Member {
     pub(super) target: Option<Target>,
     /// The connection used before an ejection: resync waits until it is gone (every call
     /// on it ended) before reconnecting.
-    pub(super) old_client: Option<Weak<WireClient>>,
+    pub(super) old_client: Option<Weak<dyn super::link::Link>>,
     /// Regions the replica may be missing; `None` = unknown (a full comparison is due).
     pub(super) dirty: Option<RegionBitmap>,
     /// The replica instance the dirty tracking refers to (see `OpenInfo::instance`).
@@ -202,7 +205,7 @@ pub(super) struct Member {
     /// While async: its queue and worker (`None` once cancelled).
     pub(super) async_q: Option<AsyncQueue>,
     /// While async: since when it misses a write that is only in its dirty bitmap.
-    pub(super) async_behind_since: Option<std::time::Instant>,
+    pub(super) async_behind_since: Option<tokio::time::Instant>,
     /// Its store's suspect flags and epoch at its last `Open` (`OpenInfo::suspect`): a
     /// suspect replica gets a full comparison, which then clears the flags.
     pub(super) suspect: (u64, u64),
@@ -234,25 +237,37 @@ impl Member {
         }
     }
 
-    /// Async: `ranges` are missing on the replica since `since` at the latest.
+    /// `ranges` are missing on the replica since `since` at the latest (async lag). A due
+    /// full comparison (`dirty` = `None` while out of sync) stays one.
     pub(super) fn mark_behind(
         &mut self,
         size_bytes: u64,
         ranges: &[(u64, u64)],
-        since: std::time::Instant,
+        since: tokio::time::Instant,
     ) {
-        let d = self
-            .dirty
-            .get_or_insert_with(|| RegionBitmap::empty(size_bytes.div_ceil(DIRTY_REGION_BYTES)));
-        for &(off, len) in ranges {
-            d.set_bytes(off, len, DIRTY_REGION_BYTES);
+        if !ranges.iter().any(|&(_, len)| len > 0) {
+            return;
         }
-        if ranges.iter().any(|&(_, len)| len > 0) {
-            self.async_behind_since = Some(match self.async_behind_since {
-                Some(t) => t.min(since),
-                None => since,
+        // Out of sync (or resyncing) without a bitmap, a full comparison is due: it covers
+        // these ranges. Narrowing it to them would drop every other write it missed (seed
+        // 1155). Only a replica that tracks nothing yet (async, in sync) starts a bitmap.
+        let full_due = self.dirty.is_none()
+            && matches!(
+                self.state,
+                ReplicaState::OutOfSync | ReplicaState::Resyncing
+            );
+        if !full_due {
+            let d = self.dirty.get_or_insert_with(|| {
+                RegionBitmap::empty(size_bytes.div_ceil(DIRTY_REGION_BYTES))
             });
+            for &(off, len) in ranges {
+                d.set_bytes(off, len, DIRTY_REGION_BYTES);
+            }
         }
+        self.async_behind_since = Some(match self.async_behind_since {
+            Some(t) => t.min(since),
+            None => since,
+        });
     }
 
     /// (lag bytes, lag seconds) of an async replica; zero for any other.
@@ -283,8 +298,8 @@ impl Member {
     /// until every call on it ended.
     pub(super) fn end_session(&mut self) {
         if let Some(t) = self.target.take() {
-            if let Endpoint::Remote(c) = &t.endpoint {
-                self.old_client = Some(Arc::downgrade(c));
+            if !t.is_local() {
+                self.old_client = Some(Arc::downgrade(&t.link));
             }
         }
     }
@@ -324,25 +339,6 @@ pub(super) struct Inner {
     pub(super) shutdown: watch::Sender<bool>,
     pub(super) resync_wake: Notify,
     pub(super) counters: Counters,
-}
-
-/// A replica's failure to do one thing.
-pub(super) struct Failure {
-    pub(super) node: u64,
-    pub(super) error: TargetError,
-    /// The replica may have lost more than this I/O (a failed fdatasync).
-    pub(super) whole: bool,
-}
-
-impl Failure {
-    /// What the replica may miss: `range`, or everything (`None`) when `whole`.
-    fn range(&self, range: Option<(u64, u64)>) -> Option<(u64, u64)> {
-        if self.whole {
-            None
-        } else {
-            range
-        }
-    }
 }
 
 /// The coordinator of one attached volume. See the module doc.
@@ -879,10 +875,13 @@ impl Inner {
             if self.local_server.replica(self.ctx.wire_id).is_none() {
                 return Err("this node has no local replica of the volume".into());
             }
-            Target::new(Endpoint::Local {
-                server: self.local_server.clone(),
-                coordinator_node: self.cfg.node_id,
-            })
+            Target::new(
+                Arc::new(LocalLink {
+                    server: self.local_server.clone(),
+                    coordinator_node: self.cfg.node_id,
+                }),
+                true,
+            )
         } else {
             let addr = self
                 .meta
@@ -891,16 +890,12 @@ impl Inner {
                 .get(&node)
                 .map(|n| n.data_addr.clone())
                 .ok_or_else(|| format!("node {node} is not in the cluster metadata"))?;
-            let client = WireClient::connect(&addr, self.cfg.token.clone(), self.cfg.node_id)
-                .await
-                .map_err(|e| e.to_string())?;
-            if client.peer_node_id() != node {
-                return Err(format!(
-                    "{addr} is node {}, not node {node}",
-                    client.peer_node_id()
-                ));
-            }
-            Target::new(Endpoint::Remote(client))
+            let link = self
+                .cfg
+                .network
+                .connect(self.cfg.node_id, node, &addr)
+                .await?;
+            Target::new(link, false)
         };
         let (target, info) = target
             .open(self.ctx)
@@ -1066,10 +1061,14 @@ impl Inner {
             // so nothing it still has queued can land after a resync.
             let (_, drain) = q.cancel();
             let (ranges, since) = drain.take();
-            m.mark_behind(size, &ranges, since.unwrap_or_else(std::time::Instant::now));
+            m.mark_behind(
+                size,
+                &ranges,
+                since.unwrap_or_else(tokio::time::Instant::now),
+            );
         }
         let diverged = std::mem::take(&mut m.diverged);
-        m.mark_behind(size, &diverged, std::time::Instant::now());
+        m.mark_behind(size, &diverged, tokio::time::Instant::now());
         m.async_behind_since = None;
         if m.state != ReplicaState::OutOfSync {
             m.state = ReplicaState::OutOfSync;
@@ -1197,10 +1196,8 @@ impl Inner {
         out
     }
 
-    /// The ack rule (module doc) applied to one fan-out's results. With `synced` (a FUA
-    /// write), a failure the replica itself reported (a status, not a lost connection) may
-    /// be a failed fdatasync, which may have lost any earlier write: like a failed flush,
-    /// it marks the replica for a full comparison (see `mark_out_of_sync`).
+    /// Carries out the ack rule's verdict on one fan-out's results
+    /// ([`replica_set::settle`]): ejections before the ack, or the error.
     async fn settle(
         &self,
         op: &'static str,
@@ -1208,77 +1205,54 @@ impl Inner {
         synced: bool,
         results: Vec<(u64, ReplicaState, Result<(), TargetError>)>,
     ) -> Result<()> {
-        let mut in_sync_ok = false;
-        let mut in_sync_failed = 0usize;
-        let mut in_sync_no_space = 0usize;
-        let mut failures = Vec::new();
-        for (node, state, res) in results {
-            match res {
-                Ok(()) => in_sync_ok |= state == ReplicaState::InSync,
-                Err(error) => {
-                    if state == ReplicaState::InSync {
-                        in_sync_failed += 1;
-                        in_sync_no_space += error.is_no_space() as usize;
-                    }
-                    let whole = synced && matches!(error, TargetError::Status(_));
-                    failures.push(Failure { node, error, whole });
+        match replica_set::settle(results, synced) {
+            Verdict::Ack { eject } => {
+                for f in &eject {
+                    self.replica_failed(f.node, f.range(range), &f.error, op)
+                        .await?;
                 }
+                Ok(())
             }
-        }
-        if failures.is_empty() {
-            if in_sync_ok {
-                return Ok(());
-            }
-            // The ack rule needs at least one in-sync replica that took it: with no target
-            // that counts (every replica async or out of sync), nothing holds the data.
-            return Err(ReplicationError::ReplicasFailed {
+            Verdict::NoCopy => Err(ReplicationError::ReplicasFailed {
                 volume: self.name.clone(),
                 op,
                 detail: "no in-sync replica took it".into(),
-            });
-        }
-        if let Some(f) = failures.iter().find(|f| f.error.is_stale()) {
+            }),
             // Generations only grow through an attach elsewhere: this coordinator is stale.
-            return Err(self.fence(format!(
-                "the replica on node {} refused generation {} as stale",
-                f.node, self.ctx.generation
-            )));
-        }
-        if !in_sync_ok {
-            // Nothing that counts succeeded: the I/O fails. In-sync replicas are not
-            // ejected (that could eject them all); a resyncing one that failed goes back.
-            let resyncing: Vec<u64> = self
-                .lock_members()
-                .iter()
-                .filter(|m| m.state == ReplicaState::Resyncing)
-                .map(|m| m.node)
-                .collect();
-            for f in failures.iter().filter(|f| resyncing.contains(&f.node)) {
-                self.replica_failed(f.node, f.range(range), &f.error, op)
-                    .await?;
-            }
-            self.unknown_outcome(range, &failures);
-            let detail = failures
-                .iter()
-                .map(|f| format!("node {}: {}", f.node, f.error))
-                .collect::<Vec<_>>()
-                .join("; ");
-            if in_sync_failed > 0 && in_sync_no_space == in_sync_failed {
-                return Err(ReplicationError::NoSpace {
+            Verdict::Stale { node } => Err(self.fence(format!(
+                "the replica on node {node} refused generation {} as stale",
+                self.ctx.generation
+            ))),
+            Verdict::Fail { failures, no_space } => {
+                // A resyncing replica that failed goes back; in-sync ones stay.
+                let resyncing: Vec<u64> = self
+                    .lock_members()
+                    .iter()
+                    .filter(|m| m.state == ReplicaState::Resyncing)
+                    .map(|m| m.node)
+                    .collect();
+                for f in failures.iter().filter(|f| resyncing.contains(&f.node)) {
+                    self.replica_failed(f.node, f.range(range), &f.error, op)
+                        .await?;
+                }
+                self.unknown_outcome(range, &failures);
+                if no_space {
+                    return Err(ReplicationError::NoSpace {
+                        volume: self.name.clone(),
+                    });
+                }
+                let detail = failures
+                    .iter()
+                    .map(|f| format!("node {}: {}", f.node, f.error))
+                    .collect::<Vec<_>>()
+                    .join("; ");
+                Err(ReplicationError::ReplicasFailed {
                     volume: self.name.clone(),
-                });
+                    op,
+                    detail,
+                })
             }
-            return Err(ReplicationError::ReplicasFailed {
-                volume: self.name.clone(),
-                op,
-                detail,
-            });
         }
-        for f in &failures {
-            self.replica_failed(f.node, f.range(range), &f.error, op)
-                .await?;
-        }
-        Ok(())
     }
 
     /// A write failed on every in-sync replica, so nobody was ejected, but it may have

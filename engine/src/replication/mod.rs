@@ -31,6 +31,8 @@ mod asyncq;
 mod bitmap;
 pub mod coordinator;
 mod hot;
+pub mod link;
+mod replica_set;
 mod resync;
 pub mod server;
 mod target;

@@ -19,7 +19,8 @@
 use std::collections::BTreeSet;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 
 use super::bitmap::RegionBitmap;
 use super::coordinator::{block_range, read_range, Inner, Member};
@@ -102,6 +103,8 @@ impl Inner {
             }
             if all_done {
                 tokio::select! {
+                    // Fixed polling order (shutdown first): the simulation replays exactly.
+                    biased;
                     _ = shutdown.wait_for(|s| *s) => return,
                     _ = tokio::time::sleep(self.cfg.resync_retry) => {}
                     _ = self.resync_wake.notified() => {}
@@ -110,6 +113,8 @@ impl Inner {
                 // Something failed: wait the full interval, so a replica that fails at
                 // once (and wakes us through its ejection) is not retried in a hot loop.
                 tokio::select! {
+                    // Fixed polling order (shutdown first): the simulation replays exactly.
+                    biased;
                     _ = shutdown.wait_for(|s| *s) => return,
                     _ = tokio::time::sleep(self.cfg.resync_retry) => {}
                 }
@@ -853,6 +858,8 @@ impl Inner {
             (self.cfg.hot_idle_retire / 2).clamp(Duration::from_millis(10), Duration::from_secs(1));
         loop {
             tokio::select! {
+                // Fixed polling order (shutdown first): the simulation replays exactly.
+                biased;
                 _ = shutdown.wait_for(|s| *s) => return,
                 _ = tokio::time::sleep(tick) => {}
             }

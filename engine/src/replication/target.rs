@@ -1,7 +1,7 @@
-//! How the coordinator reaches one replica: the local one through the node's
-//! [`ReplicaServer`] in-process, a remote one through a [`WireClient`]. Both speak the same
-//! frames and pass the same generation fence, so the coordinator has one code path and a
-//! zombie coordinator is fenced on its own node too.
+//! How the coordinator talks to one replica over its [`Link`] (the local one through the
+//! node's `ReplicaServer` in-process, a remote one through the environment's network).
+//! Both speak the same frames and pass the same generation fence, so the coordinator has
+//! one code path and a zombie coordinator is fenced on its own node too.
 //!
 //! Invariant: every call ends within its timeout. A local call runs in its own task, so
 //! a timeout (or a dropped caller) never cancels a store write half-way; its outcome is
@@ -12,9 +12,10 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-use super::server::{decode_checksums, wire_generation, OpenInfo, ReplicaServer, MAX_SESSION};
+use super::link::Link;
+use super::server::{decode_checksums, wire_generation, OpenInfo, MAX_SESSION};
 use crate::wire::frame::FLAG_FUA;
-use crate::wire::{Frame, FrameHandler, Kind, WireClient};
+use crate::wire::{Frame, Kind};
 
 /// Why one replica did not do what it was asked.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -48,21 +49,12 @@ impl TargetError {
     }
 }
 
-/// Where a replica is.
-#[derive(Clone)]
-pub(super) enum Endpoint {
-    /// The replica on the coordinator's own node: `server.handle(coordinator_node, frame)`.
-    Local {
-        server: Arc<ReplicaServer>,
-        coordinator_node: u64,
-    },
-    Remote(Arc<WireClient>),
-}
-
-/// One replica as the coordinator sees it: where it is, and the session its `Open` got.
+/// One replica as the coordinator sees it: its link, whether it is the local replica, and
+/// the session its `Open` got.
 #[derive(Clone)]
 pub(super) struct Target {
-    pub(super) endpoint: Endpoint,
+    pub(super) link: Arc<dyn Link>,
+    local: bool,
     session: u64,
 }
 
@@ -76,23 +68,21 @@ pub(super) struct Ctx {
 
 impl Target {
     /// A target not opened yet: only [`Target::open`] may be called on it.
-    pub(super) fn new(endpoint: Endpoint) -> Target {
+    pub(super) fn new(link: Arc<dyn Link>, local: bool) -> Target {
         Target {
-            endpoint,
+            link,
+            local,
             session: 0,
         }
     }
 
     pub(super) fn is_local(&self) -> bool {
-        matches!(self.endpoint, Endpoint::Local { .. })
+        self.local
     }
 
     /// Whether the connection is known dead.
     pub(super) fn is_closed(&self) -> bool {
-        match &self.endpoint {
-            Endpoint::Local { .. } => false,
-            Endpoint::Remote(c) => c.is_closed(),
-        }
+        self.link.is_closed()
     }
 
     /// The frame generation field for this target's requests.
@@ -101,26 +91,10 @@ impl Target {
     }
 
     async fn call(&self, frame: Frame, timeout: Duration) -> Result<Frame, TargetError> {
-        let reply = match &self.endpoint {
-            Endpoint::Local {
-                server,
-                coordinator_node,
-            } => {
-                let (server, node) = (server.clone(), *coordinator_node);
-                let task = tokio::spawn(async move { server.handle(node, frame).await });
-                match tokio::time::timeout(timeout, task).await {
-                    Err(_) => return Err(TargetError::Timeout(timeout)),
-                    Ok(Err(e)) => return Err(TargetError::Transport(format!("local task: {e}"))),
-                    Ok(Ok(reply)) => reply,
-                }
-            }
-            Endpoint::Remote(client) => {
-                match tokio::time::timeout(timeout, client.call(frame)).await {
-                    Err(_) => return Err(TargetError::Timeout(timeout)),
-                    Ok(Err(e)) => return Err(TargetError::Transport(e.to_string())),
-                    Ok(Ok(reply)) => reply,
-                }
-            }
+        let reply = match tokio::time::timeout(timeout, self.link.call(frame)).await {
+            Err(_) => return Err(TargetError::Timeout(timeout)),
+            Ok(Err(e)) => return Err(TargetError::Transport(e)),
+            Ok(Ok(reply)) => reply,
         };
         if reply.kind != Kind::Reply {
             return Err(TargetError::BadReply(format!("{:?} frame", reply.kind)));
@@ -160,7 +134,8 @@ impl Target {
         }
         Ok((
             Target {
-                endpoint: self.endpoint,
+                link: self.link,
+                local: self.local,
                 session: info.session,
             },
             info,

@@ -26,6 +26,7 @@ use crate::store::{Pool, Replica, BLOCK_SIZE};
 use crate::wire::{self, Frame, FrameHandler, Kind};
 
 mod sim;
+mod simnet;
 
 const TEST_TIMEOUT: Duration = Duration::from_secs(30);
 const WAIT: Duration = Duration::from_secs(15);
@@ -180,6 +181,8 @@ struct TestCluster {
     /// The volume's id, assigned by the state machine at create.
     vol_id: String,
     nodes: Vec<Node>,
+    /// The simulation's in-process network, in place of TCP ([`TestCluster::simulated`]).
+    net: Option<simnet::SimNet>,
     _dir: tempfile::TempDir,
 }
 
@@ -224,6 +227,23 @@ impl TestCluster {
         domains: [&str; 3],
         size: u64,
     ) -> TestCluster {
+        TestCluster::make(replica_nodes, pool_bytes, domains, size, None).await
+    }
+
+    /// For the deterministic simulation: the in-process network instead of TCP, and the
+    /// inline I/O engine (every store call completes on the one runtime thread).
+    async fn simulated(replica_nodes: &[u64], size: u64) -> TestCluster {
+        let net = simnet::SimNet::new();
+        TestCluster::make(replica_nodes, [1 << 30; 3], ["d"; 3], size, Some(net)).await
+    }
+
+    async fn make(
+        replica_nodes: &[u64],
+        pool_bytes: [u64; 3],
+        domains: [&str; 3],
+        size: u64,
+        net: Option<simnet::SimNet>,
+    ) -> TestCluster {
         // Small clusters (the simulation builds hundreds) live in memory where possible.
         let shm = std::path::Path::new("/dev/shm");
         let dir = if size < SIZE && shm.is_dir() {
@@ -241,7 +261,11 @@ impl TestCluster {
             let pool = Pool::open(
                 &dir.path().join(format!("node{id}")),
                 pool_bytes[id as usize - 1],
-                IoEngine::Std,
+                if net.is_some() {
+                    IoEngine::Inline
+                } else {
+                    IoEngine::Std
+                },
             )
             .unwrap();
             let replicas = Arc::new(Replicas::default());
@@ -256,6 +280,9 @@ impl TestCluster {
                 fail_flushes: Default::default(),
                 seen_flushes: Mutex::new(Vec::new()),
             });
+            if let Some(net) = &net {
+                net.register(id, faulty.clone());
+            }
             nodes.push(Node {
                 pool,
                 replicas,
@@ -300,6 +327,7 @@ impl TestCluster {
             size,
             vol_id,
             nodes,
+            net,
             _dir: dir,
         };
         for id in 1..=3 {
@@ -330,6 +358,10 @@ impl TestCluster {
 
     /// Starts node `id`'s wire server on a fresh port and records the address.
     async fn start(&mut self, id: u64) {
+        if let Some(net) = &self.net {
+            net.up(id);
+            return;
+        }
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap().to_string();
         self.meta
@@ -354,6 +386,10 @@ impl TestCluster {
 
     /// Stops node `id`'s wire server: its connections close, as if the node died.
     async fn stop(&mut self, id: u64) {
+        if let Some(net) = &self.net {
+            net.down(id);
+            return;
+        }
         let n = &mut self.nodes[id as usize - 1];
         if let Some(tx) = n.stop.take() {
             tx.send_replace(true);
@@ -394,6 +430,9 @@ impl TestCluster {
         // Long enough that no test sees a background retirement it did not ask for.
         cfg.hot_idle_retire = Duration::from_secs(600);
         cfg.local_server = Some(self.node(node).server.clone());
+        if let Some(net) = &self.net {
+            cfg.network = Arc::new(net.clone());
+        }
         cfg
     }
 
@@ -2128,4 +2167,25 @@ async fn failed_write_an_async_replica_took_is_compared_when_it_leaves_async() {
         coord.close().await.unwrap();
     })
     .await
+}
+
+/// Found by the simulation (seed 1155): a replica ejected by a failed flush is due a full
+/// comparison (`dirty` = `None`). A later failure of a write it was sent before the
+/// ejection marks that write's range, and used to replace "everything" with "that range
+/// only": the replica turned in sync without the acked writes it missed elsewhere.
+#[test]
+fn a_due_full_comparison_is_never_narrowed_by_a_later_mark() {
+    use super::coordinator::Member;
+    let now = tokio::time::Instant::now();
+    let mut m = Member::new(2, ReplicaState::OutOfSync);
+    assert!(m.dirty.is_none(), "a full comparison is due");
+    m.mark_behind(SIZE, &[], now);
+    assert!(m.dirty.is_none(), "nothing marked: still a full comparison");
+    m.mark_behind(SIZE, &[(3 * MIB, 4096)], now);
+    assert!(m.dirty.is_none(), "a full comparison covers any range");
+    // An async replica with nothing behind starts tracking what it misses.
+    let mut a = Member::new(3, ReplicaState::Async);
+    a.mark_behind(SIZE, &[(3 * MIB, 4096)], now);
+    let d = a.dirty.as_ref().expect("tracked");
+    assert_eq!(d.first_set(), Some(3));
 }

@@ -29,6 +29,7 @@ use std::os::unix::fs::FileExt;
 use std::sync::{Arc, Mutex};
 
 use super::{Result, StoreError, AL_MAX_HOT_REGIONS, AL_MAX_REGIONS_PER_BEGIN};
+use crate::io::IoEngine;
 
 /// One record slot: room for the header, [`AL_MAX_HOT_REGIONS`] region numbers and the
 /// crc32 (16 + 8 x 1024 + 4 bytes), rounded up to whole 4 KiB pages.
@@ -53,6 +54,8 @@ struct AlState {
 
 pub(super) struct ActivityLog {
     file: Arc<File>,
+    /// Record writes and their fdatasync go through the replica's engine.
+    engine: IoEngine,
     volume: String,
     state: Mutex<AlState>,
     /// Serializes record writes and checkpoints; holds the next sequence number.
@@ -129,7 +132,11 @@ fn decode(slot: &[u8]) -> Option<(u64, BTreeSet<u64>)> {
 }
 
 impl ActivityLog {
-    pub(super) fn open(file: File, volume: &str) -> Result<(ActivityLog, Recovery)> {
+    pub(super) fn open(
+        file: File,
+        volume: &str,
+        engine: IoEngine,
+    ) -> Result<(ActivityLog, Recovery)> {
         let io_err = |op: &'static str| {
             let volume = volume.to_string();
             move |source| StoreError::Io { volume, op, source }
@@ -161,6 +168,7 @@ impl ActivityLog {
         Ok((
             ActivityLog {
                 file: Arc::new(file),
+                engine,
                 volume: volume.to_string(),
                 state: Mutex::new(AlState::default()),
                 io: tokio::sync::Mutex::new(next_seq),
@@ -324,15 +332,12 @@ impl ActivityLog {
         let rec = encode(*seq, hot);
         let offset = (*seq % 2) * SLOT_BYTES as u64;
         *seq += 1;
-        let file = self.file.clone();
-        tokio::task::spawn_blocking(move || {
-            file.write_all_at(&rec, offset)?;
-            file.sync_data()
-        })
-        .await
-        .map_err(|e| std::io::Error::other(format!("activity log task failed: {e}")))
-        .and_then(|r| r)
-        .map_err(|source| StoreError::Io {
+        let (res, _) = self.engine.write_at(&self.file, rec, offset).await;
+        let res = match res {
+            Ok(()) => self.engine.fdatasync(&self.file).await,
+            Err(e) => Err(e),
+        };
+        res.map_err(|source| StoreError::Io {
             volume: self.volume.clone(),
             op: "write activity log",
             source,

@@ -452,7 +452,7 @@ impl Replica {
             .fetch_add(allocated * BLOCK_SIZE as u64, Ordering::AcqRel);
 
         let region_count = tables.regions.len() as u64;
-        let (al, recovery) = ActivityLog::open(al_file, name)?;
+        let (al, recovery) = ActivityLog::open(al_file, name, engine.clone())?;
         let hot: BTreeSet<u64> = match recovery {
             activity_log::Recovery::Regions(set) => set,
             activity_log::Recovery::All => (0..region_count).collect(),

@@ -1,0 +1,197 @@
+//! The replica set's decisions as pure functions: what happened goes in, what to do comes
+//! out. No I/O, no locks, no clock, so a unit test (or the simulation) drives every case.
+//! In the spirit of raft-rs's `tracker/progress.rs`; the coordinator is the shell that
+//! gathers the inputs and carries the decisions out (proposals, ejections, errors).
+//!
+//! **The ack rule** ([`settle`]): a write or flush is acked only when at least one in-sync
+//! replica took it, and every in-sync replica took it or is committed out of sync (with
+//! the range it misses) before the ack. A resyncing replica counts for neither: it gets
+//! the write, and one that failed goes back to out of sync.
+
+use crate::cluster::ReplicaState;
+
+use super::target::TargetError;
+
+/// A replica's failure to do one thing.
+#[derive(Debug)]
+pub(super) struct Failure {
+    pub(super) node: u64,
+    pub(super) error: TargetError,
+    /// The replica may have lost more than this I/O (a failed fdatasync).
+    pub(super) whole: bool,
+}
+
+impl Failure {
+    /// What the replica may miss: `range`, or everything (`None`) when `whole`.
+    pub(super) fn range(&self, range: Option<(u64, u64)>) -> Option<(u64, u64)> {
+        if self.whole {
+            None
+        } else {
+            range
+        }
+    }
+}
+
+/// What one fan-out's results call for.
+#[derive(Debug)]
+pub(super) enum Verdict {
+    /// Ack, once each of these is committed out of sync (none: every target took it).
+    Ack { eject: Vec<Failure> },
+    /// No target counts (every replica async or out of sync): nothing holds the data.
+    NoCopy,
+    /// A replica knows a newer generation: a newer coordinator exists.
+    Stale { node: u64 },
+    /// No in-sync replica took it: the I/O fails and nobody in sync is ejected (that could
+    /// eject them all). Its outcome is unknown wherever it failed; resyncing replicas
+    /// among `failures` go back to out of sync. `no_space`: every in-sync failure was
+    /// ENOSPC.
+    Fail {
+        failures: Vec<Failure>,
+        no_space: bool,
+    },
+}
+
+/// The ack rule applied to one fan-out's results: (node, its state when the I/O was sent,
+/// what it answered). With `synced` (a FUA write), a failure the replica itself reported
+/// (a status, not a lost connection) may be a failed fdatasync, which may have lost any
+/// earlier write: like a failed flush, it calls for a full comparison (`Failure::whole`).
+pub(super) fn settle(
+    results: Vec<(u64, ReplicaState, Result<(), TargetError>)>,
+    synced: bool,
+) -> Verdict {
+    let mut in_sync_ok = false;
+    let mut in_sync_failed = 0usize;
+    let mut in_sync_no_space = 0usize;
+    let mut failures = Vec::new();
+    for (node, state, res) in results {
+        match res {
+            Ok(()) => in_sync_ok |= state == ReplicaState::InSync,
+            Err(error) => {
+                if state == ReplicaState::InSync {
+                    in_sync_failed += 1;
+                    in_sync_no_space += usize::from(error.is_no_space());
+                }
+                let whole = synced && matches!(error, TargetError::Status(_));
+                failures.push(Failure { node, error, whole });
+            }
+        }
+    }
+    if let Some(f) = failures.iter().find(|f| f.error.is_stale()) {
+        return Verdict::Stale { node: f.node };
+    }
+    if !in_sync_ok {
+        if failures.is_empty() {
+            return Verdict::NoCopy;
+        }
+        return Verdict::Fail {
+            no_space: in_sync_failed > 0 && in_sync_no_space == in_sync_failed,
+            failures,
+        };
+    }
+    Verdict::Ack { eject: failures }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ReplicaState::{Async, InSync, Resyncing};
+
+    fn ok(node: u64, state: ReplicaState) -> (u64, ReplicaState, Result<(), TargetError>) {
+        (node, state, Ok(()))
+    }
+
+    fn err(
+        node: u64,
+        state: ReplicaState,
+        e: TargetError,
+    ) -> (u64, ReplicaState, Result<(), TargetError>) {
+        (node, state, Err(e))
+    }
+
+    fn timeout() -> TargetError {
+        TargetError::Timeout(std::time::Duration::from_millis(1))
+    }
+
+    #[test]
+    fn acked_only_with_an_in_sync_copy_and_every_other_in_sync_one_ejected() {
+        let v = settle(vec![ok(1, InSync), ok(2, InSync)], false);
+        assert!(matches!(v, Verdict::Ack { eject } if eject.is_empty()));
+        // One in-sync replica failed: acked once it is ejected, with the range only.
+        let v = settle(vec![ok(1, InSync), err(2, InSync, timeout())], false);
+        let Verdict::Ack { eject } = v else {
+            panic!("{v:?}")
+        };
+        assert_eq!(eject.len(), 1);
+        assert_eq!(eject[0].node, 2);
+        assert_eq!(eject[0].range(Some((0, 4096))), Some((0, 4096)));
+        // A resyncing replica that took it does not count (F1: no ack without a copy).
+        let v = settle(vec![ok(2, Resyncing), err(1, InSync, timeout())], false);
+        assert!(matches!(v, Verdict::Fail { .. }), "{v:?}");
+        // No target at all that counts.
+        assert!(matches!(settle(vec![], false), Verdict::NoCopy));
+        assert!(matches!(
+            settle(vec![ok(3, Resyncing)], false),
+            Verdict::NoCopy
+        ));
+        // An async replica whose queue could not take it misses it: committed out of sync
+        // before the ack, so an `Async` record never hides a hole in the acked writes.
+        let v = settle(
+            vec![ok(1, InSync), err(2, Async, TargetError::NotConnected)],
+            false,
+        );
+        assert!(matches!(v, Verdict::Ack { eject } if eject[0].node == 2));
+    }
+
+    #[test]
+    fn a_failed_fdatasync_calls_for_a_full_comparison_a_lost_answer_does_not() {
+        let v = settle(
+            vec![
+                ok(1, InSync),
+                err(2, InSync, TargetError::Status(libc::EIO)),
+                err(3, InSync, timeout()),
+            ],
+            true,
+        );
+        let Verdict::Ack { eject } = v else {
+            panic!("{v:?}")
+        };
+        assert_eq!(
+            eject[0].range(Some((0, 4096))),
+            None,
+            "the replica said EIO"
+        );
+        assert_eq!(eject[1].range(Some((0, 4096))), Some((0, 4096)));
+    }
+
+    #[test]
+    fn stale_wins_and_no_space_is_told_apart() {
+        let v = settle(
+            vec![
+                ok(1, InSync),
+                err(2, InSync, TargetError::Status(libc::ESTALE)),
+            ],
+            false,
+        );
+        assert!(matches!(v, Verdict::Stale { node: 2 }));
+        let enospc = || TargetError::Status(libc::ENOSPC);
+        let v = settle(
+            vec![err(1, InSync, enospc()), err(2, InSync, enospc())],
+            false,
+        );
+        assert!(matches!(v, Verdict::Fail { no_space: true, .. }), "{v:?}");
+        let v = settle(
+            vec![err(1, InSync, enospc()), err(2, InSync, timeout())],
+            false,
+        );
+        assert!(
+            matches!(
+                v,
+                Verdict::Fail {
+                    no_space: false,
+                    ..
+                }
+            ),
+            "{v:?}"
+        );
+    }
+}
