@@ -436,6 +436,19 @@ impl Run {
         }
     }
 
+    /// A replica node other than the coordinator's, at random.
+    fn other_replica(&mut self) -> Option<u64> {
+        let nodes: Vec<u64> = self
+            .replica_nodes()
+            .into_iter()
+            .filter(|&n| n != self.coord_node)
+            .collect();
+        if nodes.is_empty() {
+            return None;
+        }
+        Some(nodes[self.rng.below(nodes.len() as u64) as usize])
+    }
+
     fn replica_nodes(&self) -> Vec<u64> {
         self.c.volume().replicas.iter().map(|r| r.node).collect()
     }
@@ -451,15 +464,9 @@ impl Run {
                 if self.down.is_some() {
                     return;
                 }
-                let nodes: Vec<u64> = self
-                    .replica_nodes()
-                    .into_iter()
-                    .filter(|&n| n != self.coord_node)
-                    .collect();
-                if nodes.is_empty() {
+                let Some(n) = self.other_replica() else {
                     return;
-                }
-                let n = nodes[self.rng.below(nodes.len() as u64) as usize];
+                };
                 self.crash_node(n).await;
                 self.down = Some((n, self.batch_no));
                 self.log.push(format!("  node {n} killed"));
@@ -502,15 +509,9 @@ impl Run {
                 if self.cut.is_some() {
                     return;
                 }
-                let nodes: Vec<u64> = self
-                    .replica_nodes()
-                    .into_iter()
-                    .filter(|&n| n != self.coord_node)
-                    .collect();
-                if nodes.is_empty() {
+                let Some(n) = self.other_replica() else {
                     return;
-                }
-                let n = nodes[self.rng.below(nodes.len() as u64) as usize];
+                };
                 self.net().cut(self.coord_node, n);
                 self.cut = Some((self.coord_node, n, self.batch_no));
                 self.log.push(format!(
