@@ -758,9 +758,18 @@ impl Coordinator {
             }
         }
         let _drained = inner.gate.write().await;
+        // M1: a region whose write failed on every in-sync replica may differ between
+        // them. Compare it now; what cannot be compared stays hot for the next open.
+        let unclean = inner.hot.unclean();
+        let left = inner.reconcile(&unclean).await?;
         inner.flush_all().await?;
         let _commit = inner.hot.commit.lock().await;
-        let all = inner.hot.all();
+        let all: Vec<u64> = inner
+            .hot
+            .all()
+            .into_iter()
+            .filter(|r| !left.contains(r))
+            .collect();
         if !all.is_empty() {
             inner
                 .propose_hot(Vec::new(), all.clone())

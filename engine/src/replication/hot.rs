@@ -207,6 +207,16 @@ impl HotSet {
     pub(super) fn all(&self) -> Vec<u64> {
         self.lock().regions.keys().copied().collect()
     }
+
+    /// Hot regions a write failed in without an ack (they may differ between replicas).
+    pub(super) fn unclean(&self) -> BTreeSet<u64> {
+        self.lock()
+            .regions
+            .iter()
+            .filter(|(_, u)| u.unclean)
+            .map(|(r, _)| *r)
+            .collect()
+    }
 }
 
 #[cfg(test)]

@@ -783,9 +783,10 @@ impl Inner {
         }
     }
 
-    /// Reconciles the hot regions a previous coordinator left: for each, the in-sync
-    /// replicas are compared and the differing blocks copied from one of them (the local
-    /// one first) to the others. Then every in-sync replica is flushed and the reconciled
+    /// Reconciles hot regions that may differ between in-sync replicas: those a previous
+    /// coordinator left (at open), or this one's unclean regions (at close, M1). For each,
+    /// the in-sync replicas are compared and the differing blocks copied from one of them
+    /// (the local one first) to the others. Then every in-sync replica is flushed and the reconciled
     /// regions leave the hot set. Returns the regions that could not be reconciled.
     pub(super) async fn reconcile(
         &self,
@@ -846,7 +847,7 @@ impl Inner {
                 .await
                 .map_err(|e| self.fence(format!("cannot clear reconciled hot regions: {e}")))?;
         }
-        tracing::info!(volume = %self.name, reconciled = cleared.len(), left = left.len(), blocks = self.counters.reconciled_blocks.load(Ordering::Relaxed), "hot regions of the previous coordinator reconciled");
+        tracing::info!(volume = %self.name, reconciled = cleared.len(), left = left.len(), blocks = self.counters.reconciled_blocks.load(Ordering::Relaxed), "hot regions reconciled");
         Ok(left)
     }
 

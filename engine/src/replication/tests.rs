@@ -101,6 +101,16 @@ struct Faulty {
     /// This many `Flush` frames are answered EIO without reaching the server (a failed
     /// writeback: fsyncgate).
     fail_flushes: std::sync::atomic::AtomicU32,
+    /// This many `Write` frames are answered EIO without reaching the server.
+    fail_writes: std::sync::atomic::AtomicU32,
+    /// This many `Write` frames reach the server, but their answers are lost.
+    drop_replies: std::sync::atomic::AtomicU32,
+}
+
+/// Takes one from `n` if it is not zero.
+fn take_one(n: &std::sync::atomic::AtomicU32) -> bool {
+    use std::sync::atomic::Ordering::SeqCst;
+    n.fetch_update(SeqCst, SeqCst, |n| n.checked_sub(1)).is_ok()
 }
 
 #[async_trait::async_trait]
@@ -117,6 +127,13 @@ impl FrameHandler for Faulty {
                 .is_ok()
         {
             return Frame::reply_to(&req, libc::EIO as u32, Bytes::new());
+        }
+        if req.kind == Kind::Write && take_one(&self.fail_writes) {
+            return Frame::reply_to(&req, libc::EIO as u32, Bytes::new());
+        }
+        if req.kind == Kind::Write && take_one(&self.drop_replies) {
+            let _ = self.server.handle(peer_node_id, req).await;
+            return std::future::pending().await;
         }
         if req.kind == Kind::Flush {
             let n = self.seen_writes.lock().unwrap().len();
@@ -278,6 +295,8 @@ impl TestCluster {
                 stall: Mutex::new(None),
                 seen_writes: Mutex::new(Vec::new()),
                 fail_flushes: Default::default(),
+                fail_writes: Default::default(),
+                drop_replies: Default::default(),
                 seen_flushes: Mutex::new(Vec::new()),
             });
             if let Some(net) = &net {
@@ -1612,6 +1631,42 @@ async fn failed_flush_ejects_with_everything_since_the_last_good_flush_to_compar
     .await
 }
 
+/// F4, the FUA variant: a FUA write the replica itself failed (a status, such as EIO from
+/// its fdatasync) may have lost any earlier write whose writeback failed, like a failed
+/// flush. The replica gets a full comparison, not just the FUA write's range.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_fua_write_ejects_with_everything_since_the_last_good_flush_to_compare() {
+    bounded(async {
+        let c = TestCluster::new(&[1, 2, 3]).await;
+        let coord = c.coordinator(1).await;
+        coord.write(0, pattern(1, 64 << 10), true).await.unwrap();
+        coord.write(0, pattern(2, 64 << 10), false).await.unwrap();
+        // Node 3's writeback of that write fails (its disk keeps the old bytes), and its
+        // next FUA write, far away, answers EIO.
+        lose_unflushed(&c, 3, 0, &pattern(1, 64 << 10));
+        c.node(3).faulty.fail_writes.store(1, Ordering::SeqCst);
+        coord.write(40 * MIB, pattern(3, 4096), true).await.unwrap();
+        assert_ne!(
+            c.replica_state(3),
+            ReplicaState::InSync,
+            "node 3 was not ejected"
+        );
+        eventually("node 3 back in sync", || {
+            c.replica_state(3) == ReplicaState::InSync
+        })
+        .await;
+        assert_eq!(
+            replica_stats(&coord, 3).resync_done_bytes,
+            SIZE,
+            "a full comparison"
+        );
+        assert_verify_clean(&coord, 3).await;
+        c.assert_identical(&[1, 2, 3]).await;
+        coord.close().await.unwrap();
+    })
+    .await
+}
+
 /// A 4 KiB block of pseudo-random bytes whose crc32 is `target`: crc32 is affine over
 /// GF(2), so the last 4 bytes are solved for (Gaussian elimination on their 32 bits).
 fn block_with_crc32(target: u32, seed: u64) -> Vec<u8> {
@@ -2188,4 +2243,40 @@ fn a_due_full_comparison_is_never_narrowed_by_a_later_mark() {
     a.mark_behind(SIZE, &[(3 * MIB, 4096)], now);
     let d = a.dirty.as_ref().expect("tracked");
     assert_eq!(d.first_set(), Some(3));
+}
+
+/// M1: a write that failed on every in-sync replica may have landed on one of them, so
+/// its region may differ between them (it stays unclean for the coordinator's life). A
+/// clean close used to clear it from the hot set without comparing it: both replicas
+/// stayed in sync with different bytes, and which one a read returned depended on where
+/// the volume was attached. Close now reconciles unclean regions first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn close_reconciles_a_region_whose_write_failed_on_every_replica() {
+    bounded(async {
+        let c = TestCluster::new(&[1, 3]).await;
+        let mut cfg = c.config(2);
+        cfg.replica_timeout = Duration::from_millis(300);
+        let coord = c.coordinator_with(cfg).await;
+        let at = 5 * MIB;
+        coord.write(at, pattern(1, 4096), true).await.unwrap();
+        // Node 1 refuses the next write (nothing lands); node 3 takes it, its answer is lost.
+        c.node(1).faulty.fail_writes.store(1, Ordering::SeqCst);
+        c.node(3).faulty.drop_replies.store(1, Ordering::SeqCst);
+        let res = coord.write(at, pattern(2, 4096), false).await;
+        assert!(res.is_err(), "acked without an in-sync copy: {res:?}");
+        // Nobody is ejected for a write that failed everywhere; node 3 gets a new session.
+        eventually("both in sync and connected", || {
+            coord
+                .stats()
+                .replicas
+                .iter()
+                .all(|r| r.state == ReplicaState::InSync && r.connected)
+        })
+        .await;
+        coord.close().await.unwrap();
+        assert_eq!(c.replica_state(1), ReplicaState::InSync);
+        assert_eq!(c.replica_state(3), ReplicaState::InSync);
+        c.assert_identical(&[1, 3]).await;
+    })
+    .await
 }
