@@ -1597,55 +1597,22 @@ async fn promoted_async_replica_takes_every_later_write_and_nothing_is_acked_wit
     .await
 }
 
-/// F4 (fsyncgate): a replica whose flush failed may have lost any write since its last good
-/// flush, and a retried fsync succeeds anyway. It must get every such region compared (here:
-/// a full comparison) before it is in sync again, never an empty bitmap.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn failed_flush_ejects_with_everything_since_the_last_good_flush_to_compare() {
+/// F4 (fsyncgate): node 3's writeback of an unflushed write fails (the page is dropped,
+/// its disk holds the old bytes), then `fail` makes it report an error, and node 3 must
+/// get every region since its last good flush compared (here: a full comparison) before it
+/// is in sync again, never only the failed I/O's range or an empty bitmap.
+async fn lost_writeback_gets_a_full_comparison<F, Fut>(fail: F)
+where
+    F: FnOnce(TestCluster, Arc<Coordinator>) -> Fut,
+    Fut: Future<Output = (TestCluster, Arc<Coordinator>)>,
+{
     bounded(async {
         let c = TestCluster::new(&[1, 2, 3]).await;
         let coord = c.coordinator(1).await;
         coord.write(0, pattern(1, 64 << 10), true).await.unwrap();
         coord.write(0, pattern(2, 64 << 10), false).await.unwrap();
-        // Node 3's writeback of that write fails: the page is dropped (its disk holds the
-        // old bytes) and its next fsync reports EIO, once.
         lose_unflushed(&c, 3, 0, &pattern(1, 64 << 10));
-        c.node(3)
-            .faulty
-            .fail_flushes
-            .store(1, std::sync::atomic::Ordering::SeqCst);
-        coord.flush().await.unwrap();
-        assert_ne!(
-            c.replica_state(3),
-            ReplicaState::InSync,
-            "node 3 was not ejected"
-        );
-        eventually("node 3 back in sync", || {
-            c.replica_state(3) == ReplicaState::InSync
-        })
-        .await;
-        assert_verify_clean(&coord, 3).await;
-        c.assert_identical(&[1, 2, 3]).await;
-        coord.close().await.unwrap();
-    })
-    .await
-}
-
-/// F4, the FUA variant: a FUA write the replica itself failed (a status, such as EIO from
-/// its fdatasync) may have lost any earlier write whose writeback failed, like a failed
-/// flush. The replica gets a full comparison, not just the FUA write's range.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn failed_fua_write_ejects_with_everything_since_the_last_good_flush_to_compare() {
-    bounded(async {
-        let c = TestCluster::new(&[1, 2, 3]).await;
-        let coord = c.coordinator(1).await;
-        coord.write(0, pattern(1, 64 << 10), true).await.unwrap();
-        coord.write(0, pattern(2, 64 << 10), false).await.unwrap();
-        // Node 3's writeback of that write fails (its disk keeps the old bytes), and its
-        // next FUA write, far away, answers EIO.
-        lose_unflushed(&c, 3, 0, &pattern(1, 64 << 10));
-        c.node(3).faulty.fail_writes.store(1, Ordering::SeqCst);
-        coord.write(40 * MIB, pattern(3, 4096), true).await.unwrap();
+        let (c, coord) = fail(c, coord).await;
         assert_ne!(
             c.replica_state(3),
             ReplicaState::InSync,
@@ -1663,6 +1630,29 @@ async fn failed_fua_write_ejects_with_everything_since_the_last_good_flush_to_co
         assert_verify_clean(&coord, 3).await;
         c.assert_identical(&[1, 2, 3]).await;
         coord.close().await.unwrap();
+    })
+    .await
+}
+
+/// F4: the next fsync reports EIO, once (a retried one would succeed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_flush_ejects_with_everything_since_the_last_good_flush_to_compare() {
+    lost_writeback_gets_a_full_comparison(|c, coord| async move {
+        c.node(3).faulty.fail_flushes.store(1, Ordering::SeqCst);
+        coord.flush().await.unwrap();
+        (c, coord)
+    })
+    .await
+}
+
+/// F4, the FUA variant: a FUA write the replica itself failed (a status, such as EIO from
+/// its fdatasync), far from the lost write, calls for the same full comparison.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_fua_write_ejects_with_everything_since_the_last_good_flush_to_compare() {
+    lost_writeback_gets_a_full_comparison(|c, coord| async move {
+        c.node(3).faulty.fail_writes.store(1, Ordering::SeqCst);
+        coord.write(40 * MIB, pattern(3, 4096), true).await.unwrap();
+        (c, coord)
     })
     .await
 }
