@@ -924,7 +924,8 @@ impl Inner {
         node: u64,
         state: ReplicaState,
     ) -> Result<(), ProposeError> {
-        self.meta
+        let res = self
+            .meta
             .propose(Command::SetReplicaState {
                 name: self.name.clone(),
                 node,
@@ -932,7 +933,26 @@ impl Inner {
                 generation: self.ctx.generation,
             })
             .await
-            .map(|_| ())
+            .map(|_| ());
+        match res {
+            // The outcome is unknown (a leader may have died between commit and reply). If
+            // the applied metadata already says what was asked, at this generation, it
+            // committed: treating it as failed would leave this coordinator's memory
+            // behind the record for good (found by the simulation, seed 615: a promotion
+            // whose reply was lost left its only in-sync copy resyncing forever).
+            Err(ProposeError::Unavailable(_))
+                if self.meta.state().volumes.get(&self.name).is_some_and(|v| {
+                    v.generation == self.ctx.generation
+                        && v.replica(node).is_some_and(|r| {
+                            r.state == state && r.generation == self.ctx.generation
+                        })
+                }) =>
+            {
+                tracing::info!(volume = %self.name, node, %state, "the reply was lost, but the metadata shows the change committed");
+                Ok(())
+            }
+            other => other,
+        }
     }
 
     pub(super) async fn propose_hot(

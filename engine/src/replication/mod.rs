@@ -145,6 +145,11 @@ pub trait MetaProposer: Send + Sync + 'static {
 pub struct InMemoryMeta {
     state: Mutex<Arc<ClusterState>>,
     available: AtomicBool,
+    /// Each proposal waits this long before it commits (a raft round trip).
+    commit_delay: Mutex<std::time::Duration>,
+    /// This many proposals commit but report `Unavailable` (a leader that died after
+    /// committing, before it answered: the proposer cannot tell).
+    lose_replies: std::sync::atomic::AtomicU32,
 }
 
 impl InMemoryMeta {
@@ -152,12 +157,25 @@ impl InMemoryMeta {
         Arc::new(InMemoryMeta {
             state: Mutex::new(Arc::new(state)),
             available: AtomicBool::new(true),
+            commit_delay: Mutex::new(std::time::Duration::ZERO),
+            lose_replies: Default::default(),
         })
     }
 
     /// While `false`, every proposal fails with [`ProposeError::Unavailable`].
     pub fn set_available(&self, available: bool) {
         self.available.store(available, Ordering::SeqCst);
+    }
+
+    /// Every later proposal waits `delay` before it commits.
+    pub fn set_commit_delay(&self, delay: std::time::Duration) {
+        *self.commit_delay.lock().unwrap_or_else(|e| e.into_inner()) = delay;
+    }
+
+    /// The next `n` proposals commit but report `Unavailable` (their outcome is unknown
+    /// to the proposer, as when a raft leader dies between commit and reply).
+    pub fn lose_next_replies(&self, n: u32) {
+        self.lose_replies.store(n, Ordering::SeqCst);
     }
 
     /// Applies `cmd` directly (what a committed entry does), whatever `set_available` says.
@@ -173,12 +191,26 @@ impl InMemoryMeta {
 #[async_trait::async_trait]
 impl MetaProposer for InMemoryMeta {
     async fn propose(&self, cmd: Command) -> Result<ApplyOutput, ProposeError> {
+        let delay = *self.commit_delay.lock().unwrap_or_else(|e| e.into_inner());
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
         if !self.available.load(Ordering::SeqCst) {
             return Err(ProposeError::Unavailable(
                 "in-memory metadata set unavailable".into(),
             ));
         }
-        self.apply(&cmd).map_err(ProposeError::Apply)
+        let out = self.apply(&cmd).map_err(ProposeError::Apply);
+        let lost = self
+            .lose_replies
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok();
+        if lost {
+            return Err(ProposeError::Unavailable(
+                "in-memory metadata lost the reply of a committed proposal".into(),
+            ));
+        }
+        out
     }
 
     fn state(&self) -> Arc<ClusterState> {

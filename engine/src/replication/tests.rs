@@ -2270,3 +2270,30 @@ async fn close_reconciles_a_region_whose_write_failed_on_every_replica() {
     })
     .await
 }
+
+/// Found by the simulation (seed 615, with lost metadata replies): a replica-state change
+/// that committed but whose reply was lost was treated as failed, so the coordinator's
+/// memory stayed behind the record: a promotion to in sync never took effect in memory,
+/// and its only in-sync copy stayed "resyncing" for good. The applied metadata tells.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_change_whose_reply_was_lost_is_taken_from_the_metadata() {
+    bounded(async {
+        let mut c = TestCluster::new(&[1, 3]).await;
+        let coord = c.coordinator(1).await;
+        c.stop(3).await;
+        coord.write(0, pattern(1, 4096), true).await.unwrap();
+        assert_eq!(c.replica_state(3), ReplicaState::OutOfSync);
+        // From now on every proposal commits, and reports failure.
+        c.meta.lose_next_replies(u32::MAX);
+        c.start(3).await;
+        eventually("node 3 in sync in the coordinator's memory", || {
+            replica_stats(&coord, 3).state == ReplicaState::InSync
+        })
+        .await;
+        assert_eq!(c.replica_state(3), ReplicaState::InSync);
+        c.meta.lose_next_replies(0);
+        c.assert_identical(&[1, 3]).await;
+        coord.close().await.unwrap();
+    })
+    .await
+}

@@ -4,13 +4,13 @@
 //! coordinator, three replica servers with their stores (pools in `/dev/shm` when it
 //! exists, on the inline I/O engine), the wire codec over the in-process network of
 //! [`super::simnet`], and the metadata state machine's `apply` (an [`InMemoryMeta`]: a
-//! linearizable log with no leader changes). The clock is tokio's, paused: time is
+//! linearizable log whose leader changes show as outages, lost replies and commit delays). The clock is tokio's, paused: time is
 //! virtual. The seed fixes the whole run: every operation (concurrent, overlapping,
 //! unaligned writes, FUA, flushes, zeroing, reads), every fault between and during them
 //! (a replica node killed with `kill -9` semantics and restarted, the coordinator killed
 //! mid-batch and the volume taken over on another node, a failed flush, a replica that
-//! stalls past the I/O timeout, a replica turned async and back, a silent partition), and
-//! the interleaving: a replay gives the same trace ([`replay_is_exact`]).
+//! stalls past the I/O timeout, a replica turned async and back, a silent partition, a
+//! metadata outage or lost metadata replies), and the interleaving: a replay gives the same trace ([`replay_is_exact`]).
 //!
 //! The checker keeps, for every 512-byte sector, the set of values it may hold: after a
 //! batch in which a write to it was acked, any write of that batch (acked or not, their
@@ -23,10 +23,10 @@
 //!   byte-identical, `verify` is clean, and a full read matches the model.
 //!
 //! Not simulated yet (see docs/ARCHITECTURE.md, "The simulation"): power loss (the files
-//! are real), raft leader changes, bit flips, ENOSPC, RF changes during I/O.
+//! are real), bit flips, ENOSPC, RF changes during I/O.
 //!
 //! `TANDEM_SIM_SEEDS=FIRST-LAST` (or one seed) runs other seeds; `TANDEM_SIM_OPS` changes the
-//! operations per seed. A failure prints the command that replays its seed.
+//! operations per seed; `TANDEM_SIM_PROFILE` replays under an older [`Profile`]. A failure prints the command that replays its seed.
 
 use std::collections::BTreeSet;
 use std::sync::atomic::Ordering;
@@ -119,9 +119,26 @@ enum Fault {
     /// The coordinator's node and a replica's node are cut apart silently (frames held,
     /// not refused) for a few batches.
     Partition,
+    /// Raft loses its leader for a batch: proposals fail; or a leader dies between commit
+    /// and reply, so a few proposals commit but report failure. A coordinator that cannot
+    /// commit an ejection fences itself; the volume is then taken over.
+    MetaOutage,
 }
 
-const FAULTS: [Fault; 7] = [
+/// What a seed's schedule is drawn from. A seed's run depends on the profile, so the
+/// profile a seed failed under is kept with it ([`REGRESSION_SEEDS`]); new faults get a
+/// new profile instead of changing old seeds' schedules.
+#[derive(Debug, Clone, Copy)]
+struct Profile {
+    /// `TANDEM_SIM_PROFILE` selects it for a replay.
+    version: u8,
+    faults: &'static [Fault],
+    /// Metadata proposals take a random 0-1.5 ms to commit.
+    commit_delay: bool,
+}
+
+/// Every fault, in the order they were added: each profile takes a prefix.
+const ALL_FAULTS: [Fault; 8] = [
     Fault::CrashReplica,
     Fault::CrashCoordinator,
     Fault::MoveCoordinator,
@@ -129,7 +146,29 @@ const FAULTS: [Fault; 7] = [
     Fault::Stall,
     Fault::Async,
     Fault::Partition,
+    Fault::MetaOutage,
 ];
+
+/// The fault set of the first sweeps (seeds 108, 524, 1007 failed under it).
+const V1: Profile = Profile {
+    version: 1,
+    faults: ALL_FAULTS.split_at(6).0,
+    commit_delay: false,
+};
+
+/// With silent partitions (seed 1155 failed under it).
+const V2: Profile = Profile {
+    version: 2,
+    faults: ALL_FAULTS.split_at(7).0,
+    commit_delay: false,
+};
+
+/// The current profile: metadata outages, lost replies and commit delays too.
+const V3: Profile = Profile {
+    version: 3,
+    faults: &ALL_FAULTS,
+    commit_delay: true,
+};
 
 /// A run's trace; each step is also logged (target `tandem_sim`, debug), in order with the
 /// engine's own logs, for a replay under `RUST_LOG=tandem_sim=debug,tandem_engine=info`.
@@ -175,6 +214,9 @@ struct Run {
     stalled: Option<(u64, usize)>,
     /// Nodes cut apart, and the batch the cut began at.
     cut: Option<(u64, u64, usize)>,
+    /// The batch a metadata outage began at.
+    meta_out: Option<usize>,
+    profile: Profile,
     next_tag: u64,
     /// The batch being run: the clock faults heal by.
     batch_no: usize,
@@ -190,10 +232,11 @@ impl Run {
         let tail: Vec<&String> = self.log.0.iter().rev().take(40).collect();
         let tail: Vec<&String> = tail.into_iter().rev().collect();
         panic!(
-            "simulation seed {} failed: {what}\n  last steps:\n    {}\n  replay: TANDEM_SIM_SEEDS={} cargo test -p tandem-engine --lib replication::tests::sim::replay -- --nocapture",
+            "simulation seed {} failed: {what}\n  last steps:\n    {}\n  replay: TANDEM_SIM_SEEDS={} TANDEM_SIM_PROFILE={} cargo test -p tandem-engine --lib replication::tests::sim::replay -- --nocapture",
             self.seed,
             tail.iter().map(|s| s.as_str()).collect::<Vec<_>>().join("\n    "),
-            self.seed
+            self.seed,
+            self.profile.version
         )
     }
 
@@ -411,6 +454,7 @@ impl Run {
             }
             self.clear_stall();
             self.heal_cut();
+            self.heal_meta();
             let cfg = self.config(to);
             let vol = self.c.attach(to);
             let local = self.c.node(to).replicas.get(self.c.wire_id());
@@ -519,6 +563,23 @@ impl Run {
                     self.coord_node
                 ));
             }
+            Fault::MetaOutage => {
+                if self.meta_out.is_some() {
+                    return;
+                }
+                if self.rng.chance(50) {
+                    self.c.meta.set_available(false);
+                    self.log
+                        .push("  metadata unavailable (no raft leader)".to_string());
+                } else {
+                    let n = 1 + self.rng.below(3) as u32;
+                    self.c.meta.lose_next_replies(n);
+                    self.log.push(format!(
+                        "  the next {n} metadata proposals commit but report failure"
+                    ));
+                }
+                self.meta_out = Some(self.batch_no);
+            }
             Fault::Async => {
                 if self.async_node.is_some() {
                     return;
@@ -563,10 +624,32 @@ impl Run {
         }
     }
 
+    fn heal_meta(&mut self) {
+        if self.meta_out.take().is_some() {
+            self.c.meta.set_available(true);
+            self.c.meta.lose_next_replies(0);
+            self.log.push("metadata available again".to_string());
+        }
+    }
+
     /// Heals what is due: a killed node comes back, a stall ends, an async replica resyncs,
-    /// a cut heals.
+    /// a cut heals, the metadata comes back (and a coordinator it fenced is replaced).
     async fn heal(&mut self, force: bool) {
         let now = self.batch_no;
+        if let Some(at) = self.meta_out {
+            if force || now > at + 1 {
+                self.heal_meta();
+            }
+        }
+        if self.meta_out.is_none() && self.coord.stats().fenced {
+            self.log.push(format!(
+                "coordinator on node {} fenced itself; taking over",
+                self.coord_node
+            ));
+            self.takeover(true).await;
+            self.log
+                .push(format!("  coordinator now on node {}", self.coord_node));
+        }
         if let Some((_, _, at)) = self.cut {
             if force || now > at + 3 {
                 self.heal_cut();
@@ -688,12 +771,16 @@ struct Outcome {
 }
 
 /// Runs one seed.
-async fn run_seed(seed: u64, ops: usize) -> Outcome {
+async fn run_seed(seed: u64, ops: usize, profile: Profile) -> Outcome {
     let t0 = std::time::Instant::now();
     let mut rng = Rng(seed ^ 0x5EED_0000_0000);
     let rf2 = rng.chance(25);
     let replicas: &[u64] = if rf2 { &[1, 2] } else { &[1, 2, 3] };
     let c = TestCluster::simulated(replicas, SIM_SIZE).await;
+    if profile.commit_delay {
+        c.meta
+            .set_commit_delay(Duration::from_micros(500 * rng.below(4)));
+    }
     let mut cfg = c.config(1);
     cfg.replica_timeout = Duration::from_millis(60);
     cfg.resync_retry = Duration::from_millis(10);
@@ -713,6 +800,8 @@ async fn run_seed(seed: u64, ops: usize) -> Outcome {
         async_node: None,
         stalled: None,
         cut: None,
+        meta_out: None,
+        profile,
         next_tag: 0,
         batch_no: 0,
         model: Model::new(),
@@ -733,7 +822,8 @@ async fn run_seed(seed: u64, ops: usize) -> Outcome {
         batch_no += 1;
         run.batch_no = batch_no;
         let due = batch_no.is_multiple_of(fault_every) || run.rng.chance(5);
-        let fault = due.then(|| FAULTS[run.rng.below(FAULTS.len() as u64) as usize]);
+        let fault =
+            due.then(|| profile.faults[run.rng.below(profile.faults.len() as u64) as usize]);
         let mid = fault.filter(|_| run.rng.chance(50));
         run.log.push(format!("batch {batch_no}: {batch:?}"));
         if let (Some(f), None) = (fault, mid) {
@@ -759,7 +849,11 @@ async fn run_seed(seed: u64, ops: usize) -> Outcome {
 }
 
 fn seeds_from_env(default: std::ops::Range<u64>) -> std::ops::Range<u64> {
-    match std::env::var("TANDEM_SIM_SEEDS") {
+    seeds_from_var("TANDEM_SIM_SEEDS", default)
+}
+
+fn seeds_from_var(var: &str, default: std::ops::Range<u64>) -> std::ops::Range<u64> {
+    match std::env::var(var) {
         Ok(v) => match v.split_once('-') {
             Some((a, b)) => a.trim().parse().unwrap()..b.trim().parse::<u64>().unwrap() + 1,
             None => {
@@ -771,6 +865,15 @@ fn seeds_from_env(default: std::ops::Range<u64>) -> std::ops::Range<u64> {
     }
 }
 
+/// `TANDEM_SIM_PROFILE` (1, 2 or 3; the current one by default).
+fn profile_from_env() -> Profile {
+    match std::env::var("TANDEM_SIM_PROFILE").ok().as_deref() {
+        Some("1") => V1,
+        Some("2") => V2,
+        _ => V3,
+    }
+}
+
 fn ops_from_env() -> usize {
     std::env::var("TANDEM_SIM_OPS")
         .ok()
@@ -778,18 +881,34 @@ fn ops_from_env() -> usize {
         .unwrap_or(OPS_PER_SEED)
 }
 
-async fn sweep(seeds: std::ops::Range<u64>) {
+/// Runs one seed the way a replay does: on a fresh current-thread runtime whose paused
+/// clock starts at zero. Seeds never share a runtime: timers round to the runtime's
+/// millisecond ticks, so a run that started at another instant of the clock would not be
+/// the run its replay gives.
+fn run_fresh(seed: u64, ops: usize, profile: Profile) -> Outcome {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .start_paused(true)
+        .build()
+        .expect("a runtime for the simulation");
+    rt.block_on(async {
+        tokio::time::timeout(Duration::from_secs(120), run_seed(seed, ops, profile))
+            .await
+            .unwrap_or_else(|_| {
+                panic!("simulation seed {seed} did not finish within 120 s (simulated)\n  replay: TANDEM_SIM_SEEDS={seed} TANDEM_SIM_PROFILE={} cargo test -p tandem-engine --lib replication::tests::sim::replay -- --nocapture", profile.version)
+            })
+    })
+}
+
+fn sweep(seeds: std::ops::Range<u64>) {
     init_tracing();
     let started = std::time::Instant::now();
     let ops = ops_from_env();
+    let profile = profile_from_env();
     let (mut acked, mut failed, mut faults) = (0, 0, 0);
     let count = seeds.end - seeds.start;
     for seed in seeds.clone() {
-        let o = tokio::time::timeout(Duration::from_secs(120), run_seed(seed, ops))
-            .await
-            .unwrap_or_else(|_| {
-                panic!("simulation seed {seed} did not finish within 120 s\n  replay: TANDEM_SIM_SEEDS={seed} cargo test -p tandem-engine --lib replication::tests::sim::replay -- --nocapture")
-            });
+        let o = run_fresh(seed, ops, profile);
         acked += o.acked;
         failed += o.failed;
         faults += o.faults;
@@ -802,38 +921,50 @@ async fn sweep(seeds: std::ops::Range<u64>) {
     );
 }
 
-/// Seeds that failed once, kept forever (see docs/ARCHITECTURE.md).
-const REGRESSION_SEEDS: &[u64] = &[108, 524, 1007, 1155];
+/// Seeds that failed once, with the profile they failed under, kept forever (see
+/// docs/ARCHITECTURE.md).
+const REGRESSION_SEEDS: &[(u64, Profile)] =
+    &[(108, V1), (524, V1), (1007, V1), (1155, V2), (615, V3)];
 
-#[tokio::test(flavor = "current_thread", start_paused = true)]
-async fn sweep_even_half() {
+#[test]
+fn sweep_even_half() {
     if std::env::var_os("TANDEM_SIM_SEEDS").is_some() {
         return; // `replay` runs the chosen seeds
     }
-    sweep(0..CI_SEEDS_PER_TEST).await;
+    sweep(0..CI_SEEDS_PER_TEST);
 }
 
-#[tokio::test(flavor = "current_thread", start_paused = true)]
-async fn sweep_odd_half() {
+#[test]
+fn sweep_odd_half() {
     if std::env::var_os("TANDEM_SIM_SEEDS").is_some() {
         return;
     }
-    sweep(CI_SEEDS_PER_TEST..2 * CI_SEEDS_PER_TEST).await;
-    for &seed in REGRESSION_SEEDS {
-        run_seed(seed, OPS_PER_SEED).await;
+    sweep(CI_SEEDS_PER_TEST..2 * CI_SEEDS_PER_TEST);
+    for &(seed, profile) in REGRESSION_SEEDS {
+        run_fresh(seed, OPS_PER_SEED, profile);
     }
 }
 
 /// A replay is exact: the same seed, run twice, gives the same trace (one thread, the
-/// simulated network and clock, the inline I/O engine, a fixed polling order).
-#[tokio::test(flavor = "current_thread", start_paused = true)]
-async fn replay_is_exact() {
+/// simulated network and clock from zero, the inline I/O engine, a fixed polling order).
+#[test]
+fn replay_is_exact() {
     if std::env::var_os("TANDEM_SIM_SEEDS").is_some() {
         return;
     }
-    for seed in [3, 108, 524, 1007, 1155] {
-        let a = run_seed(seed, OPS_PER_SEED).await.trace;
-        let b = run_seed(seed, OPS_PER_SEED).await.trace;
+    // `TANDEM_SIM_EXACT=FIRST-LAST` checks that range instead (`scripts/sim.sh --exact`).
+    let seeds: Vec<(u64, Profile)> = match std::env::var_os("TANDEM_SIM_EXACT") {
+        Some(_) => seeds_from_var("TANDEM_SIM_EXACT", 0..0)
+            .map(|s| (s, profile_from_env()))
+            .collect(),
+        None => [(3, V3), (17, V3)]
+            .into_iter()
+            .chain(REGRESSION_SEEDS.iter().copied())
+            .collect(),
+    };
+    for (seed, profile) in seeds {
+        let a = run_fresh(seed, OPS_PER_SEED, profile).trace;
+        let b = run_fresh(seed, OPS_PER_SEED, profile).trace;
         if let Some(i) = (0..a.len().max(b.len())).find(|&i| a.get(i) != b.get(i)) {
             panic!(
                 "seed {seed}: the replay diverged at step {i}:\n  first:  {:?}\n  second: {:?}",
@@ -845,10 +976,10 @@ async fn replay_is_exact() {
 }
 
 /// Runs `TANDEM_SIM_SEEDS` (none by default).
-#[tokio::test(flavor = "current_thread", start_paused = true)]
-async fn replay() {
+#[test]
+fn replay() {
     let seeds = seeds_from_env(0..0);
     if !seeds.is_empty() {
-        sweep(seeds).await;
+        sweep(seeds);
     }
 }

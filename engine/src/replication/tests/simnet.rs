@@ -14,7 +14,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 
 use bytes::BytesMut;
-use tokio::sync::{oneshot, watch};
+use tokio::sync::{oneshot, Notify};
 
 use crate::replication::link::{Link, Network};
 use crate::wire::client::CONNECT_TIMEOUT;
@@ -29,10 +29,18 @@ struct SimNode {
 struct Shared {
     nodes: Mutex<BTreeMap<u64, SimNode>>,
     /// Directed pairs (from, to) whose frames are held.
-    cut: watch::Sender<BTreeSet<(u64, u64)>>,
+    cut: Mutex<BTreeSet<(u64, u64)>>,
+    /// Wakes held frames when cuts heal. A `Notify` wakes its waiters in a fixed order; a
+    /// `watch` would not (it spreads waiters over shards picked at random), and the order
+    /// held frames go on in must be the same in every replay.
+    healed: Notify,
 }
 
 impl Shared {
+    fn is_cut(&self, a: u64, b: u64) -> bool {
+        self.cut.lock().unwrap().contains(&(a, b))
+    }
+
     /// The handler of `node` if it is up in incarnation `incarnation`.
     fn live(&self, node: u64, incarnation: u64) -> Option<Arc<dyn FrameHandler>> {
         let nodes = self.nodes.lock().unwrap();
@@ -53,7 +61,8 @@ impl SimNet {
         SimNet {
             shared: Arc::new(Shared {
                 nodes: Mutex::new(BTreeMap::new()),
-                cut: watch::Sender::new(BTreeSet::new()),
+                cut: Mutex::new(BTreeSet::new()),
+                healed: Notify::new(),
             }),
         }
     }
@@ -89,19 +98,19 @@ impl SimNet {
 
     /// Cuts both directions between `a` and `b`, silently.
     pub(super) fn cut(&self, a: u64, b: u64) {
-        self.shared.cut.send_modify(|c| {
-            c.insert((a, b));
-            c.insert((b, a));
-        });
+        let mut c = self.shared.cut.lock().unwrap();
+        c.insert((a, b));
+        c.insert((b, a));
     }
 
     /// Heals every cut: held frames go on.
     pub(super) fn heal(&self) {
-        self.shared.cut.send_modify(|c| c.clear());
+        self.shared.cut.lock().unwrap().clear();
+        self.shared.healed.notify_waiters();
     }
 
     pub(super) fn is_cut(&self, a: u64, b: u64) -> bool {
-        self.shared.cut.borrow().contains(&(a, b))
+        self.shared.is_cut(a, b)
     }
 }
 
@@ -118,8 +127,13 @@ fn roundtrip(f: &Frame) -> Result<Frame, String> {
 
 /// Waits until `(from, to)` is not cut.
 async fn across(shared: &Shared, from: u64, to: u64) {
-    let mut cut = shared.cut.subscribe();
-    let _ = cut.wait_for(|c| !c.contains(&(from, to))).await;
+    loop {
+        let healed = shared.healed.notified();
+        if !shared.is_cut(from, to) {
+            return;
+        }
+        healed.await;
+    }
 }
 
 struct SimLink {
