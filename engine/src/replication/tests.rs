@@ -105,6 +105,8 @@ struct Faulty {
     fail_writes: std::sync::atomic::AtomicU32,
     /// This many `Write` frames reach the server, but their answers are lost.
     drop_replies: std::sync::atomic::AtomicU32,
+    /// While set, every `Write` and `WriteZeroes` is answered ENOSPC (a full pool).
+    no_space: std::sync::atomic::AtomicBool,
 }
 
 /// Takes one from `n` if it is not zero.
@@ -127,6 +129,11 @@ impl FrameHandler for Faulty {
                 .is_ok()
         {
             return Frame::reply_to(&req, libc::EIO as u32, Bytes::new());
+        }
+        if matches!(req.kind, Kind::Write | Kind::WriteZeroes)
+            && self.no_space.load(std::sync::atomic::Ordering::SeqCst)
+        {
+            return Frame::reply_to(&req, libc::ENOSPC as u32, Bytes::new());
         }
         if req.kind == Kind::Write && take_one(&self.fail_writes) {
             return Frame::reply_to(&req, libc::EIO as u32, Bytes::new());
@@ -297,6 +304,7 @@ impl TestCluster {
                 fail_flushes: Default::default(),
                 fail_writes: Default::default(),
                 drop_replies: Default::default(),
+                no_space: Default::default(),
                 seen_flushes: Mutex::new(Vec::new()),
             });
             if let Some(net) = &net {

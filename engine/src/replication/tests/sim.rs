@@ -10,7 +10,7 @@
 //! (a replica node killed with `kill -9` semantics and restarted, the coordinator killed
 //! mid-batch and the volume taken over on another node, a failed flush, a replica that
 //! stalls past the I/O timeout, a replica turned async and back, a silent partition, a
-//! metadata outage or lost metadata replies), and the interleaving: a replay gives the same trace ([`replay_is_exact`]).
+//! metadata outage or lost metadata replies, a full pool), and the interleaving: a replay gives the same trace ([`replay_is_exact`]).
 //!
 //! The checker keeps, for every 512-byte sector, the set of values it may hold: after a
 //! batch in which a write to it was acked, any write of that batch (acked or not, their
@@ -23,7 +23,7 @@
 //!   byte-identical, `verify` is clean, and a full read matches the model.
 //!
 //! Not simulated yet (see docs/ARCHITECTURE.md, "The simulation"): power loss (the files
-//! are real), bit flips, ENOSPC, RF changes during I/O.
+//! are real), bit flips, RF changes during I/O.
 //!
 //! `TANDEM_SIM_SEEDS=FIRST-LAST` (or one seed) runs other seeds; `TANDEM_SIM_OPS` changes the
 //! operations per seed; `TANDEM_SIM_PROFILE` replays under an older [`Profile`]. A failure prints the command that replays its seed.
@@ -123,6 +123,8 @@ enum Fault {
     /// and reply, so a few proposals commit but report failure. A coordinator that cannot
     /// commit an ejection fences itself; the volume is then taken over.
     MetaOutage,
+    /// A replica's pool is full for a few batches: its writes and zeroing answer ENOSPC.
+    NoSpace,
 }
 
 /// What a seed's schedule is drawn from. A seed's run depends on the profile, so the
@@ -138,7 +140,7 @@ struct Profile {
 }
 
 /// Every fault, in the order they were added: each profile takes a prefix.
-const ALL_FAULTS: [Fault; 8] = [
+const ALL_FAULTS: [Fault; 9] = [
     Fault::CrashReplica,
     Fault::CrashCoordinator,
     Fault::MoveCoordinator,
@@ -147,6 +149,7 @@ const ALL_FAULTS: [Fault; 8] = [
     Fault::Async,
     Fault::Partition,
     Fault::MetaOutage,
+    Fault::NoSpace,
 ];
 
 /// The fault set of the first sweeps (seeds 108, 524, 1007 failed under it).
@@ -163,9 +166,16 @@ const V2: Profile = Profile {
     commit_delay: false,
 };
 
-/// The current profile: metadata outages, lost replies and commit delays too.
+/// With metadata outages, lost replies and commit delays (seed 615 failed under it).
 const V3: Profile = Profile {
     version: 3,
+    faults: ALL_FAULTS.split_at(8).0,
+    commit_delay: true,
+};
+
+/// The current profile: full pools too.
+const V4: Profile = Profile {
+    version: 4,
     faults: &ALL_FAULTS,
     commit_delay: true,
 };
@@ -216,6 +226,8 @@ struct Run {
     cut: Option<(u64, u64, usize)>,
     /// The batch a metadata outage began at.
     meta_out: Option<usize>,
+    /// Node whose pool is full, and the batch it filled up at.
+    full: Option<(u64, usize)>,
     profile: Profile,
     next_tag: u64,
     /// The batch being run: the clock faults heal by.
@@ -455,6 +467,7 @@ impl Run {
             self.clear_stall();
             self.heal_cut();
             self.heal_meta();
+            self.heal_full();
             let cfg = self.config(to);
             let vol = self.c.attach(to);
             let local = self.c.node(to).replicas.get(self.c.wire_id());
@@ -580,6 +593,16 @@ impl Run {
                 }
                 self.meta_out = Some(self.batch_no);
             }
+            Fault::NoSpace => {
+                if self.full.is_some() {
+                    return;
+                }
+                let nodes = self.replica_nodes();
+                let n = nodes[self.rng.below(nodes.len() as u64) as usize];
+                self.c.node(n).faulty.no_space.store(true, Ordering::SeqCst);
+                self.full = Some((n, self.batch_no));
+                self.log.push(format!("  node {n}'s pool is full"));
+            }
             Fault::Async => {
                 if self.async_node.is_some() {
                     return;
@@ -624,6 +647,17 @@ impl Run {
         }
     }
 
+    fn heal_full(&mut self) {
+        if let Some((n, _)) = self.full.take() {
+            self.c
+                .node(n)
+                .faulty
+                .no_space
+                .store(false, Ordering::SeqCst);
+            self.log.push(format!("node {n}'s pool has room again"));
+        }
+    }
+
     fn heal_meta(&mut self) {
         if self.meta_out.take().is_some() {
             self.c.meta.set_available(true);
@@ -639,6 +673,11 @@ impl Run {
         if let Some(at) = self.meta_out {
             if force || now > at + 1 {
                 self.heal_meta();
+            }
+        }
+        if let Some((_, at)) = self.full {
+            if force || now > at + 2 {
+                self.heal_full();
             }
         }
         if self.meta_out.is_none() && self.coord.stats().fenced {
@@ -801,6 +840,7 @@ async fn run_seed(seed: u64, ops: usize, profile: Profile) -> Outcome {
         stalled: None,
         cut: None,
         meta_out: None,
+        full: None,
         profile,
         next_tag: 0,
         batch_no: 0,
@@ -865,12 +905,13 @@ fn seeds_from_var(var: &str, default: std::ops::Range<u64>) -> std::ops::Range<u
     }
 }
 
-/// `TANDEM_SIM_PROFILE` (1, 2 or 3; the current one by default).
+/// `TANDEM_SIM_PROFILE` (1 to 4; the current one by default).
 fn profile_from_env() -> Profile {
     match std::env::var("TANDEM_SIM_PROFILE").ok().as_deref() {
         Some("1") => V1,
         Some("2") => V2,
-        _ => V3,
+        Some("3") => V3,
+        _ => V4,
     }
 }
 
@@ -957,7 +998,7 @@ fn replay_is_exact() {
         Some(_) => seeds_from_var("TANDEM_SIM_EXACT", 0..0)
             .map(|s| (s, profile_from_env()))
             .collect(),
-        None => [(3, V3), (17, V3)]
+        None => [(3, V4), (17, V4)]
             .into_iter()
             .chain(REGRESSION_SEEDS.iter().copied())
             .collect(),
