@@ -42,7 +42,7 @@ use super::asyncq::{AsyncOp, AsyncQueue};
 use super::bitmap::RegionBitmap;
 use super::hot::HotSet;
 use super::link::{LocalLink, Network, TcpNetwork};
-use super::replica_set::{self, Failure, Verdict};
+use super::replica_set::{self, AfterUnknown, Failure, Verdict};
 use super::server::{LocalReplicas, ReplicaServer};
 use super::target::{Ctx, Target, TargetError};
 use super::{
@@ -1284,44 +1284,36 @@ impl Inner {
         }
     }
 
-    /// A write failed on every in-sync replica, so nobody was ejected, but it may have
-    /// landed anywhere: a resyncing replica that took it no longer matches the in-sync
-    /// copy over `range` (it compares that range again), an async one may get it from its
-    /// queue (the range is compared again when it leaves async), and an in-sync replica whose
-    /// answer never came may still apply it later, after a resync copied the range. That
-    /// one gets a new session before any further I/O (`check_in_sync_connections`
-    /// reconnects it; until then I/O fails), so the late frame is refused.
+    /// Carries out the unknown-outcome rule ([`replica_set::unknown_outcome`]) for a write
+    /// that failed on every in-sync replica. A replica that gets a new session is
+    /// reconnected by `check_in_sync_connections`; until then its I/O fails.
     fn unknown_outcome(&self, range: Option<(u64, u64)>, failures: &[Failure]) {
-        let failed: Vec<u64> = failures.iter().map(|f| f.node).collect();
-        let lost: Vec<u64> = failures
-            .iter()
-            .filter(|f| {
-                matches!(
-                    f.error,
-                    TargetError::Timeout(_) | TargetError::Transport(_) | TargetError::BadReply(_)
-                )
-            })
-            .map(|f| f.node)
-            .collect();
         let mut members = self.lock_members();
-        for m in members.iter_mut() {
-            match m.state {
-                ReplicaState::Resyncing if !failed.contains(&m.node) => {
+        let states: Vec<(u64, ReplicaState)> = members.iter().map(|m| (m.node, m.state)).collect();
+        for action in replica_set::unknown_outcome(&states, failures) {
+            let node = match action {
+                AfterUnknown::CompareAgain(n)
+                | AfterUnknown::Diverged(n)
+                | AfterUnknown::NewSession(n) => n,
+            };
+            let Some(m) = members.iter_mut().find(|m| m.node == node) else {
+                continue;
+            };
+            match action {
+                AfterUnknown::CompareAgain(_) => {
                     if let (Some((off, len)), Some(d)) = (range, m.dirty.as_mut()) {
                         d.set_bytes(off, len, DIRTY_REGION_BYTES);
                     }
                 }
-                ReplicaState::Async => {
-                    // Its queue carries the write whatever the in-sync replicas answered.
+                AfterUnknown::Diverged(_) => {
                     if let Some(r) = range {
                         m.diverged.push(r);
                     }
                 }
-                ReplicaState::InSync if lost.contains(&m.node) => {
+                AfterUnknown::NewSession(_) => {
                     m.end_session();
-                    tracing::warn!(volume = %self.name, node = m.node, "in-sync replica did not answer a failed write; it gets a new session before further I/O");
+                    tracing::warn!(volume = %self.name, node, "in-sync replica did not answer a failed write; it gets a new session before further I/O");
                 }
-                _ => {}
             }
         }
         drop(members);

@@ -7,6 +7,10 @@
 //! replica took it, and every in-sync replica took it or is committed out of sync (with
 //! the range it misses) before the ack. A resyncing replica counts for neither: it gets
 //! the write, and one that failed goes back to out of sync.
+//!
+//! **The unknown-outcome rule** ([`unknown_outcome`]): a write that failed on every
+//! in-sync replica may have landed anywhere; wherever it may have, the range is compared
+//! again or the late frame is fenced off.
 
 use crate::cluster::ReplicaState;
 
@@ -91,6 +95,50 @@ pub(super) fn settle(
     Verdict::Ack { eject: failures }
 }
 
+/// What a write that failed on every in-sync replica calls for, for one replica (see
+/// [`unknown_outcome`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum AfterUnknown {
+    /// A resyncing replica that took it: it no longer matches the in-sync copies over the
+    /// write's range, which it compares again (dirty).
+    CompareAgain(u64),
+    /// An async replica: its queue carries the write whatever the in-sync replicas
+    /// answered; the range is compared again when it leaves async (`Member::diverged`).
+    Diverged(u64),
+    /// An in-sync replica whose answer never came may still apply it later, after a resync
+    /// copied the range: it gets a new session before any further I/O, so the late frame
+    /// is refused.
+    NewSession(u64),
+}
+
+/// The unknown-outcome rule: a write failed on every in-sync replica, so nobody was
+/// ejected (that could eject them all), but it may have landed anywhere. `members` are
+/// (node, state) now; `failures` are the write's.
+pub(super) fn unknown_outcome(
+    members: &[(u64, ReplicaState)],
+    failures: &[Failure],
+) -> Vec<AfterUnknown> {
+    let failed = |n: u64| failures.iter().any(|f| f.node == n);
+    let lost = |n: u64| {
+        failures.iter().any(|f| {
+            f.node == n
+                && matches!(
+                    f.error,
+                    TargetError::Timeout(_) | TargetError::Transport(_) | TargetError::BadReply(_)
+                )
+        })
+    };
+    members
+        .iter()
+        .filter_map(|&(node, state)| match state {
+            ReplicaState::Resyncing if !failed(node) => Some(AfterUnknown::CompareAgain(node)),
+            ReplicaState::Async => Some(AfterUnknown::Diverged(node)),
+            ReplicaState::InSync if lost(node) => Some(AfterUnknown::NewSession(node)),
+            _ => None,
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -161,6 +209,45 @@ mod tests {
             "the replica said EIO"
         );
         assert_eq!(eject[1].range(Some((0, 4096))), Some((0, 4096)));
+    }
+
+    #[test]
+    fn a_write_whose_outcome_is_unknown_is_compared_again_wherever_it_may_have_landed() {
+        let members = [
+            (1, InSync),
+            (2, InSync),
+            (3, Resyncing),
+            (4, Resyncing),
+            (5, Async),
+            (6, ReplicaState::OutOfSync),
+        ];
+        let failures = [
+            Failure {
+                node: 1,
+                error: timeout(),
+                whole: false,
+            },
+            Failure {
+                node: 2,
+                error: TargetError::Status(libc::EIO),
+                whole: false,
+            },
+            Failure {
+                node: 4,
+                error: timeout(),
+                whole: false,
+            },
+        ];
+        assert_eq!(
+            unknown_outcome(&members, &failures),
+            vec![
+                // Node 1 did not answer: it may apply it late. Node 2 refused it: it did not.
+                AfterUnknown::NewSession(1),
+                // Node 3 took it (node 4 failed: it goes back to out of sync anyway).
+                AfterUnknown::CompareAgain(3),
+                AfterUnknown::Diverged(5),
+            ]
+        );
     }
 
     #[test]
