@@ -533,6 +533,7 @@ impl VolumeManager {
         self.cluster
             .propose(Command::RemoveNode { id: rec.id })
             .await?;
+        drop(_op); // other control operations need not wait for raft to drop it
         tracing::warn!(node = rec.id, name = %rec.name, "node removed from the cluster");
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         loop {

@@ -1290,27 +1290,22 @@ impl Inner {
     fn unknown_outcome(&self, range: Option<(u64, u64)>, failures: &[Failure]) {
         let mut members = self.lock_members();
         let states: Vec<(u64, ReplicaState)> = members.iter().map(|m| (m.node, m.state)).collect();
-        for action in replica_set::unknown_outcome(&states, failures) {
-            let node = match action {
-                AfterUnknown::CompareAgain(n)
-                | AfterUnknown::Diverged(n)
-                | AfterUnknown::NewSession(n) => n,
-            };
+        for (node, action) in replica_set::unknown_outcome(&states, failures) {
             let Some(m) = members.iter_mut().find(|m| m.node == node) else {
                 continue;
             };
             match action {
-                AfterUnknown::CompareAgain(_) => {
+                AfterUnknown::CompareAgain => {
                     if let (Some((off, len)), Some(d)) = (range, m.dirty.as_mut()) {
                         d.set_bytes(off, len, DIRTY_REGION_BYTES);
                     }
                 }
-                AfterUnknown::Diverged(_) => {
+                AfterUnknown::Diverged => {
                     if let Some(r) = range {
                         m.diverged.push(r);
                     }
                 }
-                AfterUnknown::NewSession(_) => {
+                AfterUnknown::NewSession => {
                     m.end_session();
                     tracing::warn!(volume = %self.name, node, "in-sync replica did not answer a failed write; it gets a new session before further I/O");
                 }

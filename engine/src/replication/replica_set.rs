@@ -101,14 +101,14 @@ pub(super) fn settle(
 pub(super) enum AfterUnknown {
     /// A resyncing replica that took it: it no longer matches the in-sync copies over the
     /// write's range, which it compares again (dirty).
-    CompareAgain(u64),
+    CompareAgain,
     /// An async replica: its queue carries the write whatever the in-sync replicas
     /// answered; the range is compared again when it leaves async (`Member::diverged`).
-    Diverged(u64),
+    Diverged,
     /// An in-sync replica whose answer never came may still apply it later, after a resync
     /// copied the range: it gets a new session before any further I/O, so the late frame
     /// is refused.
-    NewSession(u64),
+    NewSession,
 }
 
 /// The unknown-outcome rule: a write failed on every in-sync replica, so nobody was
@@ -117,7 +117,7 @@ pub(super) enum AfterUnknown {
 pub(super) fn unknown_outcome(
     members: &[(u64, ReplicaState)],
     failures: &[Failure],
-) -> Vec<AfterUnknown> {
+) -> Vec<(u64, AfterUnknown)> {
     let failed = |n: u64| failures.iter().any(|f| f.node == n);
     let lost = |n: u64| {
         failures.iter().any(|f| {
@@ -131,9 +131,9 @@ pub(super) fn unknown_outcome(
     members
         .iter()
         .filter_map(|&(node, state)| match state {
-            ReplicaState::Resyncing if !failed(node) => Some(AfterUnknown::CompareAgain(node)),
-            ReplicaState::Async => Some(AfterUnknown::Diverged(node)),
-            ReplicaState::InSync if lost(node) => Some(AfterUnknown::NewSession(node)),
+            ReplicaState::Resyncing if !failed(node) => Some((node, AfterUnknown::CompareAgain)),
+            ReplicaState::Async => Some((node, AfterUnknown::Diverged)),
+            ReplicaState::InSync if lost(node) => Some((node, AfterUnknown::NewSession)),
             _ => None,
         })
         .collect()
@@ -242,10 +242,10 @@ mod tests {
             unknown_outcome(&members, &failures),
             vec![
                 // Node 1 did not answer: it may apply it late. Node 2 refused it: it did not.
-                AfterUnknown::NewSession(1),
+                (1, AfterUnknown::NewSession),
                 // Node 3 took it (node 4 failed: it goes back to out of sync anyway).
-                AfterUnknown::CompareAgain(3),
-                AfterUnknown::Diverged(5),
+                (3, AfterUnknown::CompareAgain),
+                (5, AfterUnknown::Diverged),
             ]
         );
     }
