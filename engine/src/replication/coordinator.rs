@@ -1081,6 +1081,17 @@ impl Inner {
     /// In memory: `node` is out of sync, disconnected, and misses `range`.
     fn mark_out_of_sync(&self, node: u64, range: Option<(u64, u64)>, error: &TargetError) {
         let size = self.size_bytes;
+        // Regions a write failed in on every in-sync replica may differ between them: an
+        // in-sync replica leaving now may hold such a write the others lack (or lack one
+        // they hold), so its resync compares them too (seed 11536).
+        let unclean: Vec<(u64, u64)> = self
+            .hot
+            .unclean()
+            .into_iter()
+            .map(|r| r * HOT_REGION_BYTES)
+            .filter(|&off| off < size)
+            .map(|off| (off, HOT_REGION_BYTES.min(size - off)))
+            .collect();
         let mut members = self.lock_members();
         let Some(m) = members.iter_mut().find(|m| m.node == node) else {
             return;
@@ -1100,10 +1111,19 @@ impl Inner {
         m.mark_behind(size, &diverged, tokio::time::Instant::now());
         m.async_behind_since = None;
         if m.state != ReplicaState::OutOfSync {
+            let was_in_sync = m.state == ReplicaState::InSync;
             m.state = ReplicaState::OutOfSync;
             if m.dirty.is_none() && m.instance.is_some() {
-                // Tracked from this moment on: everything before was acked by it.
+                // Tracked from this moment on: everything before was acked by it, except
+                // what may differ in unclean regions.
                 m.dirty = Some(RegionBitmap::empty(size.div_ceil(DIRTY_REGION_BYTES)));
+            }
+            if was_in_sync {
+                if let Some(d) = m.dirty.as_mut() {
+                    for &(off, len) in &unclean {
+                        d.set_bytes(off, len, DIRTY_REGION_BYTES);
+                    }
+                }
             }
         }
         // Reopened (a new session) before its resync, the local replica too: an `Open`
@@ -1253,6 +1273,12 @@ impl Inner {
                 self.ctx.generation
             ))),
             Verdict::Fail { failures, no_space } => {
+                // The write may have landed on some in-sync replicas: its regions are
+                // unclean before anything below can eject one (which then compares them).
+                if let Some((off, len)) = range {
+                    let (r0, r1) = hot_range(off, len);
+                    self.hot.mark_unclean(r0, r1);
+                }
                 // A resyncing replica that failed goes back; in-sync ones stay.
                 let resyncing: Vec<u64> = self
                     .lock_members()

@@ -8,7 +8,8 @@
 //! in-sync replica finished after that. So after a coordinator crash, every block that can
 //! differ between in-sync replicas lies in a committed hot region, which the next
 //! coordinator reconciles. A region whose write failed without an ack is *unclean*: it may
-//! differ between replicas, so it stays hot for the rest of this coordinator's life.
+//! differ between replicas, so it is not retired until the resync loop has compared it
+//! ([`HotSet::reconciled`]) and a flush has covered the copies that made.
 //!
 //! Proposals are batched: writers that miss regions record them as wanted and one of them,
 //! holding [`HotSet::commit`], proposes every wanted region at once (group commit).
@@ -208,6 +209,31 @@ impl HotSet {
         self.lock().regions.keys().copied().collect()
     }
 
+    /// A write in `r0..=r1` failed on every in-sync replica (it is still in flight; its
+    /// `finish` follows).
+    pub(super) fn mark_unclean(&self, r0: u64, r1: u64) {
+        let mut g = self.lock();
+        for r in r0..=r1 {
+            if let Some(u) = g.regions.get_mut(&r) {
+                u.unclean = true;
+            }
+        }
+    }
+
+    /// An unclean region was compared and made equal on every in-sync replica (call with
+    /// its blocks locked). It counts as holding a completed write no flush has covered:
+    /// the copies the comparison made must be flushed before it retires.
+    pub(super) fn reconciled(&self, region: u64) {
+        let mut g = self.lock();
+        g.write_seq += 1;
+        let seq = g.write_seq;
+        if let Some(u) = g.regions.get_mut(&region) {
+            u.unclean = false;
+            u.last_write_seq = seq;
+            u.last_used = Instant::now();
+        }
+    }
+
     /// Hot regions a write failed in without an ack (they may differ between replicas).
     pub(super) fn unclean(&self) -> BTreeSet<u64> {
         self.lock()
@@ -246,11 +272,18 @@ mod tests {
         assert!(!r.needs_flush);
         h.retired(&r.regions);
         assert_eq!(h.len(), 0);
-        // A failed write leaves its region unclean for good.
+        // A failed write leaves its region unclean until it is reconciled.
         h.added(&[5]);
         assert!(h.try_enter(5, 5));
         h.finish(5, 5, false);
         h.flushed(h.write_seq());
         assert!(h.pick_retire(Duration::ZERO, None).regions.is_empty());
+        assert_eq!(h.unclean(), BTreeSet::from([5]));
+        // Reconciled: it still needs a flush (of the copies) before it retires.
+        h.reconciled(5);
+        assert!(h.unclean().is_empty());
+        let r = h.pick_retire(Duration::ZERO, None);
+        assert_eq!(r.regions, vec![5]);
+        assert!(r.needs_flush);
     }
 }

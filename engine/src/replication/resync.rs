@@ -88,13 +88,13 @@ impl Inner {
             }
             self.refresh_membership().await;
             self.check_in_sync_connections().await;
+            let mut all_done = self.reconcile_unclean().await;
             let nodes: Vec<u64> = self
                 .lock_members()
                 .iter()
                 .filter(|m| matches!(m.state, ReplicaState::OutOfSync | ReplicaState::Resyncing))
                 .map(|m| m.node)
                 .collect();
-            let mut all_done = true;
             for node in nodes {
                 if self.stopping() {
                     return;
@@ -784,10 +784,10 @@ impl Inner {
     }
 
     /// Reconciles hot regions that may differ between in-sync replicas: those a previous
-    /// coordinator left (at open), or this one's unclean regions (at close, M1). For each,
-    /// the in-sync replicas are compared and the differing blocks copied from one of them
-    /// (the local one first) to the others. Then every in-sync replica is flushed and the reconciled
-    /// regions leave the hot set. Returns the regions that could not be reconciled.
+    /// coordinator left (at open), or this one's unclean regions (at close, M1). Each is
+    /// compared with [`Inner::reconcile_region`]. Then every in-sync replica is flushed and
+    /// the reconciled regions leave the hot set. Returns the regions that could not be
+    /// reconciled.
     pub(super) async fn reconcile(
         &self,
         regions: &BTreeSet<u64>,
@@ -798,44 +798,7 @@ impl Inner {
         let mut cleared = Vec::new();
         let mut left = Vec::new();
         for &region in regions {
-            let off = region * HOT_REGION_BYTES;
-            if off >= self.size_bytes {
-                cleared.push(region);
-                continue;
-            }
-            let len = HOT_REGION_BYTES.min(self.size_bytes - off);
-            let (b0, b1) = block_range(off, len);
-            let _lock = self.locks.lock(b0, b1).await;
-            let mut done = false;
-            for (src_node, src) in self.read_sources(None) {
-                let mut source_ok = true;
-                for (dst_node, dst) in self.read_sources(Some(src_node)) {
-                    match sync_range(self.ctx, &src, &dst, off, len).await {
-                        Ok(blocks) => {
-                            if blocks > 0 {
-                                tracing::warn!(volume = %self.name, region, from = src_node, to = dst_node, blocks, "reconciled blocks a previous coordinator left different");
-                            }
-                            self.counters
-                                .reconciled_blocks
-                                .fetch_add(blocks, Ordering::Relaxed);
-                        }
-                        Err(CopyError::Target(e)) => {
-                            self.replica_failed(dst_node, Some((off, len)), &e, "reconcile")
-                                .await?;
-                        }
-                        Err(CopyError::Source(e)) => {
-                            tracing::warn!(volume = %self.name, region, node = src_node, error = %e, "reconcile source failed; trying another");
-                            source_ok = false;
-                            break;
-                        }
-                    }
-                }
-                if source_ok {
-                    done = true;
-                    break;
-                }
-            }
-            if done {
+            if self.reconcile_region(region, false).await? {
                 cleared.push(region);
             } else {
                 left.push(region);
@@ -849,6 +812,93 @@ impl Inner {
         }
         tracing::info!(volume = %self.name, reconciled = cleared.len(), left = left.len(), blocks = self.counters.reconciled_blocks.load(Ordering::Relaxed), "hot regions reconciled");
         Ok(left)
+    }
+
+    /// Reconciles this coordinator's unclean regions while it runs (seed 11536): a write
+    /// that failed on every in-sync replica may have landed on some of them, and until the
+    /// region is compared, two reads of a block could return different bytes. Called by
+    /// the resync loop; a region whose comparison fails stays unclean and is tried again.
+    /// A reconciled region stays hot, with a completed write no flush has covered, so it
+    /// retires only after a flush as usual. Returns whether none is left.
+    pub(super) async fn reconcile_unclean(&self) -> bool {
+        let unclean = self.hot.unclean();
+        if !unclean.is_empty() {
+            tracing::debug!(volume = %self.name, regions = ?unclean, "reconciling unclean regions");
+        }
+        let mut all = true;
+        for region in unclean {
+            if self.stopping() {
+                return false;
+            }
+            match self.reconcile_region(region, true).await {
+                Ok(true) => {}
+                Ok(false) => all = false,
+                Err(e) => {
+                    tracing::warn!(volume = %self.name, region, error = %e, "unclean region not reconciled");
+                    all = false;
+                }
+            }
+        }
+        all
+    }
+
+    /// Compares one hot region across the in-sync replicas and copies the differing blocks
+    /// from one of them (the local one first) to the others. A target that fails is
+    /// ejected with the region dirty. Returns whether the region was compared from a
+    /// source that answered throughout, with every in-sync replica connected. With `live`, the region is marked clean in the hot
+    /// set before its lock is released, so a write that fails after the comparison makes
+    /// it unclean again.
+    async fn reconcile_region(&self, region: u64, live: bool) -> Result<bool, ReplicationError> {
+        let off = region * HOT_REGION_BYTES;
+        if off >= self.size_bytes {
+            if live {
+                self.hot.reconciled(region);
+            }
+            return Ok(true);
+        }
+        let len = HOT_REGION_BYTES.min(self.size_bytes - off);
+        let (b0, b1) = block_range(off, len);
+        let _lock = self.locks.lock(b0, b1).await;
+        // Every in-sync replica must take part: one without a session (it gets a new one
+        // first) would be left out of the comparison.
+        if self
+            .lock_members()
+            .iter()
+            .any(|m| m.state == ReplicaState::InSync && m.target.is_none())
+        {
+            return Ok(false);
+        }
+        for (src_node, src) in self.read_sources(None) {
+            let mut source_ok = true;
+            for (dst_node, dst) in self.read_sources(Some(src_node)) {
+                match sync_range(self.ctx, &src, &dst, off, len).await {
+                    Ok(blocks) => {
+                        if blocks > 0 {
+                            tracing::warn!(volume = %self.name, region, from = src_node, to = dst_node, blocks, "reconciled blocks that differed between in-sync replicas");
+                        }
+                        self.counters
+                            .reconciled_blocks
+                            .fetch_add(blocks, Ordering::Relaxed);
+                    }
+                    Err(CopyError::Target(e)) => {
+                        self.replica_failed(dst_node, Some((off, len)), &e, "reconcile")
+                            .await?;
+                    }
+                    Err(CopyError::Source(e)) => {
+                        tracing::warn!(volume = %self.name, region, node = src_node, error = %e, "reconcile source failed; trying another");
+                        source_ok = false;
+                        break;
+                    }
+                }
+            }
+            if source_ok {
+                if live {
+                    self.hot.reconciled(region);
+                }
+                return Ok(true);
+            }
+        }
+        Ok(false)
     }
 
     /// The background task that retires hot regions idle for `hot_idle_retire` (after a

@@ -105,6 +105,9 @@ struct Faulty {
     fail_writes: std::sync::atomic::AtomicU32,
     /// This many `Write` frames reach the server, but their answers are lost.
     drop_replies: std::sync::atomic::AtomicU32,
+    /// This many `Write` frames reach the server and are then answered EIO (a write that
+    /// landed, reported as failed).
+    land_then_fail: std::sync::atomic::AtomicU32,
     /// While set, every `Write` and `WriteZeroes` is answered ENOSPC (a full pool).
     no_space: std::sync::atomic::AtomicBool,
 }
@@ -141,6 +144,11 @@ impl FrameHandler for Faulty {
         if req.kind == Kind::Write && take_one(&self.drop_replies) {
             let _ = self.server.handle(peer_node_id, req).await;
             return std::future::pending().await;
+        }
+        if req.kind == Kind::Write && take_one(&self.land_then_fail) {
+            let reply = self.server.handle(peer_node_id, req.clone()).await;
+            assert_eq!(reply.status, 0, "the write did not land");
+            return Frame::reply_to(&req, libc::EIO as u32, Bytes::new());
         }
         if req.kind == Kind::Flush {
             let n = self.seen_writes.lock().unwrap().len();
@@ -304,6 +312,7 @@ impl TestCluster {
                 fail_flushes: Default::default(),
                 fail_writes: Default::default(),
                 drop_replies: Default::default(),
+                land_then_fail: Default::default(),
                 no_space: Default::default(),
                 seen_flushes: Mutex::new(Vec::new()),
             });
@@ -2301,6 +2310,84 @@ async fn a_replica_change_whose_reply_was_lost_is_taken_from_the_metadata() {
         assert_eq!(c.replica_state(3), ReplicaState::InSync);
         c.meta.lose_next_replies(0);
         c.assert_identical(&[1, 3]).await;
+        coord.close().await.unwrap();
+    })
+    .await
+}
+
+/// Found by the simulation (seed 11536, profile 4): a write failed on every in-sync
+/// replica and landed on one of them, whose answer was lost. That replica was then
+/// ejected (its connection was lost while idle) with nothing dirty: everything before
+/// had been acked by it. Its resync copied nothing, it was promoted, and `verify` found
+/// the two in-sync replicas different over the failed write. An in-sync replica that
+/// leaves now gets every unclean region dirty.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_in_sync_replica_ejected_after_a_write_failed_everywhere_compares_its_region() {
+    bounded(async {
+        let c = TestCluster::new(&[1, 3]).await;
+        let mut cfg = c.config(2);
+        cfg.replica_timeout = Duration::from_millis(300);
+        let coord = c.coordinator_with(cfg).await;
+        let at = 5 * MIB;
+        coord.write(at, pattern(1, 4096), true).await.unwrap();
+        c.node(1).faulty.fail_writes.store(1, Ordering::SeqCst);
+        c.node(3).faulty.drop_replies.store(1, Ordering::SeqCst);
+        let res = coord.write(at, pattern(2, 4096), false).await;
+        assert!(res.is_err(), "acked without an in-sync copy: {res:?}");
+        eventually("both in sync and connected", || {
+            coord
+                .stats()
+                .replicas
+                .iter()
+                .all(|r| r.state == ReplicaState::InSync && r.connected)
+        })
+        .await;
+        let r = coord.verify().await.unwrap();
+        assert_eq!(r.in_sync_nodes.len(), 2, "{r:?}");
+        assert_eq!(r.mismatched_blocks, 0, "{r:?}");
+        c.assert_identical(&[1, 3]).await;
+        coord.close().await.unwrap();
+    })
+    .await
+}
+
+/// The other half of seed 11536: a write that failed on every in-sync replica, landing
+/// on one of them, with both still in sync and connected. Only close and open
+/// reconciled unclean regions, so for as long as the coordinator lived the replicas
+/// differed and two reads of the block could return different bytes. The resync loop
+/// now reconciles unclean regions; the region then retires as usual.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_region_whose_write_failed_everywhere_is_reconciled_while_the_coordinator_lives() {
+    bounded(async {
+        let c = TestCluster::new(&[1, 3]).await;
+        let mut cfg = c.config(2);
+        cfg.hot_idle_retire = Duration::from_millis(100);
+        let coord = c.coordinator_with(cfg).await;
+        let at = 5 * MIB;
+        coord.write(at, pattern(1, 4096), true).await.unwrap();
+        c.node(1).faulty.fail_writes.store(1, Ordering::SeqCst);
+        c.node(3).faulty.land_then_fail.store(1, Ordering::SeqCst);
+        let res = coord.write(at, pattern(2, 4096), false).await;
+        assert!(res.is_err(), "acked without an in-sync copy: {res:?}");
+        let mut clean = None;
+        for _ in 0..200 {
+            let r = coord.verify().await.unwrap();
+            assert_eq!(r.in_sync_nodes, vec![1, 3], "{r:?}");
+            if r.mismatched_blocks == 0 && r.errors.is_empty() {
+                clean = Some(r);
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        assert!(
+            clean.is_some(),
+            "the in-sync replicas still differ 5 s after the failed write"
+        );
+        assert_eq!(coord.stats().reconciled_blocks, 1);
+        assert_eq!(coord.stats().ejections, 0);
+        c.assert_identical(&[1, 3]).await;
+        // Reconciled, flushed and idle: it retires while the coordinator lives.
+        eventually("the hot set empties", || coord.stats().hot_regions == 0).await;
         coord.close().await.unwrap();
     })
     .await

@@ -964,8 +964,14 @@ fn sweep(seeds: std::ops::Range<u64>) {
 
 /// Seeds that failed once, with the profile they failed under, kept forever (see
 /// docs/ARCHITECTURE.md).
-const REGRESSION_SEEDS: &[(u64, Profile)] =
-    &[(108, V1), (524, V1), (1007, V1), (1155, V2), (615, V3)];
+const REGRESSION_SEEDS: &[(u64, Profile)] = &[
+    (108, V1),
+    (524, V1),
+    (1007, V1),
+    (1155, V2),
+    (615, V3),
+    (11536, V4),
+];
 
 #[test]
 fn sweep_even_half() {
