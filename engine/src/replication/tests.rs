@@ -2252,6 +2252,31 @@ fn a_due_full_comparison_is_never_narrowed_by_a_later_mark() {
     assert_eq!(d.first_set(), Some(3));
 }
 
+/// Writes pattern 1 at 5 MiB from a coordinator on node 2, then pattern 2, which fails
+/// on both in-sync replicas: node 1 refuses it (nothing lands), node 3 takes it and its
+/// answer is lost. Nobody is ejected for that write; node 3 gets a new session. Returns
+/// once both are in sync and connected again.
+async fn fail_a_write_everywhere_with_a_lost_answer(c: &TestCluster) -> Arc<Coordinator> {
+    let mut cfg = c.config(2);
+    cfg.replica_timeout = Duration::from_millis(300);
+    let coord = c.coordinator_with(cfg).await;
+    let at = 5 * MIB;
+    coord.write(at, pattern(1, 4096), true).await.unwrap();
+    c.node(1).faulty.fail_writes.store(1, Ordering::SeqCst);
+    c.node(3).faulty.drop_replies.store(1, Ordering::SeqCst);
+    let res = coord.write(at, pattern(2, 4096), false).await;
+    assert!(res.is_err(), "acked without an in-sync copy: {res:?}");
+    eventually("both in sync and connected", || {
+        coord
+            .stats()
+            .replicas
+            .iter()
+            .all(|r| r.state == ReplicaState::InSync && r.connected)
+    })
+    .await;
+    coord
+}
+
 /// M1: a write that failed on every in-sync replica may have landed on one of them, so
 /// its region may differ between them (it stays unclean for the coordinator's life). A
 /// clean close used to clear it from the hot set without comparing it: both replicas
@@ -2261,25 +2286,7 @@ fn a_due_full_comparison_is_never_narrowed_by_a_later_mark() {
 async fn close_reconciles_a_region_whose_write_failed_on_every_replica() {
     bounded(async {
         let c = TestCluster::new(&[1, 3]).await;
-        let mut cfg = c.config(2);
-        cfg.replica_timeout = Duration::from_millis(300);
-        let coord = c.coordinator_with(cfg).await;
-        let at = 5 * MIB;
-        coord.write(at, pattern(1, 4096), true).await.unwrap();
-        // Node 1 refuses the next write (nothing lands); node 3 takes it, its answer is lost.
-        c.node(1).faulty.fail_writes.store(1, Ordering::SeqCst);
-        c.node(3).faulty.drop_replies.store(1, Ordering::SeqCst);
-        let res = coord.write(at, pattern(2, 4096), false).await;
-        assert!(res.is_err(), "acked without an in-sync copy: {res:?}");
-        // Nobody is ejected for a write that failed everywhere; node 3 gets a new session.
-        eventually("both in sync and connected", || {
-            coord
-                .stats()
-                .replicas
-                .iter()
-                .all(|r| r.state == ReplicaState::InSync && r.connected)
-        })
-        .await;
+        let coord = fail_a_write_everywhere_with_a_lost_answer(&c).await;
         coord.close().await.unwrap();
         assert_eq!(c.replica_state(1), ReplicaState::InSync);
         assert_eq!(c.replica_state(3), ReplicaState::InSync);
@@ -2325,23 +2332,7 @@ async fn a_replica_change_whose_reply_was_lost_is_taken_from_the_metadata() {
 async fn an_in_sync_replica_ejected_after_a_write_failed_everywhere_compares_its_region() {
     bounded(async {
         let c = TestCluster::new(&[1, 3]).await;
-        let mut cfg = c.config(2);
-        cfg.replica_timeout = Duration::from_millis(300);
-        let coord = c.coordinator_with(cfg).await;
-        let at = 5 * MIB;
-        coord.write(at, pattern(1, 4096), true).await.unwrap();
-        c.node(1).faulty.fail_writes.store(1, Ordering::SeqCst);
-        c.node(3).faulty.drop_replies.store(1, Ordering::SeqCst);
-        let res = coord.write(at, pattern(2, 4096), false).await;
-        assert!(res.is_err(), "acked without an in-sync copy: {res:?}");
-        eventually("both in sync and connected", || {
-            coord
-                .stats()
-                .replicas
-                .iter()
-                .all(|r| r.state == ReplicaState::InSync && r.connected)
-        })
-        .await;
+        let coord = fail_a_write_everywhere_with_a_lost_answer(&c).await;
         let r = coord.verify().await.unwrap();
         assert_eq!(r.in_sync_nodes.len(), 2, "{r:?}");
         assert_eq!(r.mismatched_blocks, 0, "{r:?}");
