@@ -330,7 +330,9 @@ impl AttachedVolume {
     }
 
     /// Compares the replicas block by block (by checksum).
-    pub async fn verify(&self) -> Result<VerifyReport> {
+    /// Compares the replicas block by block; with `repair`, rewrites blocks that fail
+    /// their checksum on some replicas from a good copy ([`Coordinator::verify_with`]).
+    pub async fn verify(&self, repair: bool) -> Result<VerifyReport> {
         let g = self.gate.read().await;
         match g.as_ref() {
             None => Err(self.detached()),
@@ -344,7 +346,7 @@ impl AttachedVolume {
             Some(Open {
                 backend: Backend::Replicated(c),
                 ..
-            }) => Ok(c.verify().await?),
+            }) => Ok(c.verify_with(repair).await?),
         }
     }
 
@@ -1167,7 +1169,12 @@ impl VolumeManager {
     async fn reopen(&self, vol: &AttachedVolume, repl: Option<(&VolumeRecord, u32)>) -> Result<()> {
         let mut g = vol.gate.write().await;
         if let Some(old) = g.take() {
-            old.backend.close().await?;
+            // A failed close (a flush that failed, say) is a crash as far as the replicas
+            // are concerned: the hot regions stay, and the open below reconciles them.
+            // Returning here would leave the volume attached with no backend.
+            if let Err(e) = old.backend.close().await {
+                tracing::warn!(volume = %vol.name, error = %e, "close before re-opening failed; re-opening as after a crash");
+            }
         }
         let changed = match repl {
             Some((rec, repl)) => self.change_repl(&self.record(&rec.name)?, repl).await,
@@ -1248,10 +1255,10 @@ impl VolumeManager {
 
     /// Compares a volume's replicas block by block. The volume must be attached here (the
     /// coordinator holds the range lock that makes the comparison consistent).
-    pub async fn verify(&self, name: &str) -> Result<VerifyReport> {
+    pub async fn verify(&self, name: &str, repair: bool) -> Result<VerifyReport> {
         let rec = self.record(name)?;
         match self.attached_get(name) {
-            Some(v) => v.verify().await,
+            Some(v) => v.verify(repair).await,
             None => Err(VolumeError::FailedPrecondition(match rec.attached_node {
                 Some(n) => format!(
                     "volume '{name}' is attached on node {}; run verify against that node",

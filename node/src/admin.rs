@@ -315,7 +315,8 @@ impl VolumeService for AdminApi {
         req: Request<pb::VerifyVolumeRequest>,
     ) -> Result<Response<pb::VerifyVolumeResponse>, Status> {
         let vm = self.vm()?;
-        let r = vm.verify(&req.into_inner().name).await.map_err(status)?;
+        let req = req.into_inner();
+        let r = vm.verify(&req.name, req.repair).await.map_err(status)?;
         let state = vm.cluster().state();
         let name = |n: &u64| vm.node_name(&state, *n);
         Ok(Response::new(pb::VerifyVolumeResponse {
@@ -346,6 +347,7 @@ impl VolumeService for AdminApi {
                 .iter()
                 .map(|(n, e)| format!("{}: {e}", name(n)))
                 .collect(),
+            repaired_blocks: r.repaired_blocks,
         }))
     }
 

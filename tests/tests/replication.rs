@@ -233,6 +233,38 @@ fn corrupted_block_on_one_replica_is_repaired_on_read() {
     let mut buf = [0u8; 4];
     f.read_exact_at(&mut buf, 8192 + 10).unwrap();
     assert_eq!(buf, [0x42; 4], "the bad block was rewritten in place");
+
+    // A bad block on the other replica is never read (the local one serves reads): verify
+    // finds it, and `--repair` (a scrub) rewrites it from the good copy.
+    let other_name = replica_states(a, "rep")
+        .into_iter()
+        .map(|(n, _)| n)
+        .find(|n| *n != node_name(a))
+        .expect("a second replica");
+    let other = nodes
+        .iter()
+        .find(|d| node_name(d) == other_name)
+        .expect("the second replica's daemon");
+    let g = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(other.data_file("rep"))
+        .unwrap();
+    g.write_all_at(&[0x13], 4096 * 5 + 7).unwrap();
+    g.sync_all().unwrap();
+    let o = a.ctl(&["volume", "verify", "rep"]);
+    assert_eq!(
+        o.code, 1,
+        "a corrupt block is a mismatch: {}{}",
+        o.stdout, o.stderr
+    );
+    assert!(o.stdout.contains("Mismatched blocks: 1"), "{}", o.stdout);
+    let v = a.ctl_json(&["volume", "verify", "rep", "--repair"]);
+    assert_eq!(v["mismatched_blocks"], 1, "{v}");
+    assert_eq!(v["repaired_blocks"], 1, "{v}");
+    verify_clean(a, "rep", 2);
+    g.read_exact_at(&mut buf[..1], 4096 * 5 + 7).unwrap();
+    assert_eq!(buf[0], 0x42, "the scrub rewrote the bad block in place");
 }
 
 /// Raising the replication factor is a full copy to newly placed replicas, with progress,

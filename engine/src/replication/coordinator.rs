@@ -28,7 +28,7 @@
 //! `members` (a std mutex, never held across an await). Nothing waits for a range lock
 //! while holding `state_lock` or `hot.commit`.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
@@ -42,7 +42,7 @@ use super::asyncq::{AsyncOp, AsyncQueue};
 use super::bitmap::RegionBitmap;
 use super::hot::HotSet;
 use super::link::{LocalLink, Network, TcpNetwork};
-use super::replica_set::{self, AfterUnknown, Failure, Verdict};
+use super::replica_set::{self, AfterUnknown, BlockRead, BlockRepair, Failure, Verdict};
 use super::server::{LocalReplicas, ReplicaServer};
 use super::target::{Ctx, Target, TargetError};
 use super::{
@@ -183,6 +183,9 @@ pub struct VerifyReport {
     pub resyncing_mismatched_blocks: u64,
     /// Replicas that could not be compared: (node, first error).
     pub errors: Vec<(u64, String)>,
+    /// Of the mismatched blocks, those a repair rewrote (they failed their checksum on
+    /// some replicas and the good copies agreed).
+    pub repaired_blocks: u64,
 }
 
 /// One replica of the volume, in the coordinator's memory.
@@ -697,7 +700,16 @@ impl Coordinator {
     /// Compares every in-sync replica (and, separately, every resyncing one) block by
     /// block through their checksums, one chunk at a time under the range lock.
     pub async fn verify(&self) -> Result<VerifyReport> {
-        self.run(|inner| async move { inner.verify().await }).await
+        self.verify_with(false).await
+    }
+
+    /// [`Coordinator::verify`], and with `repair` a scrub: a block that fails its checksum
+    /// on some in-sync replicas is rewritten there from a good copy, when the good copies
+    /// agree ([`replica_set::block_repair`]). Copies that pass their checksums but differ
+    /// are only reported.
+    pub async fn verify_with(&self, repair: bool) -> Result<VerifyReport> {
+        self.run(move |inner| async move { inner.verify(repair).await })
+            .await
     }
 
     /// Adopts committed replica-state changes made outside this coordinator (an in-sync
@@ -1604,7 +1616,64 @@ impl Inner {
         })
     }
 
-    async fn verify(&self) -> Result<VerifyReport> {
+    /// Scrubs one block the in-sync replicas disagree on ([`replica_set::block_repair`]):
+    /// reads it from each (a read verifies its checksum) and rewrites the corrupt copies
+    /// from a good one. Call with the block locked. Returns whether it was rewritten.
+    async fn repair_block(&self, block: u64, in_sync: &[(u64, Target)]) -> Result<bool> {
+        let bs = BLOCK_SIZE as u64;
+        let mut reads = Vec::new();
+        let mut data = BTreeMap::new();
+        for (node, t) in in_sync {
+            let read = match read_range(t, self.ctx, block * bs, bs).await {
+                Ok(d) => {
+                    let digest = crate::store::block_digest(&d);
+                    data.insert(*node, d);
+                    BlockRead::Good(digest)
+                }
+                Err(e) if e.is_bad_data() => BlockRead::Bad,
+                Err(_) => BlockRead::Unreadable,
+            };
+            reads.push((*node, read));
+        }
+        match replica_set::block_repair(&reads) {
+            BlockRepair::Rewrite { from, to } => {
+                let good = &data[&from];
+                let mut all = true;
+                for node in to {
+                    let Some((_, t)) = in_sync.iter().find(|(n, _)| *n == node) else {
+                        continue;
+                    };
+                    match write_range(t, self.ctx, block * bs, good).await {
+                        Ok(()) => {
+                            self.counters.read_repairs.fetch_add(1, Ordering::Relaxed);
+                            tracing::warn!(volume = %self.name, bad_node = node, from, block, "scrub rewrote a block that failed its checksum");
+                            self.alert(
+                                "read-repair",
+                                format!("block {block} failed its checksum on node {node}; the scrub rewrote it from node {from}"),
+                            );
+                        }
+                        Err(e) => {
+                            all = false;
+                            self.replica_failed(node, Some((block * bs, bs)), &e, "scrub")
+                                .await?;
+                        }
+                    }
+                }
+                Ok(all)
+            }
+            BlockRepair::Diverged => {
+                tracing::error!(volume = %self.name, block, reads = ?reads, "in-sync replicas hold different good copies of a block; not repaired");
+                Ok(false)
+            }
+            BlockRepair::NoGoodCopy => {
+                tracing::error!(volume = %self.name, block, reads = ?reads, "no in-sync copy of the block passes its checksum");
+                Ok(false)
+            }
+            BlockRepair::Nothing => Ok(false),
+        }
+    }
+
+    async fn verify(&self, repair: bool) -> Result<VerifyReport> {
         let mut report = VerifyReport::default();
         let members: Vec<(u64, ReplicaState, Target)> = {
             let mut v: Vec<_> = self
@@ -1628,8 +1697,9 @@ impl Inner {
             self.check_usable()?;
             let len = VERIFY_CHUNK_BYTES.min(self.size_bytes - off);
             let (b0, b1) = block_range(off, len);
+            // Held through the comparison and any repair of this chunk.
+            let _lock = self.locks.lock(b0, b1).await;
             let sums = {
-                let _lock = self.locks.lock(b0, b1).await;
                 let tasks: Vec<_> = members
                     .iter()
                     .filter(|(n, _, _)| !failed.contains(n))
@@ -1672,6 +1742,21 @@ impl Inner {
                     .any(|(_, s, c)| *s == ReplicaState::InSync && c[i] != reference[i]);
                 if in_sync_differ {
                     report.mismatched_blocks += 1;
+                    if repair {
+                        let in_sync: Vec<(u64, Target)> = sums
+                            .iter()
+                            .filter(|(_, s, _)| *s == ReplicaState::InSync)
+                            .filter_map(|(n, _, _)| {
+                                members
+                                    .iter()
+                                    .find(|(m, _, _)| m == n)
+                                    .map(|(_, _, t)| (*n, t.clone()))
+                            })
+                            .collect();
+                        if self.repair_block(block, &in_sync).await? {
+                            report.repaired_blocks += 1;
+                        }
+                    }
                     if report.mismatches.len() < VERIFY_MAX_REPORTED_BLOCKS {
                         report.mismatches.push(BlockMismatch {
                             block,

@@ -11,6 +11,10 @@
 //! **The unknown-outcome rule** ([`unknown_outcome`]): a write that failed on every
 //! in-sync replica may have landed anywhere; wherever it may have, the range is compared
 //! again or the late frame is fenced off.
+//!
+//! **The scrub rule** ([`block_repair`]): a block the in-sync replicas disagree on is
+//! rewritten only on copies whose own checksum fails, and only from good copies that all
+//! agree. Two good copies that differ are reported, never guessed between.
 
 use crate::cluster::ReplicaState;
 
@@ -137,6 +141,57 @@ pub(super) fn unknown_outcome(
             _ => None,
         })
         .collect()
+}
+
+/// One in-sync copy of a block, as a scrub read it (a read verifies the block's checksum).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum BlockRead {
+    /// It passed its checksum; the digest of its bytes.
+    Good(u64),
+    /// It failed its checksum (corrupt at rest).
+    Bad,
+    /// The replica did not answer, or failed otherwise.
+    Unreadable,
+}
+
+/// What a scrub does with one block the in-sync replicas disagree on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum BlockRepair {
+    /// Copy the block from `from` over each node in `to` (their checksums failed).
+    Rewrite { from: u64, to: Vec<u64> },
+    /// Copies that pass their checksums differ: a replication bug, reported as it is.
+    Diverged,
+    /// No copy passes its checksum (or none answered): the block cannot be repaired.
+    NoGoodCopy,
+    /// Nothing to rewrite: every copy that answered is good and they agree.
+    Nothing,
+}
+
+/// The scrub rule for one block: `reads` are the in-sync copies, (node, what was read).
+pub(super) fn block_repair(reads: &[(u64, BlockRead)]) -> BlockRepair {
+    let good: Vec<(u64, u64)> = reads
+        .iter()
+        .filter_map(|&(n, r)| match r {
+            BlockRead::Good(d) => Some((n, d)),
+            _ => None,
+        })
+        .collect();
+    let Some(&(from, digest)) = good.first() else {
+        return BlockRepair::NoGoodCopy;
+    };
+    if good.iter().any(|&(_, d)| d != digest) {
+        return BlockRepair::Diverged;
+    }
+    let to: Vec<u64> = reads
+        .iter()
+        .filter(|(_, r)| *r == BlockRead::Bad)
+        .map(|(n, _)| *n)
+        .collect();
+    if to.is_empty() {
+        BlockRepair::Nothing
+    } else {
+        BlockRepair::Rewrite { from, to }
+    }
 }
 
 #[cfg(test)]
@@ -279,6 +334,40 @@ mod tests {
                 }
             ),
             "{v:?}"
+        );
+    }
+
+    #[test]
+    fn a_scrub_rewrites_only_corrupt_copies_from_good_ones_that_agree() {
+        use BlockRead::{Bad, Good, Unreadable};
+        assert_eq!(
+            block_repair(&[(1, Bad), (2, Good(7)), (3, Good(7))]),
+            BlockRepair::Rewrite {
+                from: 2,
+                to: vec![1]
+            }
+        );
+        // A replica that does not answer does not stop the repair of another.
+        assert_eq!(
+            block_repair(&[(1, Good(7)), (2, Unreadable), (3, Bad)]),
+            BlockRepair::Rewrite {
+                from: 1,
+                to: vec![3]
+            }
+        );
+        // Good copies that differ: never guess which is right.
+        assert_eq!(
+            block_repair(&[(1, Good(7)), (2, Good(8)), (3, Bad)]),
+            BlockRepair::Diverged
+        );
+        assert_eq!(
+            block_repair(&[(1, Bad), (2, Unreadable)]),
+            BlockRepair::NoGoodCopy
+        );
+        assert_eq!(block_repair(&[]), BlockRepair::NoGoodCopy);
+        assert_eq!(
+            block_repair(&[(1, Good(7)), (2, Unreadable)]),
+            BlockRepair::Nothing
         );
     }
 }

@@ -133,7 +133,13 @@ enum VolumeCmd {
     /// Detach a volume (drains and flushes its I/O)
     Detach { name: String },
     /// Compare the replicas block by block (run against the attach node)
-    Verify { name: String },
+    Verify {
+        name: String,
+        /// Also rewrite blocks that fail their checksum on some replicas from a good copy
+        /// (a scrub); copies that pass their checksums but differ are only reported
+        #[arg(long)]
+        repair: bool,
+    },
 }
 
 #[derive(Args)]
@@ -645,9 +651,12 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                         println!("NBD URI: {}", r.nbd_uri);
                     }
                 }
-                VolumeCmd::Verify { name } => {
+                VolumeCmd::Verify { name, repair } => {
                     let r = c
-                        .verify_volume(pb::VerifyVolumeRequest { name: name.clone() })
+                        .verify_volume(pb::VerifyVolumeRequest {
+                            name: name.clone(),
+                            repair,
+                        })
                         .await?
                         .into_inner();
                     if json {
@@ -657,6 +666,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                             "in_sync_nodes": r.in_sync_nodes,
                             "resyncing_nodes": r.resyncing_nodes,
                             "mismatched_blocks": r.mismatched_blocks,
+                            "repaired_blocks": r.repaired_blocks,
                             "mismatches": r.mismatches,
                             "resyncing_mismatched_blocks": r.resyncing_mismatched_blocks,
                             "errors": r.errors,
@@ -667,7 +677,14 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                             r.blocks_compared,
                             r.in_sync_nodes.join(", ")
                         );
-                        println!("Mismatched blocks: {}", r.mismatched_blocks);
+                        if repair {
+                            println!(
+                                "Mismatched blocks: {} ({} repaired)",
+                                r.mismatched_blocks, r.repaired_blocks
+                            );
+                        } else {
+                            println!("Mismatched blocks: {}", r.mismatched_blocks);
+                        }
                         for m in &r.mismatches {
                             println!("  {m}");
                         }
@@ -682,11 +699,12 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                             println!("  not compared: {e}");
                         }
                     }
-                    if r.mismatched_blocks > 0 || !r.errors.is_empty() {
+                    let left = r.mismatched_blocks - r.repaired_blocks.min(r.mismatched_blocks);
+                    if left > 0 || !r.errors.is_empty() {
                         return Err(Failure {
                             msg: format!(
-                                "volume '{name}': {} mismatched blocks, {} replicas not compared",
-                                r.mismatched_blocks,
+                                "volume '{name}': {left} mismatched blocks{}, {} replicas not compared",
+                                if repair { " not repaired" } else { "" },
                                 r.errors.len()
                             ),
                             code: 1,

@@ -10,7 +10,9 @@
 //! (a replica node killed with `kill -9` semantics and restarted, the coordinator killed
 //! mid-batch and the volume taken over on another node, a failed flush, a replica that
 //! stalls past the I/O timeout, a replica turned async and back, a silent partition, a
-//! metadata outage or lost metadata replies, a full pool), and the interleaving: a replay gives the same trace ([`replay_is_exact`]).
+//! metadata outage or lost metadata replies, a full pool, a bit flipped at rest and then
+//! scrubbed, a node whose pool is wiped, an RF change), and the interleaving: a replay
+//! gives the same trace ([`replay_is_exact`]).
 //!
 //! The checker keeps, for every 512-byte sector, the set of values it may hold: after a
 //! batch in which a write to it was acked, any write of that batch (acked or not, their
@@ -23,7 +25,7 @@
 //!   byte-identical, `verify` is clean, and a full read matches the model.
 //!
 //! Not simulated yet (see docs/ARCHITECTURE.md, "The simulation"): power loss (the files
-//! are real), bit flips, RF changes during I/O.
+//! are real), domain deactivation with promotion.
 //!
 //! `TANDEM_SIM_SEEDS=FIRST-LAST` (or one seed) runs other seeds; `TANDEM_SIM_OPS` changes the
 //! operations per seed; `TANDEM_SIM_PROFILE` replays under an older [`Profile`]. A failure prints the command that replays its seed.
@@ -125,6 +127,16 @@ enum Fault {
     MetaOutage,
     /// A replica's pool is full for a few batches: its writes and zeroing answer ENOSPC.
     NoSpace,
+    /// A bit flips at rest in a replica's data file. A scrub (`verify --repair`) runs from
+    /// the next batch on until it has found and rewritten it.
+    BitFlip,
+    /// A replica node dies and comes back with its pool wiped (a disk replaced, a mount
+    /// missing at boot): its replica's files are created empty.
+    WipePool,
+    /// The replication factor changes, as `volume update --repl` does on the attach node:
+    /// close, commit the new replica set, attach and open again. Three replicas lose one;
+    /// two gain the spare node.
+    ChangeRf,
 }
 
 /// What a seed's schedule is drawn from. A seed's run depends on the profile, so the
@@ -140,7 +152,7 @@ struct Profile {
 }
 
 /// Every fault, in the order they were added: each profile takes a prefix.
-const ALL_FAULTS: [Fault; 9] = [
+const ALL_FAULTS: [Fault; 12] = [
     Fault::CrashReplica,
     Fault::CrashCoordinator,
     Fault::MoveCoordinator,
@@ -150,6 +162,9 @@ const ALL_FAULTS: [Fault; 9] = [
     Fault::Partition,
     Fault::MetaOutage,
     Fault::NoSpace,
+    Fault::BitFlip,
+    Fault::WipePool,
+    Fault::ChangeRf,
 ];
 
 /// The fault set of the first sweeps (seeds 108, 524, 1007 failed under it).
@@ -173,9 +188,16 @@ const V3: Profile = Profile {
     commit_delay: true,
 };
 
-/// The current profile: full pools too.
+/// With full pools (seed 11536 failed under it).
 const V4: Profile = Profile {
     version: 4,
+    faults: ALL_FAULTS.split_at(9).0,
+    commit_delay: true,
+};
+
+/// The current profile: bit flips at rest, wiped pools and RF changes too.
+const V5: Profile = Profile {
+    version: 5,
     faults: &ALL_FAULTS,
     commit_delay: true,
 };
@@ -228,6 +250,8 @@ struct Run {
     meta_out: Option<usize>,
     /// Node whose pool is full, and the batch it filled up at.
     full: Option<(u64, usize)>,
+    /// A flipped bit not yet scrubbed: node, byte offset, and the batch it flipped at.
+    flipped: Option<(u64, u64, usize)>,
     profile: Profile,
     next_tag: u64,
     /// The batch being run: the clock faults heal by.
@@ -434,12 +458,18 @@ impl Run {
             .filter(|&n| n != self.coord_node && self.down.is_none_or(|(d, _)| d != n))
             .collect();
         let to = candidates[self.rng.below(candidates.len() as u64) as usize];
-        let old = self.coord.clone();
         if !crash {
-            if let Err(e) = old.close().await {
+            if let Err(e) = self.coord.close().await {
                 self.log.push(format!("  close before the move: {e}"));
             }
         }
+        self.open_on(to).await;
+    }
+
+    /// Attaches the volume on `to` and opens a coordinator there (retrying until the
+    /// faults heal if it cannot open now); the old coordinator is stale from then on.
+    async fn open_on(&mut self, to: u64) {
+        let old = self.coord.clone();
         let cfg = self.config(to);
         let vol = self.c.attach(to);
         let local = self.c.node(to).replicas.get(self.c.wire_id());
@@ -511,6 +541,14 @@ impl Run {
     }
 
     async fn fault(&mut self, f: Fault) {
+        if self.flipped.is_some() {
+            // One fault at a time with a flipped bit: until the scrub rewrote it, a fault
+            // that left the flipped copy the only one would make it a double fault.
+            self.log.push(format!(
+                "fault {f:?} held back: a flipped bit awaits its scrub"
+            ));
+            return;
+        }
         self.faults += 1;
         self.log.push(format!(
             "fault {f:?} (coordinator on node {})",
@@ -603,6 +641,29 @@ impl Run {
                 self.full = Some((n, self.batch_no));
                 self.log.push(format!("  node {n}'s pool is full"));
             }
+            Fault::BitFlip => self.flip_a_bit().await,
+            Fault::WipePool => {
+                if self.down.is_some() {
+                    return;
+                }
+                let Some(n) = self.other_replica() else {
+                    return;
+                };
+                // Another in-sync copy must exist: wiping the only one is a loss no
+                // replication survives.
+                if !self.c.volume().in_sync_nodes().iter().any(|&m| m != n) {
+                    return;
+                }
+                let replica = self.c.node(n).replicas.get(self.c.wire_id());
+                self.crash_node(n).await;
+                if let Some(r) = replica {
+                    self.c.node(n).pool.delete_replica(&r).unwrap();
+                }
+                self.down = Some((n, self.batch_no));
+                self.log
+                    .push(format!("  node {n} killed; its pool is wiped"));
+            }
+            Fault::ChangeRf => self.change_rf().await,
             Fault::Async => {
                 if self.async_node.is_some() {
                     return;
@@ -631,6 +692,185 @@ impl Run {
                 }
             }
         }
+    }
+
+    /// Flips one bit of a replica's data file, when nothing else is wrong: every replica
+    /// in sync and reachable, no flush armed to fail. (A flip on the only good copy of a
+    /// block is a double fault, which no replication survives.)
+    async fn flip_a_bit(&mut self) {
+        if self.flipped.is_some()
+            || self.down.is_some()
+            || self.cut.is_some()
+            || self.stalled.is_some()
+            || self.full.is_some()
+            || self.meta_out.is_some()
+            || self.async_node.is_some()
+            || (1..=3).any(|n| self.c.node(n).faulty.fail_flushes.load(Ordering::SeqCst) > 0)
+        {
+            return;
+        }
+        let vol = self.c.volume();
+        if vol.replicas.len() < 2 || vol.replicas.iter().any(|r| r.state != ReplicaState::InSync) {
+            return;
+        }
+        let nodes = self.replica_nodes();
+        let n = nodes[self.rng.below(nodes.len() as u64) as usize];
+        let Some(replica) = self.c.node(n).replicas.get(self.c.wire_id()) else {
+            return;
+        };
+        // A byte of a block that holds data: a never-written block reads as zeros whatever
+        // its file holds, and its checksum covers nothing (see docs/ARCHITECTURE.md, known
+        // limits, for what recovery then does with it).
+        let zero = crate::store::zero_block_digest();
+        let mut at = None;
+        for _ in 0..16 {
+            let off = self.rng.below(SIM_SIZE);
+            let block = off / 4096 * 4096;
+            if replica
+                .checksums(block, 4096)
+                .await
+                .is_ok_and(|d| d[0] != zero)
+            {
+                at = Some(off);
+                break;
+            }
+        }
+        let Some(at) = at else {
+            return;
+        };
+        let bit = self.rng.below(8) as u8;
+        let path = self
+            .c
+            .node(n)
+            .pool
+            .dir()
+            .join(format!("{}.data", self.c.vol_id));
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap();
+        use std::os::unix::fs::FileExt;
+        let mut b = [0u8; 1];
+        f.read_exact_at(&mut b, at).unwrap();
+        b[0] ^= 1 << bit;
+        f.write_all_at(&b, at).unwrap();
+        self.flipped = Some((n, at, self.batch_no));
+        self.log.push(format!(
+            "  node {n}: bit {bit} of byte {at} flipped at rest"
+        ));
+    }
+
+    /// Scrubs (`verify --repair`) while a flipped bit is outstanding; done once a scrub
+    /// compared every in-sync replica and left no mismatch unrepaired.
+    async fn scrub(&mut self) {
+        let Some((n, at, _)) = self.flipped else {
+            return;
+        };
+        match self.coord.verify_with(true).await {
+            Ok(r) if r.errors.is_empty() && r.repaired_blocks == r.mismatched_blocks => {
+                self.flipped = None;
+                self.log.push(format!(
+                    "scrub after the flip on node {n} at {at}: {} repaired",
+                    r.repaired_blocks
+                ));
+            }
+            Ok(r) => self.log.push(format!(
+                "scrub: {} mismatched, {} repaired, errors {:?}",
+                r.mismatched_blocks, r.repaired_blocks, r.errors
+            )),
+            Err(e) => self.log.push(format!("scrub failed: {e}")),
+        }
+    }
+
+    /// `volume update --repl` on the attach node: close, commit the new replica set, attach
+    /// and open again. Three replicas lose one (never the coordinator's, never the last in
+    /// sync); two gain the spare node, out of sync (a full copy).
+    async fn change_rf(&mut self) {
+        let vol = self.c.volume();
+        let current = self.replica_nodes();
+        let (replicas, removed, added) = if current.len() == 3 {
+            let candidates: Vec<u64> = current
+                .iter()
+                .copied()
+                .filter(|&n| n != self.coord_node)
+                .filter(|&n| vol.in_sync_nodes().iter().any(|&m| m != n))
+                .collect();
+            if candidates.is_empty() {
+                return;
+            }
+            let n = candidates[self.rng.below(candidates.len() as u64) as usize];
+            let kept: Vec<ReplicaRecord> = vol
+                .replicas
+                .iter()
+                .filter(|r| r.node != n)
+                .cloned()
+                .collect();
+            (kept, Some(n), None)
+        } else {
+            let Some(spare) = (1..=3).find(|n| !current.contains(n)) else {
+                return;
+            };
+            if self.down.is_some_and(|(d, _)| d == spare) {
+                return;
+            }
+            let mut all = vol.replicas.clone();
+            all.push(ReplicaRecord {
+                node: spare,
+                state: ReplicaState::OutOfSync,
+                generation: vol.generation,
+                resync_done_bytes: 0,
+                resync_total_bytes: 0,
+            });
+            (all, None, Some(spare))
+        };
+        // As the daemon's `reopen`: a failed close is a crash as far as the replicas are
+        // concerned (the hot regions stay for the next open).
+        if let Err(e) = self.coord.close().await {
+            self.log.push(format!("  close before the RF change: {e}"));
+        }
+        let repl = replicas.len() as u32;
+        let applied = self.c.meta.apply(&Command::SetReplicas {
+            name: VOLUME.into(),
+            replicas,
+            repl,
+            generation: vol.generation,
+        });
+        match applied {
+            Ok(_) => {
+                if let Some(n) = removed {
+                    // The node's daemon deletes the replica it no longer holds.
+                    if let Some(r) = self
+                        .c
+                        .node(n)
+                        .replicas
+                        .0
+                        .lock()
+                        .unwrap()
+                        .remove(&self.c.wire_id())
+                    {
+                        self.c.node(n).pool.delete_replica(&r).unwrap();
+                    }
+                    if self.async_node.is_some_and(|(a, _)| a == n) {
+                        self.async_node = None;
+                    }
+                    if self.flipped.is_some_and(|(f, _, _)| f == n) {
+                        self.flipped = None;
+                    }
+                    self.log
+                        .push(format!("  RF {repl}: node {n}'s replica removed"));
+                }
+                if let Some(n) = added {
+                    if self.down.is_none_or(|(d, _)| d != n) {
+                        self.c.open_replica(n).await;
+                    }
+                    self.log.push(format!("  RF {repl}: node {n} added"));
+                }
+            }
+            Err(e) => self.log.push(format!("  RF change refused: {e}")),
+        }
+        let to = self.coord_node;
+        self.open_on(to).await;
     }
 
     fn net(&self) -> &super::simnet::SimNet {
@@ -694,6 +934,9 @@ impl Run {
                 self.heal_cut();
             }
         }
+        if self.flipped.is_some_and(|(_, _, at)| now > at) {
+            self.scrub().await;
+        }
         if let Some((n, at)) = self.down {
             if force || now > at + 4 {
                 self.down = None;
@@ -739,8 +982,18 @@ impl Run {
         }
         let deadline = Instant::now() + WAIT;
         loop {
+            // In sync in the metadata and in the coordinator's memory, each connected: a
+            // node that just came back (its pool wiped, say) is in sync in the metadata
+            // until the coordinator reaches it and finds out.
             let vol = self.c.volume();
-            if vol.replicas.iter().all(|r| r.state == ReplicaState::InSync) {
+            let stats = self.coord.stats();
+            if vol.replicas.iter().all(|r| r.state == ReplicaState::InSync)
+                && stats.replicas.len() == vol.replicas.len()
+                && stats
+                    .replicas
+                    .iter()
+                    .all(|r| r.state == ReplicaState::InSync && r.connected)
+            {
                 break;
             }
             if Instant::now() > deadline {
@@ -753,6 +1006,14 @@ impl Run {
         }
         if let Err(e) = self.coord.flush().await {
             self.fail(format!("flush after healing: {e}"));
+        }
+        // A flipped bit is found and rewritten by a scrub once every replica is in sync.
+        while self.flipped.is_some() {
+            self.scrub().await;
+            if self.flipped.is_some() && Instant::now() > deadline {
+                self.fail("a scrub could not repair the flipped bit after healing".into());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
         // No fork: a replaced coordinator never gets a write acked.
         for (i, old) in self.stale.iter().enumerate() {
@@ -841,6 +1102,7 @@ async fn run_seed(seed: u64, ops: usize, profile: Profile) -> Outcome {
         cut: None,
         meta_out: None,
         full: None,
+        flipped: None,
         profile,
         next_tag: 0,
         batch_no: 0,
@@ -905,13 +1167,14 @@ fn seeds_from_var(var: &str, default: std::ops::Range<u64>) -> std::ops::Range<u
     }
 }
 
-/// `TANDEM_SIM_PROFILE` (1 to 4; the current one by default).
+/// `TANDEM_SIM_PROFILE` (1 to 5; the current one by default).
 fn profile_from_env() -> Profile {
     match std::env::var("TANDEM_SIM_PROFILE").ok().as_deref() {
         Some("1") => V1,
         Some("2") => V2,
         Some("3") => V3,
-        _ => V4,
+        Some("4") => V4,
+        _ => V5,
     }
 }
 
@@ -971,6 +1234,8 @@ const REGRESSION_SEEDS: &[(u64, Profile)] = &[
     (1155, V2),
     (615, V3),
     (11536, V4),
+    (9, V5),
+    (313, V5),
 ];
 
 #[test]
@@ -1004,7 +1269,7 @@ fn replay_is_exact() {
         Some(_) => seeds_from_var("TANDEM_SIM_EXACT", 0..0)
             .map(|s| (s, profile_from_env()))
             .collect(),
-        None => [(3, V4), (17, V4)]
+        None => [(3, V5), (17, V5)]
             .into_iter()
             .chain(REGRESSION_SEEDS.iter().copied())
             .collect(),
