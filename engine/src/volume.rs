@@ -1173,6 +1173,11 @@ impl VolumeManager {
             // are concerned: the hot regions stay, and the open below reconciles them.
             // Returning here would leave the volume attached with no backend.
             if let Err(e) = old.backend.close().await {
+                // Unless the volume was attached elsewhere meanwhile: then this node
+                // must not change it.
+                if self.record(&vol.name)?.attached_node != Some(self.node_id) {
+                    return Err(e.into());
+                }
                 tracing::warn!(volume = %vol.name, error = %e, "close before re-opening failed; re-opening as after a crash");
             }
         }
