@@ -1176,7 +1176,7 @@ impl VolumeManager {
                 // Unless the volume was attached elsewhere meanwhile: then this node
                 // must not change it.
                 if self.record(&vol.name)?.attached_node != Some(self.node_id) {
-                    return Err(e.into());
+                    return Err(e);
                 }
                 tracing::warn!(volume = %vol.name, error = %e, "close before re-opening failed; re-opening as after a crash");
             }

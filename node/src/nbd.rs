@@ -22,9 +22,10 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Mutex, Semaphore};
 use tokio::task::JoinSet;
 
-use tandem_engine::replication::ReplicationError;
-use tandem_engine::store::{StoreError, MAX_IO_BYTES};
+use tandem_engine::store::MAX_IO_BYTES;
 use tandem_engine::volume::{AttachedVolume, VolumeError, VolumeManager};
+
+use crate::block::{BlockTarget, TargetError};
 
 use crate::metrics::Metrics;
 
@@ -220,16 +221,6 @@ async fn write_opt_reply<W: AsyncWrite + Unpin>(
     buf.extend_from_slice(&(data.len() as u32).to_be_bytes());
     buf.extend_from_slice(data);
     w.write_all(&buf).await
-}
-
-fn volume_errno(e: &VolumeError) -> u32 {
-    match e {
-        VolumeError::Store(StoreError::OutOfRange { .. }) => EINVAL,
-        VolumeError::Store(s) => s.errno() as u32,
-        VolumeError::Replication(r) => r.errno() as u32,
-        VolumeError::NotAttached(_) => ESHUTDOWN,
-        _ => EIO,
-    }
 }
 
 /// Writes all of `parts` with vectored writes (one syscall for header and data).
@@ -563,12 +554,12 @@ async fn handle_request(
         return (EINVAL, None);
     }
     let start = Instant::now();
-    let res: Result<Option<Vec<u8>>, VolumeError> = match cmd {
+    let res: Result<Option<Vec<u8>>, TargetError> = match cmd {
         CMD_READ => {
             if len as usize > MAX_IO_BYTES {
                 return (EOVERFLOW, None);
             }
-            let r = vol.read(offset, len as usize).await.map(Some);
+            let r = BlockTarget::read(vol, offset, len as usize).await.map(Some);
             if r.is_ok() {
                 vm.read_ops.inc();
                 vm.read_bytes.inc_by(len as u64);
@@ -577,7 +568,9 @@ async fn handle_request(
             r
         }
         CMD_WRITE => {
-            let r = vol.write(offset, payload, fua).await.map(|_| None);
+            let r = BlockTarget::write(vol, offset, payload, fua)
+                .await
+                .map(|_| None);
             if r.is_ok() {
                 vm.write_ops.inc();
                 vm.write_bytes.inc_by(len as u64);
@@ -586,7 +579,7 @@ async fn handle_request(
             r
         }
         CMD_FLUSH => {
-            let r = vol.flush().await.map(|_| None);
+            let r = BlockTarget::flush(vol).await.map(|_| None);
             if r.is_ok() {
                 vm.flush_ops.inc();
                 vm.flush_latency.observe(start.elapsed().as_secs_f64());
@@ -597,8 +590,7 @@ async fn handle_request(
         // zeros, which the protocol allows. NO_HOLE is honoured in effect: the result reads as
         // zeros either way, and holes are what thin provisioning wants.
         CMD_TRIM | CMD_WRITE_ZEROES => {
-            let r = vol
-                .write_zeroes(offset, len as u64, fua)
+            let r = BlockTarget::write_zeroes(vol, offset, len as u64, fua)
                 .await
                 .map(|_| None);
             if r.is_ok() {
@@ -611,31 +603,16 @@ async fn handle_request(
     match res {
         Ok(data) => (0, data),
         Err(e) => {
-            let errno = match (&e, cmd) {
-                // The spec asks for ENOSPC on writes past the end, EINVAL on reads.
-                (
-                    VolumeError::Store(StoreError::OutOfRange { .. })
-                    | VolumeError::Replication(ReplicationError::OutOfRange { .. }),
-                    CMD_WRITE | CMD_WRITE_ZEROES,
-                ) => ENOSPC,
-                (
-                    VolumeError::Store(StoreError::TooLarge { .. })
-                    | VolumeError::Replication(ReplicationError::TooLarge { .. }),
-                    _,
-                ) => EOVERFLOW,
-                _ => volume_errno(&e),
-            };
-            if let VolumeError::Store(StoreError::ChecksumMismatch { .. })
-            | VolumeError::Replication(ReplicationError::NoGoodCopy { .. }) = &e
-            {
+            let errno = e.errno as u32;
+            if e.bad_data {
                 vm.checksum_errors.inc();
             }
             if errno == ESHUTDOWN {
-                tracing::warn!(volume = vol.name(), error = %e, "I/O refused: volume detached or coordinator fenced");
+                tracing::warn!(volume = BlockTarget::name(vol), error = %e, "I/O refused: volume detached or coordinator fenced");
             }
             if errno == EIO || errno == ENOSPC || errno == ENOMEM {
                 vm.io_errors.inc();
-                tracing::warn!(volume = vol.name(), cmd, offset, len, error = %e, "I/O request failed");
+                tracing::warn!(volume = BlockTarget::name(vol), cmd, offset, len, error = %e, "I/O request failed");
             }
             (errno, None)
         }

@@ -26,16 +26,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
-use async_trait::async_trait;
+pub use crate::block::{BlockTarget, TargetError};
 use fuser::{
     BackgroundSession, Config, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags,
     Generation, INodeNo, InitFlags, KernelConfig, LockOwner, Notifier, OpenFlags, ReplyAttr,
     ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, Request,
     Session, SessionACL, TimeOrNow, WriteFlags,
 };
-use tandem_engine::replication::ReplicationError;
-use tandem_engine::store::StoreError;
-use tandem_engine::volume::{AttachedVolume, VolumeError};
 
 /// Name of the single file in the export's root directory.
 pub const DISK_FILE_NAME: &str = "disk";
@@ -63,88 +60,6 @@ const ATTR_TTL: Duration = Duration::ZERO;
 
 const ROOT_INO: INodeNo = INodeNo::ROOT;
 const DISK_INO: INodeNo = INodeNo(2);
-
-/// An I/O error from a [`BlockTarget`], carried to the kernel as an errno.
-#[derive(Debug, Clone, thiserror::Error)]
-#[error("{message} (errno {errno})")]
-pub struct TargetError {
-    pub errno: i32,
-    pub message: String,
-}
-
-impl TargetError {
-    pub fn new(errno: i32, message: impl Into<String>) -> Self {
-        TargetError {
-            errno,
-            message: message.into(),
-        }
-    }
-}
-
-/// What the FUSE file reads and writes: an attached volume, or an in-memory disk in tests.
-#[async_trait]
-pub trait BlockTarget: Send + Sync + 'static {
-    fn name(&self) -> &str;
-    async fn size_bytes(&self) -> u64;
-    async fn read(&self, offset: u64, len: usize) -> Result<Vec<u8>, TargetError>;
-    async fn write(&self, offset: u64, data: Vec<u8>, fua: bool) -> Result<(), TargetError>;
-    async fn write_zeroes(&self, offset: u64, len: u64, fua: bool) -> Result<(), TargetError>;
-    /// Makes every acknowledged write durable.
-    async fn flush(&self) -> Result<(), TargetError>;
-}
-
-/// Maps a volume error to the errno a block device would report (the NBD frontend's
-/// mapping): ENOSPC for writes past the end or a full pool, EIO for checksum and replica
-/// failures, ESHUTDOWN for a detached or fenced volume.
-fn volume_target_error(e: VolumeError, is_write: bool) -> TargetError {
-    let errno = match &e {
-        VolumeError::Store(StoreError::OutOfRange { .. })
-        | VolumeError::Replication(ReplicationError::OutOfRange { .. }) => {
-            if is_write {
-                libc::ENOSPC
-            } else {
-                libc::EINVAL
-            }
-        }
-        VolumeError::Store(StoreError::TooLarge { .. })
-        | VolumeError::Replication(ReplicationError::TooLarge { .. }) => libc::EOVERFLOW,
-        VolumeError::Store(s) => s.errno(),
-        VolumeError::Replication(r) => r.errno(),
-        VolumeError::NotAttached(_) => libc::ESHUTDOWN,
-        _ => libc::EIO,
-    };
-    TargetError::new(errno, e.to_string())
-}
-
-#[async_trait]
-impl BlockTarget for AttachedVolume {
-    fn name(&self) -> &str {
-        AttachedVolume::name(self)
-    }
-    async fn size_bytes(&self) -> u64 {
-        AttachedVolume::size_bytes(self).await
-    }
-    async fn read(&self, offset: u64, len: usize) -> Result<Vec<u8>, TargetError> {
-        AttachedVolume::read(self, offset, len)
-            .await
-            .map_err(|e| volume_target_error(e, false))
-    }
-    async fn write(&self, offset: u64, data: Vec<u8>, fua: bool) -> Result<(), TargetError> {
-        AttachedVolume::write(self, offset, data, fua)
-            .await
-            .map_err(|e| volume_target_error(e, true))
-    }
-    async fn write_zeroes(&self, offset: u64, len: u64, fua: bool) -> Result<(), TargetError> {
-        AttachedVolume::write_zeroes(self, offset, len, fua)
-            .await
-            .map_err(|e| volume_target_error(e, true))
-    }
-    async fn flush(&self) -> Result<(), TargetError> {
-        AttachedVolume::flush(self)
-            .await
-            .map_err(|e| volume_target_error(e, true))
-    }
-}
 
 /// The filesystem served to the kernel: a root directory holding [`DISK_FILE_NAME`].
 struct DiskFs {
