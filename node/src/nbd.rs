@@ -25,7 +25,9 @@ use tokio::task::JoinSet;
 use tandem_engine::store::MAX_IO_BYTES;
 use tandem_engine::volume::{AttachedVolume, VolumeError, VolumeManager};
 
-use crate::block::{BlockTarget, TargetError};
+// The errno mapping FUSE uses too. NBD calls the volume directly, not through the
+// `BlockTarget` trait object, so that a request costs no boxed future.
+use crate::block::{volume_error, TargetError};
 
 use crate::metrics::Metrics;
 
@@ -559,7 +561,11 @@ async fn handle_request(
             if len as usize > MAX_IO_BYTES {
                 return (EOVERFLOW, None);
             }
-            let r = BlockTarget::read(vol, offset, len as usize).await.map(Some);
+            let r = vol
+                .read(offset, len as usize)
+                .await
+                .map(Some)
+                .map_err(|e| volume_error(e, false));
             if r.is_ok() {
                 vm.read_ops.inc();
                 vm.read_bytes.inc_by(len as u64);
@@ -568,9 +574,11 @@ async fn handle_request(
             r
         }
         CMD_WRITE => {
-            let r = BlockTarget::write(vol, offset, payload, fua)
+            let r = vol
+                .write(offset, payload, fua)
                 .await
-                .map(|_| None);
+                .map(|_| None)
+                .map_err(|e| volume_error(e, true));
             if r.is_ok() {
                 vm.write_ops.inc();
                 vm.write_bytes.inc_by(len as u64);
@@ -579,7 +587,11 @@ async fn handle_request(
             r
         }
         CMD_FLUSH => {
-            let r = BlockTarget::flush(vol).await.map(|_| None);
+            let r = vol
+                .flush()
+                .await
+                .map(|_| None)
+                .map_err(|e| volume_error(e, true));
             if r.is_ok() {
                 vm.flush_ops.inc();
                 vm.flush_latency.observe(start.elapsed().as_secs_f64());
@@ -590,9 +602,11 @@ async fn handle_request(
         // zeros, which the protocol allows. NO_HOLE is honoured in effect: the result reads as
         // zeros either way, and holes are what thin provisioning wants.
         CMD_TRIM | CMD_WRITE_ZEROES => {
-            let r = BlockTarget::write_zeroes(vol, offset, len as u64, fua)
+            let r = vol
+                .write_zeroes(offset, len as u64, fua)
                 .await
-                .map(|_| None);
+                .map(|_| None)
+                .map_err(|e| volume_error(e, true));
             if r.is_ok() {
                 vm.zero_ops.inc();
             }
@@ -608,11 +622,11 @@ async fn handle_request(
                 vm.checksum_errors.inc();
             }
             if errno == ESHUTDOWN {
-                tracing::warn!(volume = BlockTarget::name(vol), error = %e, "I/O refused: volume detached or coordinator fenced");
+                tracing::warn!(volume = vol.name(), error = %e, "I/O refused: volume detached or coordinator fenced");
             }
             if errno == EIO || errno == ENOSPC || errno == ENOMEM {
                 vm.io_errors.inc();
-                tracing::warn!(volume = BlockTarget::name(vol), cmd, offset, len, error = %e, "I/O request failed");
+                tracing::warn!(volume = vol.name(), cmd, offset, len, error = %e, "I/O request failed");
             }
             (errno, None)
         }

@@ -26,28 +26,22 @@
 use std::collections::{BTreeMap, HashSet};
 use std::ffi::OsStr;
 use std::fs::File;
-use std::io::{Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 use std::process::{Command, Output};
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+use tandem_relay::{Link, WhileCut};
 
 use crate::{free_ports, run_limited, Daemon, DaemonOpts};
 
 /// Where `ip netns add` puts a namespace's handle.
 const NETNS_DIR: &str = "/run/netns";
-/// Bytes a relay reads at once; one TCP segment train on loopback.
-const RELAY_CHUNK_BYTES: usize = 64 << 10;
-/// Chunks queued per relay direction while they wait out the delay (bounds memory at
-/// 64 MiB per direction; the sender is back-pressured beyond it).
-const RELAY_MAX_CHUNKS: usize = 1024;
 /// How long a relay waits for the node it forwards to to accept (a local dial).
 const RELAY_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
-/// How often an idle relay checks for a cut, a heal or a stop.
-const RELAY_POLL: Duration = Duration::from_millis(2);
 /// How long `ip` commands may take.
 const IP_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -215,46 +209,11 @@ impl Drop for Namespace {
     }
 }
 
-/// The link between two sites, shared by the relays of both directions.
-struct Link {
-    one_way_us: AtomicU64,
-    cut: AtomicBool,
-    /// Both sockets of every relayed connection, to close them on a cut.
-    conns: Mutex<Vec<TcpStream>>,
-}
-
-impl Link {
-    /// Registers a new relayed connection, unless the link was cut meanwhile. Checked
-    /// under the lock that [`Link::close_all`] drains, so no connection outlives a cut.
-    fn register(&self, a: &TcpStream, b: &TcpStream) -> bool {
-        let mut conns = self.conns.lock().unwrap();
-        if self.cut.load(Ordering::SeqCst) {
-            return false;
-        }
-        match (a.try_clone(), b.try_clone()) {
-            (Ok(a), Ok(b)) => {
-                conns.retain(|c| c.peer_addr().is_ok());
-                conns.push(a);
-                conns.push(b);
-                true
-            }
-            _ => false,
-        }
-    }
-
-    fn close_all(&self) {
-        for c in self.conns.lock().unwrap().drain(..) {
-            let _ = c.shutdown(Shutdown::Both);
-        }
-    }
-}
-
 /// Sites (one namespace each) and the relays between them. Dropping it stops the relays,
 /// kills what runs inside the namespaces and deletes them.
 pub struct Sites {
     names: Vec<String>,
     // Declared before `namespaces`, so relays stop before the namespaces go.
-    stop: Arc<AtomicBool>,
     links: BTreeMap<(usize, usize), Arc<Link>>,
     relays: Mutex<Vec<std::thread::JoinHandle<()>>>,
     used_ports: Mutex<HashSet<u16>>,
@@ -307,19 +266,11 @@ impl Sites {
             let mut links = BTreeMap::new();
             for i in 0..names.len() {
                 for j in i + 1..names.len() {
-                    links.insert(
-                        (i, j),
-                        Arc::new(Link {
-                            one_way_us: AtomicU64::new(0),
-                            cut: AtomicBool::new(false),
-                            conns: Mutex::new(Vec::new()),
-                        }),
-                    );
+                    links.insert((i, j), Link::new());
                 }
             }
             return Sites {
                 names: names.iter().map(|s| s.to_string()).collect(),
-                stop: Arc::new(AtomicBool::new(false)),
                 links,
                 relays: Mutex::new(Vec::new()),
                 used_ports: Mutex::new(HashSet::new()),
@@ -349,16 +300,13 @@ impl Sites {
 
     /// Round-trip time added between two sites: half of it each way.
     pub fn set_rtt(&self, a: &str, b: &str, rtt: Duration) {
-        self.link(a, b)
-            .one_way_us
-            .store(rtt.as_micros() as u64 / 2, Ordering::SeqCst);
+        self.link(a, b).set_rtt(rtt);
     }
 
     /// [`Sites::set_rtt`] for every pair of sites.
     pub fn set_rtt_everywhere(&self, rtt: Duration) {
         for l in self.links.values() {
-            l.one_way_us
-                .store(rtt.as_micros() as u64 / 2, Ordering::SeqCst);
+            l.set_rtt(rtt);
         }
     }
 
@@ -373,7 +321,7 @@ impl Sites {
             .map(|n| self.link(site, n))
             .collect();
         for l in &links {
-            l.cut.store(true, Ordering::SeqCst);
+            l.mark_cut();
         }
         for l in &links {
             l.close_all();
@@ -382,20 +330,18 @@ impl Sites {
 
     /// Cuts the link between two sites (both directions).
     pub fn cut(&self, a: &str, b: &str) {
-        let l = self.link(a, b);
-        l.cut.store(true, Ordering::SeqCst);
-        l.close_all();
+        self.link(a, b).cut();
     }
 
     /// Heals the link between two sites.
     pub fn heal(&self, a: &str, b: &str) {
-        self.link(a, b).cut.store(false, Ordering::SeqCst);
+        self.link(a, b).heal();
     }
 
     /// Heals every link.
     pub fn heal_all(&self) {
         for l in self.links.values() {
-            l.cut.store(false, Ordering::SeqCst);
+            l.heal();
         }
     }
 
@@ -424,11 +370,10 @@ impl Sites {
             let link = self.link(site, name).clone();
             let listen_ns = open_ns(&self.namespaces[from].name).expect("open namespace");
             let target_ns = open_ns(&self.namespaces[target].name).expect("open namespace");
-            let stop = self.stop.clone();
             let (tx, rx) = mpsc::channel();
             let h = std::thread::Builder::new()
                 .name(format!("relay-{name}-{port}"))
-                .spawn(move || relay(listen_ns, target_ns, port, link, stop, tx))
+                .spawn(move || relay(listen_ns, target_ns, port, link, tx))
                 .expect("spawn relay");
             match rx.recv() {
                 Ok(Ok(())) => self.relays.lock().unwrap().push(h),
@@ -470,10 +415,8 @@ impl Sites {
 
 impl Drop for Sites {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
         for l in self.links.values() {
-            l.cut.store(true, Ordering::SeqCst);
-            l.close_all();
+            l.stop();
         }
         for h in self.relays.lock().unwrap().drain(..) {
             let _ = h.join();
@@ -484,127 +427,31 @@ impl Drop for Sites {
 
 fn bind_in(ns: &File, port: u16) -> std::io::Result<TcpListener> {
     enter(ns)?;
-    let l = TcpListener::bind(("127.0.0.1", port))?;
-    l.set_nonblocking(true)?;
-    Ok(l)
+    TcpListener::bind(("127.0.0.1", port))
 }
 
-/// One relay: listens on `127.0.0.1:port` in `listen_ns`, dials the same address in
-/// `target_ns`. While the link is cut it holds no listener, so connecting is refused.
+/// One relay ([`tandem_relay::serve`]): listens on `127.0.0.1:port` in `listen_ns`, dials
+/// the same address in `target_ns`. While the link is cut it holds no listener, so
+/// connecting is refused.
 fn relay(
     listen_ns: File,
     target_ns: File,
     port: u16,
     link: Arc<Link>,
-    stop: Arc<AtomicBool>,
     ready: mpsc::Sender<Result<(), String>>,
 ) {
-    let first = bind_in(&listen_ns, port).and_then(|l| enter(&target_ns).map(|()| l));
-    let mut listener = match first {
-        Ok(l) => Some(l),
-        Err(e) => {
-            let _ = ready.send(Err(e.to_string()));
-            return;
-        }
-    };
-    let _ = ready.send(Ok(()));
     let target = SocketAddr::from(([127, 0, 0, 1], port));
-    while !stop.load(Ordering::SeqCst) {
-        if link.cut.load(Ordering::SeqCst) {
-            listener = None;
-            std::thread::sleep(RELAY_POLL);
-            continue;
-        }
-        let Some(l) = listener.as_ref() else {
-            // Healed: listen again (SO_REUSEADDR lets the port be re-bound at once).
-            listener = bind_in(&listen_ns, port).ok();
-            if enter(&target_ns).is_err() {
-                return;
-            }
-            if listener.is_none() {
-                std::thread::sleep(RELAY_POLL);
-            }
-            continue;
-        };
-        let client = match l.accept() {
-            Ok((c, _)) => c,
-            Err(_) => {
-                std::thread::sleep(RELAY_POLL);
-                continue;
-            }
-        };
-        // This thread is in the target namespace: the dial lands on the node's listener.
-        let Ok(server) = TcpStream::connect_timeout(&target, RELAY_CONNECT_TIMEOUT) else {
-            continue; // the node is down: the client sees its connection closed
-        };
-        let _ = client.set_nonblocking(false);
-        let _ = client.set_nodelay(true);
-        let _ = server.set_nodelay(true);
-        if !link.register(&client, &server) {
-            continue;
-        }
-        for (from, to) in [
-            (client.try_clone(), server.try_clone()),
-            (server.try_clone(), client.try_clone()),
-        ] {
-            if let (Ok(from), Ok(to)) = (from, to) {
-                let link = link.clone();
-                let _ = std::thread::Builder::new()
-                    .name(format!("pump-{port}"))
-                    .spawn(move || pump(from, to, link));
-            }
-        }
-    }
-}
-
-/// One direction of a relayed connection: a delay line. Each chunk is due one one-way
-/// delay after it was read; a second thread writes chunks in order when they are due, so
-/// the delay adds latency without limiting throughput, and byte order is kept.
-fn pump(mut from: TcpStream, mut to: TcpStream, link: Arc<Link>) {
-    let (tx, rx) = mpsc::sync_channel::<(Instant, Vec<u8>)>(RELAY_MAX_CHUNKS);
-    let wlink = link.clone();
-    let wto = to.try_clone();
-    let writer = std::thread::Builder::new()
-        .name("pump-writer".into())
-        .spawn(move || {
-            // Wake at the due time, not up to the default 50 us timer slack later.
-            // SAFETY: prctl(PR_SET_TIMERSLACK) only changes this thread's timer slack.
-            unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1 as libc::c_ulong) };
-            for (due, chunk) in rx {
-                let now = Instant::now();
-                if due > now {
-                    std::thread::sleep(due - now);
-                }
-                if wlink.cut.load(Ordering::SeqCst) || to.write_all(&chunk).is_err() {
-                    break;
-                }
-            }
-            let _ = to.shutdown(Shutdown::Both);
-        });
-    let mut buf = vec![0u8; RELAY_CHUNK_BYTES];
-    loop {
-        let n = match from.read(&mut buf) {
-            Ok(0) | Err(_) => break,
-            Ok(n) => n,
-        };
-        if link.cut.load(Ordering::SeqCst) {
-            break;
-        }
-        let due = Instant::now() + Duration::from_micros(link.one_way_us.load(Ordering::SeqCst));
-        if tx.send((due, buf[..n].to_vec())).is_err() {
-            break;
-        }
-    }
-    drop(tx);
-    match writer {
-        Ok(w) => {
-            let _ = w.join();
-        }
-        Err(_) => {
-            if let Ok(t) = wto {
-                let _ = t.shutdown(Shutdown::Both);
-            }
-        }
-    }
-    let _ = from.shutdown(Shutdown::Both);
+    tandem_relay::serve(
+        link,
+        WhileCut::Refuse,
+        || bind_in(&listen_ns, port),
+        || {
+            // Dialled from the target namespace: it lands on the node's listener.
+            enter(&target_ns)?;
+            TcpStream::connect_timeout(&target, RELAY_CONNECT_TIMEOUT)
+        },
+        |r| {
+            let _ = ready.send(r.map(|_| ()).map_err(|e| e.to_string()));
+        },
+    );
 }
