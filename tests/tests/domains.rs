@@ -40,10 +40,13 @@ fn metro_sync_is_allowed_at_2ms_and_refused_at_15ms_with_the_measured_figure() {
     let a = &nodes[0];
     let pair = measured_pair(a);
     let p50 = pair["p50_us"].as_u64().unwrap();
-    // The proxy adds 2 ms; loopback and the proxy threads add scheduling delay on a busy
-    // 2-core machine, so allow 1 ms below and 2 ms above (unloaded runs land within 1 ms).
+    // The proxy adds 2 ms; loopback and the relay's threads add scheduling delay on a
+    // busy 2-core machine (each chunk wakes a reader, a writer and the writer's timer), so
+    // allow 1 ms below and 4 ms above: still far below the 10 ms gate. Unloaded runs land
+    // within 0.5 ms; with the other tests of this file running beside it, up to 4.2 ms
+    // was seen.
     assert!(
-        (1_000..=4_000).contains(&p50),
+        (1_000..=6_000).contains(&p50),
         "measured RTT must be close to the injected 2 ms: {pair}"
     );
     assert_eq!(pair["sync_allowed"], true, "{pair}");
