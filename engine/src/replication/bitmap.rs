@@ -79,6 +79,13 @@ impl RegionBitmap {
     pub(super) fn count(&self) -> u64 {
         self.set
     }
+
+    #[cfg(test)]
+    pub(super) fn is_set(&self, region: u64) -> bool {
+        self.words
+            .get((region / 64) as usize)
+            .is_some_and(|w| w & (1 << (region % 64)) != 0)
+    }
 }
 
 #[cfg(test)]

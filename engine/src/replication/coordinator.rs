@@ -42,7 +42,7 @@ use super::asyncq::{AsyncOp, AsyncQueue};
 use super::bitmap::RegionBitmap;
 use super::hot::HotSet;
 use super::link::{LocalLink, Network, TcpNetwork};
-use super::replica_set::{self, AfterUnknown, BlockRead, BlockRepair, Failure, Verdict};
+use super::replica_set::{self, AfterUnknown, BlockRead, BlockRepair, Ejection, Failure, Verdict};
 use super::server::{LocalReplicas, ReplicaServer};
 use super::target::{Ctx, Target, TargetError};
 use super::{
@@ -1108,50 +1108,28 @@ impl Inner {
         let Some(m) = members.iter_mut().find(|m| m.node == node) else {
             return;
         };
+        let mut behind = std::mem::take(&mut m.diverged);
         if let Some(q) = m.async_q.take() {
             // Its worker ends after its current send; the connection is replaced below,
             // so nothing it still has queued can land after a resync.
             let (_, drain) = q.cancel();
-            let (ranges, since) = drain.take();
-            m.mark_behind(
-                size,
-                &ranges,
-                since.unwrap_or_else(tokio::time::Instant::now),
-            );
+            behind.extend(drain.take().0);
         }
-        let diverged = std::mem::take(&mut m.diverged);
-        m.mark_behind(size, &diverged, tokio::time::Instant::now());
+        m.dirty = replica_set::ejected_dirty(Ejection {
+            state: m.state,
+            dirty: m.dirty.take(),
+            known_instance: m.instance.is_some(),
+            missed: range,
+            behind: &behind,
+            unclean: &unclean,
+            size_bytes: size,
+        });
+        m.state = ReplicaState::OutOfSync;
         m.async_behind_since = None;
-        if m.state != ReplicaState::OutOfSync {
-            let was_in_sync = m.state == ReplicaState::InSync;
-            m.state = ReplicaState::OutOfSync;
-            if m.dirty.is_none() && m.instance.is_some() {
-                // Tracked from this moment on: everything before was acked by it, except
-                // what may differ in unclean regions.
-                m.dirty = Some(RegionBitmap::empty(size.div_ceil(DIRTY_REGION_BYTES)));
-            }
-            if was_in_sync {
-                if let Some(d) = m.dirty.as_mut() {
-                    for &(off, len) in &unclean {
-                        d.set_bytes(off, len, DIRTY_REGION_BYTES);
-                    }
-                }
-            }
-        }
         // Reopened (a new session) before its resync, the local replica too: an `Open`
         // waits for every frame already admitted and refuses every later one of the old
         // session, so nothing sent before the ejection can land after the resync copied.
         m.end_session();
-        match range {
-            Some((off, len)) => {
-                if let Some(d) = m.dirty.as_mut() {
-                    d.set_bytes(off, len, DIRTY_REGION_BYTES);
-                }
-            }
-            // A failed flush (fsyncgate): any write since its last good flush may be gone,
-            // and a retried fsync would succeed anyway. A full comparison covers them all.
-            None => m.dirty = None,
-        }
         m.last_error = Some(error.to_string());
     }
 

@@ -12,13 +12,21 @@
 //! in-sync replica may have landed anywhere; wherever it may have, the range is compared
 //! again or the late frame is fenced off.
 //!
+//! **The ejection rule** ([`ejected_dirty`]): what a replica that leaves the ack set must
+//! compare again before it is in sync: the failed I/O's range, or everything when a flush
+//! failed (fsyncgate); what its async queue still held; and, when it was in sync, every
+//! region a write failed in on every in-sync replica. A full comparison once due is
+//! never narrowed.
+//!
 //! **The scrub rule** ([`block_repair`]): a block the in-sync replicas disagree on is
 //! rewritten only on copies whose own checksum fails, and only from good copies that all
 //! agree. Two good copies that differ are reported, never guessed between.
 
 use crate::cluster::ReplicaState;
 
+use super::bitmap::RegionBitmap;
 use super::target::TargetError;
+use super::DIRTY_REGION_BYTES;
 
 /// A replica's failure to do one thing.
 #[derive(Debug)]
@@ -141,6 +149,72 @@ pub(super) fn unknown_outcome(
             _ => None,
         })
         .collect()
+}
+
+/// A replica being ejected (committed out of sync), as the ejection rule sees it.
+pub(super) struct Ejection<'a> {
+    /// Its state before the ejection.
+    pub(super) state: ReplicaState,
+    /// What it was known to miss before: `None` = unknown (a full comparison).
+    pub(super) dirty: Option<RegionBitmap>,
+    /// Its instance is known (it was opened), so its history before this moment is known:
+    /// a replica in sync held every acked write until now.
+    pub(super) known_instance: bool,
+    /// What the failed I/O may have lost: its range, or `None` for everything since the
+    /// last good flush (a failed fdatasync, a failed FUA write).
+    pub(super) missed: Option<(u64, u64)>,
+    /// Writes it was due but may not hold: its async queue's undelivered ranges, and writes
+    /// queued to it that failed on every in-sync replica.
+    pub(super) behind: &'a [(u64, u64)],
+    /// Byte ranges of the unclean regions: a write failed in them on every in-sync
+    /// replica, so the in-sync copies may differ there.
+    pub(super) unclean: &'a [(u64, u64)],
+    pub(super) size_bytes: u64,
+}
+
+/// The ejection rule: the dirty bitmap (`None`: compare everything) an ejected replica's
+/// resync starts from.
+pub(super) fn ejected_dirty(e: Ejection) -> Option<RegionBitmap> {
+    let regions = e.size_bytes.div_ceil(DIRTY_REGION_BYTES);
+    let mut dirty = e.dirty;
+    let set = |d: &mut RegionBitmap, ranges: &[(u64, u64)]| {
+        for &(off, len) in ranges {
+            d.set_bytes(off, len, DIRTY_REGION_BYTES);
+        }
+    };
+    // A due full comparison (out of sync or resyncing, no bitmap) covers everything; a
+    // replica that tracks nothing yet (async, in sync) starts a bitmap (seed 1155).
+    let full_due =
+        dirty.is_none() && matches!(e.state, ReplicaState::OutOfSync | ReplicaState::Resyncing);
+    if !full_due && e.behind.iter().any(|&(_, len)| len > 0) {
+        set(
+            dirty.get_or_insert_with(|| RegionBitmap::empty(regions)),
+            e.behind,
+        );
+    }
+    if matches!(e.state, ReplicaState::InSync | ReplicaState::Async) {
+        if dirty.is_none() && e.known_instance {
+            // Tracked from this moment on: everything before was acked by it (or is in
+            // its queue's ranges above)...
+            dirty = Some(RegionBitmap::empty(regions));
+        }
+        // ...except what may differ in unclean regions (seed 11536).
+        if e.state == ReplicaState::InSync {
+            if let Some(d) = dirty.as_mut() {
+                set(d, e.unclean);
+            }
+        }
+    }
+    match e.missed {
+        Some(range) => {
+            if let Some(d) = dirty.as_mut() {
+                set(d, &[range]);
+            }
+            dirty
+        }
+        // fsyncgate: a retried fdatasync would succeed anyway (F4).
+        None => None,
+    }
 }
 
 /// One in-sync copy of a block, as a scrub read it (a read verifies the block's checksum).
@@ -369,5 +443,64 @@ mod tests {
             block_repair(&[(1, Good(7)), (2, Unreadable)]),
             BlockRepair::Nothing
         );
+    }
+
+    fn ejection(state: ReplicaState, dirty: Option<RegionBitmap>) -> Ejection<'static> {
+        Ejection {
+            state,
+            dirty,
+            known_instance: true,
+            missed: Some((0, 4096)),
+            behind: &[],
+            unclean: &[],
+            size_bytes: 16 * MIB,
+        }
+    }
+
+    const MIB: u64 = 1 << 20;
+
+    fn regions(d: &Option<RegionBitmap>) -> Vec<u64> {
+        let d = d.as_ref().expect("a bitmap");
+        (0..16).filter(|&r| d.is_set(r)).collect()
+    }
+
+    #[test]
+    fn an_ejected_replica_compares_what_it_may_miss_and_never_less() {
+        use ReplicaState::OutOfSync;
+        // In sync until now: only the failed write's range.
+        let d = ejected_dirty(ejection(InSync, None));
+        assert_eq!(regions(&d), vec![0]);
+        // A failed flush: everything (F4).
+        let mut e = ejection(InSync, None);
+        e.missed = None;
+        assert!(ejected_dirty(e).is_none());
+        // Never opened: its history is unknown, so everything.
+        let mut e = ejection(InSync, None);
+        e.known_instance = false;
+        assert!(ejected_dirty(e).is_none());
+        // A due full comparison stays one, whatever is marked later (seed 1155), a
+        // resyncing replica's too. (Before this rule was a function, an ejection started
+        // an empty bitmap for any replica not out of sync; no path reached it with a due
+        // full comparison, but nothing stopped one.)
+        let mut e = ejection(OutOfSync, None);
+        e.behind = &[(5 * MIB, 4096)];
+        assert!(ejected_dirty(e).is_none());
+        let mut e = ejection(Resyncing, None);
+        e.behind = &[(5 * MIB, 4096)];
+        assert!(ejected_dirty(e).is_none());
+        // An async replica keeps what its queue had not delivered.
+        let mut e = ejection(Async, None);
+        e.behind = &[(3 * MIB, 2 * MIB)];
+        assert_eq!(regions(&ejected_dirty(e)), vec![0, 3, 4]);
+        // Leaving in sync, it compares the unclean regions too (seed 11536); leaving
+        // resyncing, its dirty bitmap already covers them (it compared them again).
+        let mut e = ejection(InSync, None);
+        e.unclean = &[(8 * MIB, 4 * MIB)];
+        assert_eq!(regions(&ejected_dirty(e)), vec![0, 8, 9, 10, 11]);
+        let mut before = RegionBitmap::empty(16);
+        before.set(2);
+        let mut e = ejection(Resyncing, Some(before));
+        e.unclean = &[(8 * MIB, 4 * MIB)];
+        assert_eq!(regions(&ejected_dirty(e)), vec![0, 2]);
     }
 }
