@@ -489,9 +489,20 @@ fn explicit_async_replica_then_failover_by_promotion() {
             r["async_lag_bytes"].as_u64().unwrap_or(0),
         )
     };
-    eventually(Duration::from_secs(60), "west replica async", || {
-        (west_state(&nodes[0]).0 == "async").then_some(())
-    });
+    // Seen once in a CI run: still not async after 60 s. On a timeout, show why.
+    let t0 = std::time::Instant::now();
+    while west_state(&nodes[0]).0 != "async" {
+        if t0.elapsed() > Duration::from_secs(60) {
+            let log = nodes[0].log();
+            let tail: Vec<&str> = log.lines().rev().take(80).collect();
+            panic!(
+                "timed out waiting for west replica async: {}\ncoordinator log (last 80 lines):\n{}",
+                nodes[0].ctl_json(&["volume", "inspect", "dr"]),
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
     for i in 0..8u64 {
         assert!(chunk_acked(&uri_a, i), "chunk {i}");
     }
