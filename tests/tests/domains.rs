@@ -35,6 +35,7 @@ fn measured_pair(d: &Daemon) -> serde_json::Value {
 
 #[test]
 fn metro_sync_is_allowed_at_2ms_and_refused_at_15ms_with_the_measured_figure() {
+    let _serial = tandem_tests::serial();
     // About 2 ms RTT: a volume spanning both domains is created.
     let nodes = two_domains(Duration::from_millis(1));
     let a = &nodes[0];
@@ -43,8 +44,8 @@ fn metro_sync_is_allowed_at_2ms_and_refused_at_15ms_with_the_measured_figure() {
     // The proxy adds 2 ms; loopback and the relay's threads add scheduling delay on a
     // busy 2-core machine (each chunk wakes a reader, a writer and the writer's timer), so
     // allow 1 ms below and 4 ms above: still far below the 10 ms gate. Unloaded runs land
-    // within 0.5 ms; with the other tests of this file running beside it, up to 4.2 ms
-    // was seen.
+    // within 0.5 ms; with the other tests of this file running beside it (before they were
+    // serialized, `tandem_tests::serial`), up to 4.2 ms was seen.
     assert!(
         (1_000..=6_000).contains(&p50),
         "measured RTT must be close to the injected 2 ms: {pair}"
@@ -163,6 +164,7 @@ fn volume_states(d: &Daemon, vol: &str) -> Vec<String> {
 /// write (RPO 0); east returns, is activated, resyncs, and the volume moves back.
 #[test]
 fn unplanned_site_loss_failover_and_failback_with_a_witness() {
+    let _serial = tandem_tests::serial();
     let dom = |d: &str| vec!["--domain".to_string(), d.to_string()];
     let a = Daemon::start(DaemonOpts {
         extra_args: dom("east"),
@@ -299,6 +301,7 @@ fn unplanned_site_loss_failover_and_failback_with_a_witness() {
 /// resyncs and is in sync again, and the replicas verify clean.
 #[test]
 fn degrade_turns_the_far_replica_async_and_back_in_sync() {
+    let _serial = tandem_tests::serial();
     let opts = DaemonOpts {
         data_proxy: true,
         ..Default::default()
@@ -404,6 +407,7 @@ fn degrade_turns_the_far_replica_async_and_back_in_sync() {
 /// write it had received is there, and the lost site returns as the async one.
 #[test]
 fn explicit_async_replica_then_failover_by_promotion() {
+    let _serial = tandem_tests::serial();
     let opts = DaemonOpts {
         data_proxy: true,
         ..Default::default()

@@ -154,6 +154,7 @@ fn ms_after(text: &str, after: &str) -> Option<u64> {
 /// one site are created either way.
 #[test]
 fn metro_gate_with_sites_in_network_namespaces() {
+    let _serial = tandem_tests::serial();
     let t0 = Instant::now();
     let c = Cluster::start(METRO_RTT);
     let a1 = c.a1();
@@ -406,6 +407,7 @@ fn log_tail(d: &Daemon, n: usize) -> String {
 /// replicas verify identical, B's writes win, and the volume fails back to A (no fork).
 #[test]
 fn partition_minority_site_cannot_ack_and_the_majority_takes_over_without_forking() {
+    let _serial = tandem_tests::serial();
     let t0 = Instant::now();
     let c = Cluster::start(METRO_RTT);
     let (a1, b1) = (c.a1(), c.b1());
@@ -681,6 +683,7 @@ fn wait_in_sync(d: &Daemon, vol: &str) {
 /// back with B's writes.
 #[test]
 fn unplanned_site_loss_failover_and_failback_across_namespaces() {
+    let _serial = tandem_tests::serial();
     let t0 = Instant::now();
     let mut c = Cluster::start(METRO_RTT);
     let ns_a = c.sites.ns("A").to_string();
