@@ -251,22 +251,7 @@ impl Member {
         if !ranges.iter().any(|&(_, len)| len > 0) {
             return;
         }
-        // Out of sync (or resyncing) without a bitmap, a full comparison is due: it covers
-        // these ranges. Narrowing it to them would drop every other write it missed (seed
-        // 1155). Only a replica that tracks nothing yet (async, in sync) starts a bitmap.
-        let full_due = self.dirty.is_none()
-            && matches!(
-                self.state,
-                ReplicaState::OutOfSync | ReplicaState::Resyncing
-            );
-        if !full_due {
-            let d = self.dirty.get_or_insert_with(|| {
-                RegionBitmap::empty(size_bytes.div_ceil(DIRTY_REGION_BYTES))
-            });
-            for &(off, len) in ranges {
-                d.set_bytes(off, len, DIRTY_REGION_BYTES);
-            }
-        }
+        replica_set::mark_missing(&mut self.dirty, self.state, ranges, size_bytes);
         self.async_behind_since = Some(match self.async_behind_since {
             Some(t) => t.min(since),
             None => since,
@@ -381,6 +366,12 @@ impl LocalReplicas for NoReplicas {
 pub(super) fn block_range(offset: u64, len: u64) -> (u64, u64) {
     let bs = BLOCK_SIZE as u64;
     (offset / bs, (offset + len).div_ceil(bs))
+}
+
+/// The bytes of hot region `region` within a volume of `size_bytes` (`None` past its end).
+pub(super) fn hot_region_bytes(region: u64, size_bytes: u64) -> Option<(u64, u64)> {
+    let off = region * HOT_REGION_BYTES;
+    (off < size_bytes).then(|| (off, HOT_REGION_BYTES.min(size_bytes - off)))
 }
 
 fn hot_range(offset: u64, len: u64) -> (u64, u64) {
@@ -1100,9 +1091,7 @@ impl Inner {
             .hot
             .unclean()
             .into_iter()
-            .map(|r| r * HOT_REGION_BYTES)
-            .filter(|&off| off < size)
-            .map(|off| (off, HOT_REGION_BYTES.min(size - off)))
+            .filter_map(|r| hot_region_bytes(r, size))
             .collect();
         let mut members = self.lock_members();
         let Some(m) = members.iter_mut().find(|m| m.node == node) else {

@@ -172,6 +172,28 @@ pub(super) struct Ejection<'a> {
     pub(super) size_bytes: u64,
 }
 
+/// Records that a replica in `state` misses `ranges`. A due full comparison (out of sync
+/// or resyncing, no bitmap) covers them and stays one: narrowing it to these ranges would
+/// drop every other write it missed (seed 1155). A replica that tracks nothing yet (async,
+/// in sync) starts a bitmap.
+pub(super) fn mark_missing(
+    dirty: &mut Option<RegionBitmap>,
+    state: ReplicaState,
+    ranges: &[(u64, u64)],
+    size_bytes: u64,
+) {
+    let full_due =
+        dirty.is_none() && matches!(state, ReplicaState::OutOfSync | ReplicaState::Resyncing);
+    if full_due || !ranges.iter().any(|&(_, len)| len > 0) {
+        return;
+    }
+    let d =
+        dirty.get_or_insert_with(|| RegionBitmap::empty(size_bytes.div_ceil(DIRTY_REGION_BYTES)));
+    for &(off, len) in ranges {
+        d.set_bytes(off, len, DIRTY_REGION_BYTES);
+    }
+}
+
 /// The ejection rule: the dirty bitmap (`None`: compare everything) an ejected replica's
 /// resync starts from.
 pub(super) fn ejected_dirty(e: Ejection) -> Option<RegionBitmap> {
@@ -182,16 +204,7 @@ pub(super) fn ejected_dirty(e: Ejection) -> Option<RegionBitmap> {
             d.set_bytes(off, len, DIRTY_REGION_BYTES);
         }
     };
-    // A due full comparison (out of sync or resyncing, no bitmap) covers everything; a
-    // replica that tracks nothing yet (async, in sync) starts a bitmap (seed 1155).
-    let full_due =
-        dirty.is_none() && matches!(e.state, ReplicaState::OutOfSync | ReplicaState::Resyncing);
-    if !full_due && e.behind.iter().any(|&(_, len)| len > 0) {
-        set(
-            dirty.get_or_insert_with(|| RegionBitmap::empty(regions)),
-            e.behind,
-        );
-    }
+    mark_missing(&mut dirty, e.state, e.behind, e.size_bytes);
     if matches!(e.state, ReplicaState::InSync | ReplicaState::Async) {
         if dirty.is_none() && e.known_instance {
             // Tracked from this moment on: everything before was acked by it (or is in

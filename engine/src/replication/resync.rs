@@ -23,9 +23,9 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::bitmap::RegionBitmap;
-use super::coordinator::{block_range, read_range, Inner, Member};
+use super::coordinator::{block_range, hot_region_bytes, read_range, Inner, Member};
 use super::target::{Ctx, Target, TargetError};
-use super::{ProposeError, ReplicationError, DIRTY_REGION_BYTES, HOT_REGION_BYTES};
+use super::{ProposeError, ReplicationError, DIRTY_REGION_BYTES};
 use crate::cluster::{ApplyError, Command, ReplicaState};
 use crate::store::{BLOCK_SIZE, MAX_IO_BYTES};
 
@@ -845,18 +845,16 @@ impl Inner {
     /// Compares one hot region across the in-sync replicas and copies the differing blocks
     /// from one of them (the local one first) to the others. A target that fails is
     /// ejected with the region dirty. Returns whether the region was compared from a
-    /// source that answered throughout, with every in-sync replica connected. With `live`, the region is marked clean in the hot
-    /// set before its lock is released, so a write that fails after the comparison makes
-    /// it unclean again.
+    /// source that answered throughout, with every in-sync replica connected. With
+    /// `live`, the region is marked clean in the hot set before its lock is released, so a
+    /// write that fails after the comparison makes it unclean again.
     async fn reconcile_region(&self, region: u64, live: bool) -> Result<bool, ReplicationError> {
-        let off = region * HOT_REGION_BYTES;
-        if off >= self.size_bytes {
+        let Some((off, len)) = hot_region_bytes(region, self.size_bytes) else {
             if live {
                 self.hot.reconciled(region);
             }
             return Ok(true);
-        }
-        let len = HOT_REGION_BYTES.min(self.size_bytes - off);
+        };
         let (b0, b1) = block_range(off, len);
         let _lock = self.locks.lock(b0, b1).await;
         // Every in-sync replica must take part: one without a session (it gets a new one
