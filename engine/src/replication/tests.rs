@@ -263,7 +263,8 @@ impl TestCluster {
     }
 
     /// For the deterministic simulation: the in-process network instead of TCP, and the
-    /// inline I/O engine (every store call completes on the one runtime thread).
+    /// simulated I/O engine (every store call completes on the one runtime thread, and a
+    /// node's power can be cut).
     async fn simulated(replica_nodes: &[u64], size: u64) -> TestCluster {
         let net = simnet::SimNet::new();
         TestCluster::make(replica_nodes, [1 << 30; 3], ["d"; 3], size, Some(net)).await
@@ -294,7 +295,7 @@ impl TestCluster {
                 &dir.path().join(format!("node{id}")),
                 pool_bytes[id as usize - 1],
                 if net.is_some() {
-                    IoEngine::Inline
+                    IoEngine::Simulated(crate::io::SimDisk::new())
                 } else {
                     IoEngine::Std
                 },

@@ -31,7 +31,6 @@ mod activity_log;
 use std::collections::BTreeSet;
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -362,32 +361,6 @@ pub fn zero_block_digest() -> u64 {
     *D.get_or_init(|| block_digest(&[0u8; BLOCK_SIZE]))
 }
 
-/// Data extents of a sparse file, as (start, end) byte ranges, via SEEK_DATA/SEEK_HOLE.
-fn data_extents(file: &File, len: u64) -> io::Result<Vec<(u64, u64)>> {
-    let fd = file.as_raw_fd();
-    let mut out = Vec::new();
-    let mut pos: i64 = 0;
-    while (pos as u64) < len {
-        // SAFETY: lseek on our own fd.
-        let start = unsafe { libc::lseek(fd, pos, libc::SEEK_DATA) };
-        if start < 0 {
-            let err = io::Error::last_os_error();
-            if err.raw_os_error() == Some(libc::ENXIO) {
-                break;
-            }
-            return Err(err);
-        }
-        // SAFETY: as above.
-        let end = unsafe { libc::lseek(fd, start, libc::SEEK_HOLE) };
-        if end < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        out.push((start as u64, (end as u64).min(len)));
-        pos = end;
-    }
-    Ok(out)
-}
-
 impl Replica {
     async fn open(pool: Arc<Pool>, id: &str, name: &str, size_bytes: u64) -> Result<Arc<Replica>> {
         let io_err = |op: &'static str| {
@@ -402,18 +375,23 @@ impl Replica {
         let data = open_rw(&pool.path(id, "data")).map_err(io_err("open data file"))?;
         let crc_file = open_rw(&pool.path(id, "crc")).map_err(io_err("open crc file"))?;
         let al_file = open_rw(&pool.path(id, "al")).map_err(io_err("open activity log"))?;
+        let engine = pool.engine.clone();
         let cur_len = data.metadata().map_err(io_err("stat data file"))?.len();
         if cur_len < size_bytes {
-            data.set_len(size_bytes).map_err(io_err("size data file"))?;
+            engine
+                .set_len(&data, size_bytes)
+                .map_err(io_err("size data file"))?;
         }
         let data = Arc::new(data);
         let crc_file = Arc::new(crc_file);
-        let engine = pool.engine.clone();
         let tables = Tables::new(size_bytes);
 
         // Load persisted checksums: one page per region that has any.
         let crc_len = crc_file.metadata().map_err(io_err("stat crc file"))?.len();
-        for (start, end) in data_extents(&crc_file, crc_len).map_err(io_err("scan crc file"))? {
+        let crc_extents = engine
+            .data_extents(&crc_file, crc_len)
+            .map_err(io_err("scan crc file"))?;
+        for (start, end) in crc_extents {
             let first = start / BLOCK_SIZE as u64;
             let last = end.div_ceil(BLOCK_SIZE as u64);
             for region in first..last {
@@ -436,7 +414,10 @@ impl Replica {
 
         // Allocation, from the data file's extents.
         let mut allocated = 0u64;
-        for (start, end) in data_extents(&data, size_bytes).map_err(io_err("scan data file"))? {
+        let data_extents = engine
+            .data_extents(&data, size_bytes)
+            .map_err(io_err("scan data file"))?;
+        for (start, end) in data_extents {
             let first = start / BLOCK_SIZE as u64;
             let last = end.div_ceil(BLOCK_SIZE as u64);
             for block in first..last {
@@ -884,19 +865,9 @@ impl Replica {
         let tables = self.tables.read().await;
         let _guard = self.range_lock.lock(first, last).await;
         let _al = self.al_begin(&tables, first, last).await?;
-        let (start_b, len_b) = (first * bs, (last - first) * bs);
-        // SAFETY: fallocate on our own fd with in-range arguments.
-        let rc = unsafe {
-            libc::fallocate(
-                self.data.as_raw_fd(),
-                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                start_b as i64,
-                len_b as i64,
-            )
-        };
-        if rc != 0 {
-            return Err(self.io_err("punch hole", io::Error::last_os_error()));
-        }
+        self.engine
+            .punch_hole(&self.data, first * bs, (last - first) * bs)
+            .map_err(|e| self.io_err("punch hole", e))?;
         let mut freed = 0u64;
         for b in first..last {
             if let Some(chunk) = tables.chunk(b) {
@@ -937,8 +908,8 @@ impl Replica {
         if new_size_bytes == tables.size_bytes {
             return Ok(());
         }
-        self.data
-            .set_len(new_size_bytes)
+        self.engine
+            .set_len(&self.data, new_size_bytes)
             .map_err(|e| self.io_err("grow data file", e))?;
         let n = new_size_bytes.div_ceil(REGION_SIZE) as usize;
         tables.regions.resize_with(n, OnceLock::new);

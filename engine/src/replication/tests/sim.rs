@@ -2,7 +2,8 @@
 //!
 //! One seed drives one run against the real code in one process and on one thread: the
 //! coordinator, three replica servers with their stores (pools in `/dev/shm` when it
-//! exists, on the inline I/O engine), the wire codec over the in-process network of
+//! exists, on the simulated I/O engine, whose [`crate::io::SimDisk`] can cut a node's
+//! power), the wire codec over the in-process network of
 //! [`super::simnet`], and the metadata state machine's `apply` (an [`InMemoryMeta`]: a
 //! linearizable log whose leader changes show as outages, lost replies and commit delays). The clock is tokio's, paused: time is
 //! virtual. The seed fixes the whole run: every operation (concurrent, overlapping,
@@ -11,26 +12,28 @@
 //! mid-batch and the volume taken over on another node, a failed flush, a replica that
 //! stalls past the I/O timeout, a replica turned async and back, a silent partition, a
 //! metadata outage or lost metadata replies, a full pool, a bit flipped at rest and then
-//! scrubbed, a node whose pool is wiped, an RF change), and the interleaving: a replay
+//! scrubbed, a node whose pool is wiped, an RF change, a power loss of one node or of
+//! every node), and the interleaving: a replay
 //! gives the same trace ([`replay_is_exact`]).
 //!
 //! The checker keeps, for every 512-byte sector, the set of values it may hold: after a
 //! batch in which a write to it was acked, any write of that batch (acked or not, their
 //! order is not known); otherwise the earlier set plus every write that failed (its
-//! outcome is unknown). It asserts:
+//! outcome is unknown); and the values it may have held since the last acked flush
+//! began, which a power loss of every in-sync copy may bring back. It asserts:
 //! * every read returns, per sector, a value of that set (or of a write concurrent with
 //!   it), never bytes that were not written; an acked write is never lost;
 //! * no coordinator acks a write after a newer one took the volume over (no fork);
 //! * at the end, with every fault healed and every replica back in sync, the replicas are
 //!   byte-identical, `verify` is clean, and a full read matches the model.
 //!
-//! Not simulated yet (see docs/ARCHITECTURE.md, "The simulation"): power loss (the files
-//! are real), domain deactivation with promotion.
+//! Not simulated yet (see docs/ARCHITECTURE.md, "The simulation"): domain deactivation
+//! with promotion.
 //!
 //! `TANDEM_SIM_SEEDS=FIRST-LAST` (or one seed) runs other seeds; `TANDEM_SIM_OPS` changes the
 //! operations per seed; `TANDEM_SIM_PROFILE` replays under an older [`Profile`]. A failure prints the command that replays its seed.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -137,6 +140,9 @@ enum Fault {
     /// close, commit the new replica set, attach and open again. Three replicas lose one;
     /// two gain the spare node.
     ChangeRf,
+    /// A node loses power (`kill -9`, and every page its files held that no `fdatasync`
+    /// covered is lost, kept, or torn), or, one time in four, every node at once.
+    PowerLoss,
 }
 
 /// What a seed's schedule is drawn from. A seed's run depends on the profile, so the
@@ -152,7 +158,7 @@ struct Profile {
 }
 
 /// Every fault, in the order they were added: each profile takes a prefix.
-const ALL_FAULTS: [Fault; 12] = [
+const ALL_FAULTS: [Fault; 13] = [
     Fault::CrashReplica,
     Fault::CrashCoordinator,
     Fault::MoveCoordinator,
@@ -165,6 +171,7 @@ const ALL_FAULTS: [Fault; 12] = [
     Fault::BitFlip,
     Fault::WipePool,
     Fault::ChangeRf,
+    Fault::PowerLoss,
 ];
 
 /// The fault set of the first sweeps (seeds 108, 524, 1007 failed under it).
@@ -195,9 +202,16 @@ const V4: Profile = Profile {
     commit_delay: true,
 };
 
-/// The current profile: bit flips at rest, wiped pools and RF changes too.
+/// With bit flips at rest, wiped pools and RF changes.
 const V5: Profile = Profile {
     version: 5,
+    faults: ALL_FAULTS.split_at(12).0,
+    commit_delay: true,
+};
+
+/// The current profile: power loss too.
+const V6: Profile = Profile {
+    version: 6,
     faults: &ALL_FAULTS,
     commit_delay: true,
 };
@@ -216,12 +230,25 @@ impl Trace {
 struct Model {
     /// Per sector: the values it may hold now.
     possible: Vec<BTreeSet<u64>>,
+    /// Per sector written since the last acked flush began: the values it may have held
+    /// since then, a superset of `possible` (`None`: just `possible`). What a power loss of
+    /// every in-sync copy may bring back: a write acked before an acked flush survives it,
+    /// a later one may not.
+    since_flush: BTreeMap<usize, BTreeSet<u64>>,
 }
 
 impl Model {
     fn new() -> Model {
         Model {
             possible: vec![BTreeSet::from([0]); SECTORS],
+            since_flush: BTreeMap::new(),
+        }
+    }
+
+    /// Every in-sync copy lost power: a sector may hold anything since the last flush.
+    fn lose_unflushed(&mut self) {
+        for (&s, all) in &self.since_flush {
+            self.possible[s] = all.clone();
         }
     }
 }
@@ -252,6 +279,11 @@ struct Run {
     full: Option<(u64, usize)>,
     /// A flipped bit not yet scrubbed: node, byte offset, and the batch it flipped at.
     flipped: Option<(u64, u64, usize)>,
+    /// Every in-sync copy lost power in the batch being run: its flush (if any) guarantees
+    /// nothing, and its acked writes may be gone.
+    lost_unflushed: bool,
+    /// A fault is being injected in the middle of a batch.
+    in_batch: bool,
     profile: Profile,
     next_tag: u64,
     /// The batch being run: the clock faults heal by.
@@ -352,7 +384,9 @@ impl Run {
         }
         if let Some(f) = mid_fault {
             tokio::time::sleep(Duration::from_micros(self.rng.below(3000))).await;
+            self.in_batch = true;
             self.fault(f).await;
+            self.in_batch = false;
         }
         let mut results = Vec::new();
         for h in handles {
@@ -395,17 +429,48 @@ impl Run {
             }
         }
         // The model after the batch.
-        for s in 0..SECTORS {
+        let flushed = !self.lost_unflushed
+            && ops
+                .iter()
+                .zip(&results)
+                .any(|(op, r)| matches!(op, Op::Flush) && r.is_ok());
+        let changed: BTreeSet<usize> = touched.iter().flat_map(|(r, _, _)| r.clone()).collect();
+        if flushed {
+            // What each sector held before this batch's flush is durable; a write concurrent
+            // with the flush may or may not be.
+            self.model.since_flush.clear();
+            for &s in &changed {
+                self.model
+                    .since_flush
+                    .insert(s, self.model.possible[s].clone());
+            }
+        } else {
+            for &s in &changed {
+                if !self.model.since_flush.contains_key(&s) {
+                    self.model
+                        .since_flush
+                        .insert(s, self.model.possible[s].clone());
+                }
+            }
+        }
+        for &s in &changed {
             let mine: Vec<&(std::ops::Range<usize>, u64, bool)> =
                 touched.iter().filter(|(r, _, _)| r.contains(&s)).collect();
-            if mine.is_empty() {
-                continue;
-            }
             if mine.iter().any(|(_, _, ok)| *ok) {
                 self.model.possible[s] = mine.iter().map(|(_, t, _)| *t).collect();
             } else {
                 self.model.possible[s].extend(mine.iter().map(|(_, t, _)| *t));
             }
+            let now = self.model.possible[s].iter().copied();
+            self.model
+                .since_flush
+                .get_mut(&s)
+                .expect("inserted above")
+                .extend(now);
+        }
+        if std::mem::take(&mut self.lost_unflushed) {
+            // The power went out during the batch: its acked writes may be gone too.
+            self.model.lose_unflushed();
         }
         // The trace's fingerprint of this batch: which operations succeeded, what the reads
         // returned, and the order write frames reached each replica server.
@@ -441,8 +506,79 @@ impl Run {
 
     async fn crash_node(&mut self, node: u64) {
         self.c.stop(node).await;
-        // kill -9: the store is dropped without close (its activity log stays hot).
+        // kill -9: the store is dropped without close (its activity log stays hot), and
+        // whatever the dead process was still doing fails (its files are dead).
         self.c.node(node).replicas.0.lock().unwrap().clear();
+        self.disk(node).kill();
+    }
+
+    fn disk(&self, node: u64) -> Arc<crate::io::SimDisk> {
+        match self.c.node(node).pool.engine() {
+            IoEngine::Simulated(disk) => disk.clone(),
+            other => panic!("the simulation runs on the simulated disk, not {other:?}"),
+        }
+    }
+
+    /// Cuts `node`'s power: a kill, then its unsynced pages are lost, kept or torn.
+    async fn power_off(&mut self, node: u64) {
+        self.crash_node(node).await;
+        let disk = self.disk(node);
+        let rng = &mut self.rng;
+        match disk.power_loss(&mut |n| rng.below(n)) {
+            Ok(l) => self.log.push(format!(
+                "  node {node} lost power: {} unsynced pages, {} rolled back, {} torn",
+                l.unsynced_pages, l.rolled_back, l.torn
+            )),
+            Err(e) => self.fail(format!("power loss of node {node}: {e}")),
+        }
+    }
+
+    /// A power loss: one node (the coordinator's maybe), or, one time in four, every node.
+    async fn power_loss(&mut self) {
+        if self.down.is_some() {
+            return;
+        }
+        if self.rng.chance(25) {
+            for n in 1..=3 {
+                self.power_off(n).await;
+            }
+            self.lost_unflushed = self.in_batch;
+            self.model.lose_unflushed();
+            for n in 1..=3 {
+                self.restart_node(n).await;
+            }
+            let to = 1 + self.rng.below(3);
+            self.log
+                .push(format!("  every node lost power; attaching on node {to}"));
+            self.open_on(to).await;
+            return;
+        }
+        let nodes = self.replica_nodes();
+        let n = nodes[self.rng.below(nodes.len() as u64) as usize];
+        // Acked writes survive unless this was the only copy that holds them: no other
+        // replica in sync, in the metadata and for the coordinator, and connected.
+        let vol = self.c.volume();
+        let stats = self.coord.stats();
+        let other_copy = vol.in_sync_nodes().iter().any(|&m| {
+            m != n
+                && stats
+                    .replicas
+                    .iter()
+                    .any(|r| r.node == m && r.state == ReplicaState::InSync && r.connected)
+        });
+        self.power_off(n).await;
+        self.down = Some((n, self.batch_no));
+        if !other_copy {
+            self.log
+                .push("  it held the only in-sync copy: unflushed writes may be lost".into());
+            self.lost_unflushed = self.in_batch;
+            self.model.lose_unflushed();
+        }
+        if n == self.coord_node {
+            self.takeover(true).await;
+            self.log
+                .push(format!("  coordinator now on node {}", self.coord_node));
+        }
     }
 
     async fn restart_node(&mut self, node: u64) {
@@ -664,6 +800,7 @@ impl Run {
                     .push(format!("  node {n} killed; its pool is wiped"));
             }
             Fault::ChangeRf => self.change_rf().await,
+            Fault::PowerLoss => self.power_loss().await,
             Fault::Async => {
                 if self.async_node.is_some() {
                     return;
@@ -1103,6 +1240,8 @@ async fn run_seed(seed: u64, ops: usize, profile: Profile) -> Outcome {
         meta_out: None,
         full: None,
         flipped: None,
+        lost_unflushed: false,
+        in_batch: false,
         profile,
         next_tag: 0,
         batch_no: 0,
@@ -1167,14 +1306,15 @@ fn seeds_from_var(var: &str, default: std::ops::Range<u64>) -> std::ops::Range<u
     }
 }
 
-/// `TANDEM_SIM_PROFILE` (1 to 5; the current one by default).
+/// `TANDEM_SIM_PROFILE` (1 to 6; the current one by default).
 fn profile_from_env() -> Profile {
     match std::env::var("TANDEM_SIM_PROFILE").ok().as_deref() {
         Some("1") => V1,
         Some("2") => V2,
         Some("3") => V3,
         Some("4") => V4,
-        _ => V5,
+        Some("5") => V5,
+        _ => V6,
     }
 }
 
@@ -1258,7 +1398,7 @@ fn sweep_odd_half() {
 }
 
 /// A replay is exact: the same seed, run twice, gives the same trace (one thread, the
-/// simulated network and clock from zero, the inline I/O engine, a fixed polling order).
+/// simulated network and clock from zero, the simulated I/O engine, a fixed polling order).
 #[test]
 fn replay_is_exact() {
     if std::env::var_os("TANDEM_SIM_SEEDS").is_some() {
@@ -1269,7 +1409,7 @@ fn replay_is_exact() {
         Some(_) => seeds_from_var("TANDEM_SIM_EXACT", 0..0)
             .map(|s| (s, profile_from_env()))
             .collect(),
-        None => [(3, V5), (17, V5)]
+        None => [(3, V6), (17, V6)]
             .into_iter()
             .chain(REGRESSION_SEEDS.iter().copied())
             .collect(),

@@ -10,8 +10,17 @@
 //!   buffered I/O, so these are page-cache copies of a few microseconds; the only calls that
 //!   wait for the device (`fdatasync`) run on tokio's blocking pool.
 //!
-//! Both engines give full-length semantics: `read_at` fills the whole buffer (zeros past
+//! * [`IoEngine::Simulated`]: the deterministic simulation's engine: every call completes
+//!   on the calling thread, in program order, and a [`SimDisk`] remembers what is not
+//!   durable yet, so the simulation can cut a node's power ([`simdisk`]).
+//!
+//! Every engine gives full-length semantics: `read_at` fills the whole buffer (zeros past
 //! end of file) and `write_at` writes all of it, resubmitting short transfers.
+//!
+//! The store reaches its files' contents only through the engine: reads, writes,
+//! `fdatasync`, punching holes, growing a file and finding its data extents. Opening,
+//! creating and removing files, and the suspect marker (written and synced at once), are
+//! the only direct calls.
 
 use std::fs::File;
 use std::io;
@@ -22,6 +31,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 
 use tokio::sync::oneshot;
+
+pub mod simdisk;
+pub use simdisk::SimDisk;
 
 /// Submission/completion queue depth of the ring. Deeper queues are pointless here: the
 /// frontends bound in-flight requests per connection (see the NBD server).
@@ -56,10 +68,11 @@ pub enum IoEngine {
     Std,
     Uring(Arc<UringEngine>),
     /// Like [`IoEngine::Std`], but `fdatasync` runs on the calling thread too: every call
-    /// completes in program order, with no thread of its own. The deterministic simulation
-    /// runs on one thread with this engine (over a tmpfs, where `fdatasync` is cheap); it
-    /// is not for a daemon, where a slow device would stall the runtime.
-    Inline,
+    /// completes in program order, with no thread of its own, and the [`SimDisk`] keeps
+    /// what each file held before every write that is not durable yet. The deterministic
+    /// simulation runs on one thread with this engine (over a tmpfs, where `fdatasync` is
+    /// cheap); it is not for a daemon, where a slow device would stall the runtime.
+    Simulated(Arc<SimDisk>),
 }
 
 impl std::fmt::Debug for IoEngine {
@@ -91,67 +104,41 @@ impl IoEngine {
         match self {
             IoEngine::Std => "std",
             IoEngine::Uring(_) => "uring",
-            IoEngine::Inline => "inline",
+            IoEngine::Simulated(_) => "simulated",
         }
     }
 
     /// Reads `buf.len()` bytes at `offset`. Bytes past end of file read as zeros.
     pub async fn read_at(&self, file: &Arc<File>, mut buf: Vec<u8>, offset: u64) -> BufResult {
         match self {
-            IoEngine::Std | IoEngine::Inline => {
+            IoEngine::Std => {
                 let res = std_read_full(file, &mut buf, offset);
                 (res, buf)
             }
-            IoEngine::Uring(ring) => {
-                let mut pos = 0usize;
-                while pos < buf.len() {
-                    let (res, back) = ring
-                        .submit(OpKind::Read, file.clone(), buf, pos, offset + pos as u64)
-                        .await;
-                    buf = back;
-                    match res {
-                        Ok(0) => {
-                            buf[pos..].fill(0);
-                            break;
-                        }
-                        Ok(n) => pos += n,
-                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                        Err(e) => return (Err(e), buf),
-                    }
-                }
-                (Ok(()), buf)
+            IoEngine::Simulated(disk) => {
+                let res = disk
+                    .check(file)
+                    .and_then(|()| std_read_full(file, &mut buf, offset));
+                (res, buf)
             }
+            IoEngine::Uring(ring) => ring.transfer(OpKind::Read, file, buf, offset).await,
         }
     }
 
     /// Writes all of `buf` at `offset`.
-    pub async fn write_at(&self, file: &Arc<File>, mut buf: Vec<u8>, offset: u64) -> BufResult {
+    pub async fn write_at(&self, file: &Arc<File>, buf: Vec<u8>, offset: u64) -> BufResult {
         match self {
-            IoEngine::Std | IoEngine::Inline => {
+            IoEngine::Std => {
                 let res = file.write_all_at(&buf, offset);
                 (res, buf)
             }
-            IoEngine::Uring(ring) => {
-                let mut pos = 0usize;
-                while pos < buf.len() {
-                    let (res, back) = ring
-                        .submit(OpKind::Write, file.clone(), buf, pos, offset + pos as u64)
-                        .await;
-                    buf = back;
-                    match res {
-                        Ok(0) => {
-                            return (
-                                Err(io::Error::new(io::ErrorKind::WriteZero, "write returned 0")),
-                                buf,
-                            )
-                        }
-                        Ok(n) => pos += n,
-                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                        Err(e) => return (Err(e), buf),
-                    }
-                }
-                (Ok(()), buf)
+            IoEngine::Simulated(disk) => {
+                let res = disk
+                    .before_change(file, offset, buf.len() as u64)
+                    .and_then(|()| file.write_all_at(&buf, offset));
+                (res, buf)
             }
+            IoEngine::Uring(ring) => ring.transfer(OpKind::Write, file, buf, offset).await,
         }
     }
 
@@ -164,7 +151,7 @@ impl IoEngine {
                     .await
                     .map_err(|e| io::Error::other(format!("fdatasync task failed: {e}")))?
             }
-            IoEngine::Inline => file.sync_data(),
+            IoEngine::Simulated(disk) => disk.fdatasync(file),
             IoEngine::Uring(ring) => ring
                 .submit(OpKind::Fdatasync, file.clone(), Vec::new(), 0, 0)
                 .await
@@ -172,6 +159,75 @@ impl IoEngine {
                 .map(|_| ()),
         }
     }
+}
+
+impl IoEngine {
+    /// Deallocates `[offset, offset + len)` (`fallocate` with `PUNCH_HOLE | KEEP_SIZE`): it
+    /// reads as zeros and takes no space. Not durable before the next `fdatasync`.
+    pub fn punch_hole(&self, file: &Arc<File>, offset: u64, len: u64) -> io::Result<()> {
+        if let IoEngine::Simulated(disk) = self {
+            disk.before_change(file, offset, len)?;
+        }
+        punch_hole(file, offset, len)
+    }
+
+    /// Grows `file` to `len` bytes (the new bytes read as zeros).
+    pub fn set_len(&self, file: &File, len: u64) -> io::Result<()> {
+        if let IoEngine::Simulated(disk) = self {
+            disk.check(file)?;
+        }
+        file.set_len(len)
+    }
+
+    /// The data extents of the sparse `file` below `len`, as (start, end) byte ranges
+    /// (`SEEK_DATA`/`SEEK_HOLE`).
+    pub fn data_extents(&self, file: &File, len: u64) -> io::Result<Vec<(u64, u64)>> {
+        if let IoEngine::Simulated(disk) = self {
+            disk.check(file)?;
+        }
+        data_extents(file, len)
+    }
+}
+
+fn punch_hole(file: &File, offset: u64, len: u64) -> io::Result<()> {
+    // SAFETY: fallocate on a file we hold open, with in-range arguments.
+    let rc = unsafe {
+        libc::fallocate(
+            file.as_raw_fd(),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            offset as i64,
+            len as i64,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn data_extents(file: &File, len: u64) -> io::Result<Vec<(u64, u64)>> {
+    let fd = file.as_raw_fd();
+    let mut out = Vec::new();
+    let mut pos: i64 = 0;
+    while (pos as u64) < len {
+        // SAFETY: lseek on a file we hold open.
+        let start = unsafe { libc::lseek(fd, pos, libc::SEEK_DATA) };
+        if start < 0 {
+            let err = io::Error::last_os_error();
+            if err.raw_os_error() == Some(libc::ENXIO) {
+                break;
+            }
+            return Err(err);
+        }
+        // SAFETY: as above.
+        let end = unsafe { libc::lseek(fd, start, libc::SEEK_HOLE) };
+        if end < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        out.push((start as u64, (end as u64).min(len)));
+        pos = end;
+    }
+    Ok(out)
 }
 
 fn std_read_full(file: &File, buf: &mut [u8], offset: u64) -> io::Result<()> {
@@ -247,6 +303,38 @@ impl Drop for EventFd {
 const WAKE_TOKEN: u64 = u64::MAX;
 
 impl UringEngine {
+    /// Reads or writes all of `buf` at `offset`, resubmitting short transfers; a read past
+    /// the end of the file fills the rest with zeros.
+    async fn transfer(
+        &self,
+        kind: OpKind,
+        file: &Arc<File>,
+        mut buf: Vec<u8>,
+        offset: u64,
+    ) -> BufResult {
+        let mut pos = 0usize;
+        while pos < buf.len() {
+            let (res, back) = self
+                .submit(kind, file.clone(), buf, pos, offset + pos as u64)
+                .await;
+            buf = back;
+            match res {
+                Ok(0) if matches!(kind, OpKind::Read) => {
+                    buf[pos..].fill(0);
+                    break;
+                }
+                Ok(0) => {
+                    let e = io::Error::new(io::ErrorKind::WriteZero, "write returned 0");
+                    return (Err(e), buf);
+                }
+                Ok(n) => pos += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return (Err(e), buf),
+            }
+        }
+        (Ok(()), buf)
+    }
+
     /// Creates the ring, proves it works with a NOP, and starts its thread.
     pub fn start() -> io::Result<UringEngine> {
         let mut ring = io_uring::IoUring::new(URING_ENTRIES)?;
@@ -476,20 +564,24 @@ mod tests {
         v
     }
 
+    /// A new, empty file at `path`, open for reading and writing.
+    pub(crate) fn scratch_file(path: &std::path::Path) -> Arc<File> {
+        Arc::new(
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(path)
+                .unwrap(),
+        )
+    }
+
     #[tokio::test]
     async fn engines_round_trip_and_read_zeros_past_eof() {
         for engine in engines() {
             let dir = tempfile::tempdir().unwrap();
-            let path = dir.path().join("f");
-            let file = Arc::new(
-                std::fs::OpenOptions::new()
-                    .read(true)
-                    .write(true)
-                    .create(true)
-                    .truncate(true)
-                    .open(&path)
-                    .unwrap(),
-            );
+            let file = scratch_file(&dir.path().join("f"));
             let data: Vec<u8> = (0..10_000u32).map(|i| (i % 251) as u8).collect();
             let (res, _) = engine.write_at(&file, data.clone(), 4096).await;
             res.unwrap();
@@ -512,15 +604,7 @@ mod tests {
     async fn uring_engine_handles_many_concurrent_operations() {
         let engine = IoEngine::new(IoEngineChoice::Uring).unwrap();
         let dir = tempfile::tempdir().unwrap();
-        let file = Arc::new(
-            std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .open(dir.path().join("f"))
-                .unwrap(),
-        );
+        let file = scratch_file(&dir.path().join("f"));
         // More operations than ring entries, to exercise the full-queue path.
         let mut tasks = Vec::new();
         for i in 0..1000u64 {
