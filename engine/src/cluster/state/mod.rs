@@ -321,12 +321,28 @@ impl ClusterState {
                         stale: *generation,
                     });
                 }
-                if !replicas.iter().any(|r| r.state == ReplicaState::InSync) {
+                // Membership only: a replica that stays keeps its record as the metadata
+                // has it (the list may have been read before an ejection), and a new one
+                // joins out of sync. Only a resync or a promotion makes a replica in sync.
+                let next: Vec<ReplicaRecord> = replicas
+                    .iter()
+                    .map(|r| match v.replica(r.node) {
+                        Some(current) => current.clone(),
+                        None => ReplicaRecord {
+                            node: r.node,
+                            state: ReplicaState::OutOfSync,
+                            generation: v.generation,
+                            resync_done_bytes: 0,
+                            resync_total_bytes: 0,
+                        },
+                    })
+                    .collect();
+                if !next.iter().any(|r| r.state == ReplicaState::InSync) {
                     return Err(ApplyError::FailedPrecondition(format!(
                         "volume '{name}' must keep at least one in-sync replica"
                     )));
                 }
-                v.replicas = replicas.clone();
+                v.replicas = next;
                 v.repl = *repl;
                 Ok(ApplyOutput::None)
             }

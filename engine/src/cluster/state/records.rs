@@ -201,6 +201,8 @@ pub enum Command {
         generation: u64,
     },
     /// Adds or removes replicas (RF change), decided at `generation` (0 when detached).
+    /// Membership only: a replica that stays keeps its current record, and a new one joins
+    /// out of sync, whatever states `replicas` carries.
     SetReplicas {
         name: String,
         replicas: Vec<ReplicaRecord>,

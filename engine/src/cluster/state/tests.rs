@@ -344,3 +344,72 @@ fn deactivation_fails_over_every_volume_with_a_copy_outside_and_keeps_the_others
     assert!(s.unavailable_in("east").is_empty());
     assert_eq!(s.volumes["local"].in_sync_nodes().len(), 2);
 }
+
+/// Seed 1192 (profile 6): an RF change built its replica list from a record read before
+/// the old coordinator ejected a replica. `SetReplicas` took that list as it was, and the
+/// ejected replica, missing acked writes, was in sync again (`verify` found 3 blocks that
+/// differed). A replica-set change decides membership only: a replica that stays keeps
+/// the state the metadata has, and a new one joins out of sync, whatever the list says.
+#[test]
+fn a_replica_set_change_never_raises_a_replica_state() {
+    let mut s = ClusterState::new("c");
+    for n in ["a", "b", "c"] {
+        s.apply(&Command::AddNode { node: node(n) }).unwrap();
+    }
+    s.apply(&Command::CreateVolume {
+        volume: Box::new(volume("v", &[1, 3])),
+    })
+    .unwrap();
+    s.apply(&Command::Attach {
+        name: "v".into(),
+        node: 1,
+        takeover: false,
+    })
+    .unwrap();
+    // The list an RF change builds, from the record as it reads it now...
+    let mut replicas = s.volumes["v"].replicas.clone();
+    replicas.push(ReplicaRecord {
+        node: 2,
+        state: ReplicaState::InSync, // a new replica claimed in sync, too
+        generation: 1,
+        resync_done_bytes: 0,
+        resync_total_bytes: 0,
+    });
+    // ...then the coordinator ejects node 3 before the change commits.
+    s.apply(&Command::SetReplicaState {
+        name: "v".into(),
+        node: 3,
+        state: ReplicaState::OutOfSync,
+        generation: 1,
+    })
+    .unwrap();
+    s.apply(&Command::SetReplicas {
+        name: "v".into(),
+        replicas,
+        repl: 3,
+        generation: 1,
+    })
+    .unwrap();
+    let v = &s.volumes["v"];
+    assert_eq!(v.replicas.len(), 3);
+    assert_eq!(v.replica(3).unwrap().state, ReplicaState::OutOfSync);
+    assert_eq!(v.replica(2).unwrap().state, ReplicaState::OutOfSync);
+    assert_eq!(v.in_sync_nodes(), vec![1]);
+    // A list that would keep no in-sync replica is refused, by the states the metadata has.
+    let only_3 = vec![ReplicaRecord {
+        node: 3,
+        state: ReplicaState::InSync,
+        generation: 1,
+        resync_done_bytes: 0,
+        resync_total_bytes: 0,
+    }];
+    assert!(matches!(
+        s.apply(&Command::SetReplicas {
+            name: "v".into(),
+            replicas: only_3,
+            repl: 1,
+            generation: 1,
+        }),
+        Err(ApplyError::FailedPrecondition(_))
+    ));
+}

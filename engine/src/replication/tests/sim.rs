@@ -1376,6 +1376,7 @@ const REGRESSION_SEEDS: &[(u64, Profile)] = &[
     (11536, V4),
     (9, V5),
     (313, V5),
+    (1192, V6),
 ];
 
 #[test]
