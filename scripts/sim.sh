@@ -10,7 +10,7 @@
 # simulation"). CI runs seeds 0-999 with 200 operations each. A failing seed stops the run
 # and prints the command that replays it (the same trace); add it, with its profile, to
 # REGRESSION_SEEDS in engine/src/replication/tests/sim.rs once it is fixed.
-# TANDEM_SIM_PROFILE=1..5 runs an older fault profile (default: the current one, 6).
+# TANDEM_SIM_PROFILE=1..6 runs an older fault profile (default: the current one, 7).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [[ ${1:-} == --exact ]]; then

@@ -172,18 +172,19 @@ pub(super) struct Ejection<'a> {
     pub(super) size_bytes: u64,
 }
 
-/// Records that a replica in `state` misses `ranges`. A due full comparison (out of sync
-/// or resyncing, no bitmap) covers them and stays one: narrowing it to these ranges would
-/// drop every other write it missed (seed 1155). A replica that tracks nothing yet (async,
-/// in sync) starts a bitmap.
+/// Records that a replica in `state` misses `ranges`. A due full comparison (no bitmap,
+/// while out of sync, resyncing or async) covers them and stays one: narrowing it to these
+/// ranges would drop every other write it missed (seeds 1155 and 68). An in-sync replica,
+/// which tracks nothing (it holds every acked write), starts a bitmap. (An async replica
+/// tracks from the moment it turned async, with an empty bitmap; it has none only when
+/// what it holds is unknown.)
 pub(super) fn mark_missing(
     dirty: &mut Option<RegionBitmap>,
     state: ReplicaState,
     ranges: &[(u64, u64)],
     size_bytes: u64,
 ) {
-    let full_due =
-        dirty.is_none() && matches!(state, ReplicaState::OutOfSync | ReplicaState::Resyncing);
+    let full_due = dirty.is_none() && state != ReplicaState::InSync;
     if full_due || !ranges.iter().any(|&(_, len)| len > 0) {
         return;
     }
@@ -205,17 +206,14 @@ pub(super) fn ejected_dirty(e: Ejection) -> Option<RegionBitmap> {
         }
     };
     mark_missing(&mut dirty, e.state, e.behind, e.size_bytes);
-    if matches!(e.state, ReplicaState::InSync | ReplicaState::Async) {
+    if e.state == ReplicaState::InSync {
         if dirty.is_none() && e.known_instance {
-            // Tracked from this moment on: everything before was acked by it (or is in
-            // its queue's ranges above)...
+            // Tracked from this moment on: everything before was acked by it...
             dirty = Some(RegionBitmap::empty(regions));
         }
         // ...except what may differ in unclean regions (seed 11536).
-        if e.state == ReplicaState::InSync {
-            if let Some(d) = dirty.as_mut() {
-                set(d, e.unclean);
-            }
+        if let Some(d) = dirty.as_mut() {
+            set(d, e.unclean);
         }
     }
     match e.missed {
@@ -502,9 +500,16 @@ mod tests {
         e.behind = &[(5 * MIB, 4096)];
         assert!(ejected_dirty(e).is_none());
         // An async replica keeps what its queue had not delivered.
-        let mut e = ejection(Async, None);
+        let mut e = ejection(Async, Some(RegionBitmap::empty(16)));
         e.behind = &[(3 * MIB, 2 * MIB)];
         assert_eq!(regions(&ejected_dirty(e)), vec![0, 3, 4]);
+        // An async replica due a full comparison (no bitmap: the last in-sync copy
+        // restarted uncleanly, or it turned async with no connection) stays due one; its
+        // queue's ranges do not narrow it (seed 68, which the rule of seed 1155 did not
+        // cover for async replicas).
+        let mut e = ejection(Async, None);
+        e.behind = &[(3 * MIB, 2 * MIB)];
+        assert!(ejected_dirty(e).is_none());
         // Leaving in sync, it compares the unclean regions too (seed 11536); leaving
         // resyncing, its dirty bitmap already covers them (it compared them again).
         let mut e = ejection(InSync, None);

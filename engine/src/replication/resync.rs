@@ -322,7 +322,10 @@ impl Inner {
     pub(super) async fn check_in_sync_connections(&self) {
         // An async replica that lost its connection, or whose queue stopped, misses
         // writes or durability: its record leaves `async` now, not at the next write (a
-        // promotion trusts an `async` record).
+        // promotion trusts an `async` record). So does one that is due a comparison its
+        // queue cannot give (its bitmap is not empty: the last in-sync copy restarted
+        // uncleanly, say): only a resync catches it up, and nothing else would start one
+        // for a replica that is async by choice (seed 68).
         let lost_async: Vec<u64> = self
             .lock_members()
             .iter()
@@ -330,6 +333,7 @@ impl Inner {
             .filter(|m| {
                 m.target.as_ref().is_none_or(|t| t.is_closed())
                     || m.async_q.as_ref().is_none_or(|q| q.lag().2)
+                    || m.dirty.as_ref().is_none_or(|d| d.count() > 0)
             })
             .map(|m| m.node)
             .collect();

@@ -259,15 +259,33 @@ impl TestCluster {
         domains: [&str; 3],
         size: u64,
     ) -> TestCluster {
-        TestCluster::make(replica_nodes, pool_bytes, domains, size, None).await
+        TestCluster::make(replica_nodes, pool_bytes, domains, size, None, &[]).await
+    }
+
+    /// Three nodes in `domains`; the volume's replicas in `async_domains` are async by
+    /// choice (`volume create --async-domains`).
+    async fn with_async_domains(
+        replica_nodes: &[u64],
+        domains: [&str; 3],
+        async_domains: &[&str],
+    ) -> TestCluster {
+        TestCluster::make(
+            replica_nodes,
+            [1 << 30; 3],
+            domains,
+            SIZE,
+            None,
+            async_domains,
+        )
+        .await
     }
 
     /// For the deterministic simulation: the in-process network instead of TCP, and the
     /// simulated I/O engine (every store call completes on the one runtime thread, and a
     /// node's power can be cut).
-    async fn simulated(replica_nodes: &[u64], size: u64) -> TestCluster {
+    async fn simulated(replica_nodes: &[u64], size: u64, domains: [&str; 3]) -> TestCluster {
         let net = simnet::SimNet::new();
-        TestCluster::make(replica_nodes, [1 << 30; 3], ["d"; 3], size, Some(net)).await
+        TestCluster::make(replica_nodes, [1 << 30; 3], domains, size, Some(net), &[]).await
     }
 
     async fn make(
@@ -276,6 +294,7 @@ impl TestCluster {
         domains: [&str; 3],
         size: u64,
         net: Option<simnet::SimNet>,
+        async_domains: &[&str],
     ) -> TestCluster {
         // Small clusters (the simulation builds hundreds) live in memory where possible.
         let shm = std::path::Path::new("/dev/shm");
@@ -352,7 +371,7 @@ impl TestCluster {
             hot_regions: BTreeSet::new(),
             parked: Vec::new(),
             lease_wait: false,
-            async_domains: Default::default(),
+            async_domains: async_domains.iter().map(|d| d.to_string()).collect(),
         };
         meta.apply(&Command::CreateVolume {
             volume: Box::new(volume),
@@ -1375,6 +1394,77 @@ fn replica_stats(coord: &Coordinator, node: u64) -> ReplicaStats {
         .unwrap()
 }
 
+/// Node 3's replica (domain B, the volume's async domain) turns async under a coordinator
+/// on `on`, and takes a first write.
+async fn async_domain_replica_up(c: &TestCluster, on: u64) -> Arc<Coordinator> {
+    let coord = c.coordinator(on).await;
+    eventually("node 3 async (its domain is the async one)", || {
+        replica_stats(&coord, 3).state == ReplicaState::Async
+    })
+    .await;
+    coord.write(0, pattern(1, 64 << 10), false).await.unwrap();
+    coord
+}
+
+/// Waits until node 3 is async again and caught up, then checks the copies are identical.
+async fn async_domain_replica_caught_up(c: &TestCluster, coord: Arc<Coordinator>) {
+    eventually("node 3 caught up again, async", || {
+        let r = replica_stats(&coord, 3);
+        r.state == ReplicaState::Async && r.async_lag_bytes == 0 && r.connected
+    })
+    .await;
+    c.assert_identical(&[1, 3]).await;
+    coord.close().await.unwrap();
+}
+
+/// A replica async by choice (in the volume's async domain) whose write failed is behind
+/// by that write: it is committed out of sync, resynced, and turns async again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_async_domain_replica_whose_write_failed_is_resynced_and_turns_async_again() {
+    bounded(async {
+        let c = TestCluster::with_async_domains(&[1, 3], ["A", "A", "B"], &["B"]).await;
+        let coord = async_domain_replica_up(&c, 1).await;
+        c.node(3).faulty.fail_writes.store(1, Ordering::SeqCst);
+        coord.write(MIB, pattern(2, 64 << 10), false).await.unwrap();
+        coord
+            .write(2 * MIB, pattern(3, 64 << 10), false)
+            .await
+            .unwrap();
+        coord.flush().await.unwrap();
+        async_domain_replica_caught_up(&c, coord).await;
+    })
+    .await
+}
+
+/// Seed 68 (profile 7): the last in-sync replica restarted uncleanly while the volume's
+/// async-domain replica kept up. The async one may hold acked writes the restarted copy
+/// lost, so it was given a full comparison (`dirty` = everything), but its queue ran on
+/// and its record stayed `async`: nothing ever compared it, and its lag (the DR copy's
+/// RPO) stayed at the whole volume for good. It must be committed out of sync, resynced,
+/// and turn async again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_async_domain_replica_due_a_full_comparison_is_resynced_and_turns_async_again() {
+    bounded(async {
+        let mut c = TestCluster::with_async_domains(&[1, 3], ["A", "A", "B"], &["B"]).await;
+        // The coordinator runs on node 2, which holds no replica: node 1 is its only
+        // in-sync copy, reached over the wire.
+        let coord = async_domain_replica_up(&c, 2).await;
+        eventually("caught up", || {
+            replica_stats(&coord, 3).async_lag_bytes == 0
+        })
+        .await;
+        // kill -9 of node 1 (its activity log stays hot), and a restart.
+        c.stop(1).await;
+        c.node(1).replicas.0.lock().unwrap().clear();
+        c.open_replica(1).await;
+        c.start(1).await;
+        eventually("node 1 reconnected", || replica_stats(&coord, 1).connected).await;
+        coord.write(MIB, pattern(2, 64 << 10), false).await.unwrap();
+        async_domain_replica_caught_up(&c, coord).await;
+    })
+    .await
+}
+
 /// An async replica is sent every write in order in the background: a slow one holds up
 /// no ack (nor a flush), its lag is reported while it is behind, and after it goes back
 /// through resync it is byte-identical and in sync.
@@ -2246,11 +2336,19 @@ fn a_due_full_comparison_is_never_narrowed_by_a_later_mark() {
     assert!(m.dirty.is_none(), "nothing marked: still a full comparison");
     m.mark_behind(SIZE, &[(3 * MIB, 4096)], now);
     assert!(m.dirty.is_none(), "a full comparison covers any range");
-    // An async replica with nothing behind starts tracking what it misses.
+    // An async replica tracks what it misses from the moment it turned async (an empty
+    // bitmap then)...
     let mut a = Member::new(3, ReplicaState::Async);
+    a.dirty = Some(super::bitmap::RegionBitmap::empty(
+        SIZE.div_ceil(DIRTY_REGION_BYTES),
+    ));
     a.mark_behind(SIZE, &[(3 * MIB, 4096)], now);
     let d = a.dirty.as_ref().expect("tracked");
     assert_eq!(d.first_set(), Some(3));
+    // ...and one with no bitmap is due a full comparison, which stays one (seed 68).
+    let mut a = Member::new(3, ReplicaState::Async);
+    a.mark_behind(SIZE, &[(3 * MIB, 4096)], now);
+    assert!(a.dirty.is_none(), "a full comparison covers any range");
 }
 
 /// Writes pattern 1 at 5 MiB from a coordinator on node 2, then pattern 2, which fails

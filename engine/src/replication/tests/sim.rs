@@ -13,22 +13,24 @@
 //! stalls past the I/O timeout, a replica turned async and back, a silent partition, a
 //! metadata outage or lost metadata replies, a full pool, a bit flipped at rest and then
 //! scrubbed, a node whose pool is wiped, an RF change, a power loss of one node or of
-//! every node), and the interleaving: a replay
+//! every node, a domain lost and deactivated with promotion of an async copy), and the
+//! interleaving: a replay
 //! gives the same trace ([`replay_is_exact`]).
 //!
 //! The checker keeps, for every 512-byte sector, the set of values it may hold: after a
 //! batch in which a write to it was acked, any write of that batch (acked or not, their
 //! order is not known); otherwise the earlier set plus every write that failed (its
 //! outcome is unknown); and the values it may have held since the last acked flush
-//! began, which a power loss of every in-sync copy may bring back. It asserts:
+//! began, which a power loss of every in-sync copy may bring back; and, while a replica is
+//! async, the cuts of the acked writes it may hold. It asserts:
 //! * every read returns, per sector, a value of that set (or of a write concurrent with
 //!   it), never bytes that were not written; an acked write is never lost;
 //! * no coordinator acks a write after a newer one took the volume over (no fork);
+//! * a promoted async copy holds a prefix of the acked writes;
 //! * at the end, with every fault healed and every replica back in sync, the replicas are
 //!   byte-identical, `verify` is clean, and a full read matches the model.
 //!
-//! Not simulated yet (see docs/ARCHITECTURE.md, "The simulation"): domain deactivation
-//! with promotion.
+//! Not simulated (see docs/ARCHITECTURE.md, "The simulation"): raft-rs itself.
 //!
 //! `TANDEM_SIM_SEEDS=FIRST-LAST` (or one seed) runs other seeds; `TANDEM_SIM_OPS` changes the
 //! operations per seed; `TANDEM_SIM_PROFILE` replays under an older [`Profile`]. A failure prints the command that replays its seed.
@@ -143,6 +145,13 @@ enum Fault {
     /// A node loses power (`kill -9`, and every page its files held that no `fdatasync`
     /// covered is lost, kept, or torn), or, one time in four, every node at once.
     PowerLoss,
+    /// A domain is lost (its nodes killed) and the operator runs `cluster domains
+    /// deactivate D --promote-async`: its replicas leave the replica set, an async replica
+    /// outside is promoted when no in-sync one is left there (accepting its lag), and the
+    /// volume is attached outside if it was attached in D. Some batches later D returns
+    /// (`activate`): its replicas come back out of sync and resync (after a promotion, as
+    /// the volume's async domain).
+    DomainLoss,
 }
 
 /// What a seed's schedule is drawn from. A seed's run depends on the profile, so the
@@ -155,10 +164,12 @@ struct Profile {
     faults: &'static [Fault],
     /// Metadata proposals take a random 0-1.5 ms to commit.
     commit_delay: bool,
+    /// The nodes' domains.
+    domains: [&'static str; 3],
 }
 
 /// Every fault, in the order they were added: each profile takes a prefix.
-const ALL_FAULTS: [Fault; 13] = [
+const ALL_FAULTS: [Fault; 14] = [
     Fault::CrashReplica,
     Fault::CrashCoordinator,
     Fault::MoveCoordinator,
@@ -172,6 +183,7 @@ const ALL_FAULTS: [Fault; 13] = [
     Fault::WipePool,
     Fault::ChangeRf,
     Fault::PowerLoss,
+    Fault::DomainLoss,
 ];
 
 /// The fault set of the first sweeps (seeds 108, 524, 1007 failed under it).
@@ -179,6 +191,7 @@ const V1: Profile = Profile {
     version: 1,
     faults: ALL_FAULTS.split_at(6).0,
     commit_delay: false,
+    domains: ["d"; 3],
 };
 
 /// With silent partitions (seed 1155 failed under it).
@@ -186,6 +199,7 @@ const V2: Profile = Profile {
     version: 2,
     faults: ALL_FAULTS.split_at(7).0,
     commit_delay: false,
+    domains: ["d"; 3],
 };
 
 /// With metadata outages, lost replies and commit delays (seed 615 failed under it).
@@ -193,6 +207,7 @@ const V3: Profile = Profile {
     version: 3,
     faults: ALL_FAULTS.split_at(8).0,
     commit_delay: true,
+    domains: ["d"; 3],
 };
 
 /// With full pools (seed 11536 failed under it).
@@ -200,6 +215,7 @@ const V4: Profile = Profile {
     version: 4,
     faults: ALL_FAULTS.split_at(9).0,
     commit_delay: true,
+    domains: ["d"; 3],
 };
 
 /// With bit flips at rest, wiped pools and RF changes.
@@ -207,13 +223,24 @@ const V5: Profile = Profile {
     version: 5,
     faults: ALL_FAULTS.split_at(12).0,
     commit_delay: true,
+    domains: ["d"; 3],
 };
 
-/// The current profile: power loss too.
+/// With power loss (seed 1192 failed under it).
 const V6: Profile = Profile {
     version: 6,
+    faults: ALL_FAULTS.split_at(13).0,
+    commit_delay: true,
+    domains: ["d"; 3],
+};
+
+/// The current profile: two domains (nodes 1 and 2 in A, node 3 in B), and a domain lost
+/// and deactivated, with promotion of an async replica when it is the last copy outside.
+const V7: Profile = Profile {
+    version: 7,
     faults: &ALL_FAULTS,
     commit_delay: true,
+    domains: ["A", "A", "B"],
 };
 
 /// A run's trace; each step is also logged (target `tandem_sim`, debug), in order with the
@@ -231,10 +258,87 @@ struct Model {
     /// Per sector: the values it may hold now.
     possible: Vec<BTreeSet<u64>>,
     /// Per sector written since the last acked flush began: the values it may have held
-    /// since then, a superset of `possible` (`None`: just `possible`). What a power loss of
+    /// since then, a superset of `possible` (absent: just `possible`). What a power loss of
     /// every in-sync copy may bring back: a write acked before an acked flush survives it,
     /// a later one may not.
     since_flush: BTreeMap<usize, BTreeSet<u64>>,
+    /// While a replica is (or may turn) async: per sector written since, the values it may
+    /// have held since (absent: just `possible`). An async replica holds a prefix of the
+    /// acked writes, so what its promotion may bring back is in here.
+    since_async: Option<BTreeMap<usize, BTreeSet<u64>>>,
+    /// While a replica is (or may turn) async: the cuts of the acked writes it may hold.
+    async_cuts: Option<AsyncCuts>,
+}
+
+/// Per sector a batch changed, two sets of values: before and during the batch (from
+/// [`Model::during_batch`]), or during and after it (in [`AsyncCuts::batches`]).
+type Cut = BTreeMap<usize, (BTreeSet<u64>, BTreeSet<u64>)>;
+
+/// The images an async replica may hold: the volume after some prefix of the acked
+/// writes. Batches are ordered (each starts once the one before has finished); within a
+/// batch the writes are concurrent, so a cut may take any of them.
+#[derive(Default)]
+struct AsyncCuts {
+    /// Per sector changed since the replica turned async: the values it held before.
+    initial: BTreeMap<usize, BTreeSet<u64>>,
+    /// Per batch since: for each sector it changed, the values it may hold during the
+    /// batch (before it, or a write of it) and after it.
+    batches: Vec<Cut>,
+}
+
+impl AsyncCuts {
+    /// Whether `image` (the whole volume) is the volume after some prefix of the acked
+    /// writes; the sectors no batch changed since must hold what `possible` allows.
+    fn check(
+        &self,
+        image: &[u8],
+        possible: &[BTreeSet<u64>],
+        in_flight: &[(std::ops::Range<usize>, u64)],
+    ) -> Result<usize, String> {
+        let at = |s: usize| &image[s * SECTOR as usize..(s + 1) * SECTOR as usize];
+        // The batch in flight (a fault in its middle) may have reached the replica: the
+        // last cut may take its writes.
+        let mut initial = self.initial.clone();
+        let mut last: BTreeMap<usize, BTreeSet<u64>> = BTreeMap::new();
+        for (range, tag) in in_flight {
+            for s in range.clone() {
+                initial.entry(s).or_insert_with(|| possible[s].clone());
+                last.entry(s)
+                    .or_insert_with(|| possible[s].clone())
+                    .insert(*tag);
+            }
+        }
+        for s in (0..SECTORS).filter(|s| !initial.contains_key(s)) {
+            if which(at(s), s, &possible[s]).is_none() {
+                return Err(format!(
+                    "sector {s} (unchanged since) holds no value it may"
+                ));
+            }
+        }
+        let mut latest: BTreeMap<usize, &BTreeSet<u64>> =
+            initial.iter().map(|(s, v)| (*s, v)).collect();
+        for k in 0..=self.batches.len() {
+            let during = |s: usize| match self.batches.get(k) {
+                Some(b) => b.get(&s).map(|(d, _)| d),
+                None => last.get(&s),
+            };
+            let fits = latest
+                .iter()
+                .all(|(&s, after)| which(at(s), s, during(s).unwrap_or(after)).is_some());
+            if fits {
+                return Ok(k);
+            }
+            if let Some(b) = self.batches.get(k) {
+                for (s, (_, after)) in b {
+                    latest.insert(*s, after);
+                }
+            }
+        }
+        Err(format!(
+            "the image is no prefix of the acked writes of the {} batches since the replica turned async",
+            self.batches.len()
+        ))
+    }
 }
 
 impl Model {
@@ -242,14 +346,128 @@ impl Model {
         Model {
             possible: vec![BTreeSet::from([0]); SECTORS],
             since_flush: BTreeMap::new(),
+            since_async: None,
+            async_cuts: None,
+        }
+    }
+
+    /// Before the sectors `changed` take a batch's writes; `flushed`: the batch had an
+    /// acked flush, which made what each sector held before it durable.
+    fn before_batch(&mut self, changed: &BTreeSet<usize>, flushed: bool) {
+        if flushed {
+            self.since_flush.clear();
+        }
+        for &s in changed {
+            let now = &self.possible[s];
+            self.since_flush.entry(s).or_insert_with(|| now.clone());
+            if let Some(a) = &mut self.since_async {
+                a.entry(s).or_insert_with(|| now.clone());
+            }
+        }
+    }
+
+    /// After the sectors `changed` took a batch's writes.
+    fn after_batch(&mut self, changed: &BTreeSet<usize>) {
+        for &s in changed {
+            let now = &self.possible[s];
+            for since in std::iter::once(&mut self.since_flush).chain(self.since_async.as_mut()) {
+                since
+                    .get_mut(&s)
+                    .expect("recorded before the batch")
+                    .extend(now.iter().copied());
+            }
+        }
+    }
+
+    /// Widens `possible` to `to` for each sector it names, keeping the other records
+    /// supersets of it.
+    fn widen(
+        &mut self,
+        to: &BTreeMap<usize, BTreeSet<u64>>,
+        keep: &mut [Option<&mut BTreeMap<usize, BTreeSet<u64>>>],
+    ) {
+        for (&s, all) in to {
+            for since in keep.iter_mut().flatten() {
+                since
+                    .entry(s)
+                    .or_insert_with(|| self.possible[s].clone())
+                    .extend(all.iter().copied());
+            }
+            self.possible[s] = all.clone();
         }
     }
 
     /// Every in-sync copy lost power: a sector may hold anything since the last flush.
     fn lose_unflushed(&mut self) {
-        for (&s, all) in &self.since_flush {
-            self.possible[s] = all.clone();
+        let to = self.since_flush.clone();
+        let mut a = self.since_async.take();
+        self.widen(&to, &mut [a.as_mut()]);
+        self.since_async = a;
+        self.restart_cuts();
+    }
+
+    /// The volume's contents were widened: an async replica's cuts count from here (each
+    /// sector's first change records the widened set it changed from).
+    fn restart_cuts(&mut self) {
+        if let Some(c) = &mut self.async_cuts {
+            *c = AsyncCuts::default();
         }
+    }
+
+    /// An async replica was promoted: a sector may hold anything since it turned async.
+    fn promote_async(&mut self) {
+        let Some(to) = self.since_async.clone() else {
+            return;
+        };
+        let mut f = std::mem::take(&mut self.since_flush);
+        self.widen(&to, &mut [Some(&mut f)]);
+        self.since_flush = f;
+        self.restart_cuts();
+    }
+
+    /// A replica turns (or may turn) async from now on.
+    fn start_async(&mut self) {
+        self.since_async.get_or_insert_with(BTreeMap::new);
+        self.async_cuts.get_or_insert_with(AsyncCuts::default);
+    }
+
+    /// A batch's writes, for the async cuts: per sector it changed, the values it held
+    /// before and may hold during the batch (`possible` is still the one before it).
+    fn during_batch(
+        &self,
+        changed: &BTreeSet<usize>,
+        touched: &[(std::ops::Range<usize>, u64, bool)],
+    ) -> Option<Cut> {
+        self.async_cuts.as_ref()?;
+        Some(
+            changed
+                .iter()
+                .map(|&s| {
+                    let before = self.possible[s].clone();
+                    let mut during = before.clone();
+                    during.extend(
+                        touched
+                            .iter()
+                            .filter(|(r, _, _)| r.contains(&s))
+                            .map(|(_, t, _)| *t),
+                    );
+                    (s, (before, during))
+                })
+                .collect(),
+        )
+    }
+
+    /// Records a batch in the async cuts, once `possible` is the one after it.
+    fn record_cut(&mut self, cut: Option<Cut>) {
+        let (Some(cuts), Some(cut)) = (self.async_cuts.as_mut(), cut) else {
+            return;
+        };
+        let mut batch = BTreeMap::new();
+        for (s, (before, during)) in cut {
+            cuts.initial.entry(s).or_insert(before);
+            batch.insert(s, (during, self.possible[s].clone()));
+        }
+        cuts.batches.push(batch);
     }
 }
 
@@ -284,6 +502,12 @@ struct Run {
     lost_unflushed: bool,
     /// A fault is being injected in the middle of a batch.
     in_batch: bool,
+    /// The writes of the batch being run, with their tags.
+    in_flight: Vec<(std::ops::Range<usize>, u64)>,
+    /// A domain loss set up (an async copy outside it), and the batch it happens at.
+    pending_loss: Option<(&'static str, usize)>,
+    /// A lost domain, deactivated: its name, its nodes (down), and the batch it was lost at.
+    domain_out: Option<(&'static str, Vec<u64>, usize)>,
     profile: Profile,
     next_tag: u64,
     /// The batch being run: the clock faults heal by.
@@ -382,6 +606,15 @@ impl Run {
                 }
             }));
         }
+        self.in_flight = ops
+            .iter()
+            .zip(&tags)
+            .filter_map(|(op, tag)| match op {
+                Op::Write { off, len, .. } => Some((sectors(*off, *len), *tag)),
+                Op::Zeroes { off, len } => Some((sectors(*off, *len), 0)),
+                _ => None,
+            })
+            .collect();
         if let Some(f) = mid_fault {
             tokio::time::sleep(Duration::from_micros(self.rng.below(3000))).await;
             self.in_batch = true;
@@ -396,6 +629,7 @@ impl Run {
                 Err(_) => self.fail("an operation did not finish within 15 s".into()),
             });
         }
+        self.in_flight.clear();
         // The sectors each write (or zeroing) covers in this batch, with its tag.
         let mut touched: Vec<(std::ops::Range<usize>, u64, bool)> = Vec::new();
         for ((op, tag), res) in ops.iter().zip(&tags).zip(&results) {
@@ -435,24 +669,8 @@ impl Run {
                 .zip(&results)
                 .any(|(op, r)| matches!(op, Op::Flush) && r.is_ok());
         let changed: BTreeSet<usize> = touched.iter().flat_map(|(r, _, _)| r.clone()).collect();
-        if flushed {
-            // What each sector held before this batch's flush is durable; a write concurrent
-            // with the flush may or may not be.
-            self.model.since_flush.clear();
-            for &s in &changed {
-                self.model
-                    .since_flush
-                    .insert(s, self.model.possible[s].clone());
-            }
-        } else {
-            for &s in &changed {
-                if !self.model.since_flush.contains_key(&s) {
-                    self.model
-                        .since_flush
-                        .insert(s, self.model.possible[s].clone());
-                }
-            }
-        }
+        let during = self.model.during_batch(&changed, &touched);
+        self.model.before_batch(&changed, flushed);
         for &s in &changed {
             let mine: Vec<&(std::ops::Range<usize>, u64, bool)> =
                 touched.iter().filter(|(r, _, _)| r.contains(&s)).collect();
@@ -461,13 +679,9 @@ impl Run {
             } else {
                 self.model.possible[s].extend(mine.iter().map(|(_, t, _)| *t));
             }
-            let now = self.model.possible[s].iter().copied();
-            self.model
-                .since_flush
-                .get_mut(&s)
-                .expect("inserted above")
-                .extend(now);
         }
+        self.model.after_batch(&changed);
+        self.model.record_cut(during);
         if std::mem::take(&mut self.lost_unflushed) {
             // The power went out during the batch: its acked writes may be gone too.
             self.model.lose_unflushed();
@@ -592,8 +806,23 @@ impl Run {
     async fn takeover(&mut self, crash: bool) {
         let candidates: Vec<u64> = (1..=3)
             .filter(|&n| n != self.coord_node && self.down.is_none_or(|(d, _)| d != n))
+            .filter(|n| {
+                self.domain_out
+                    .as_ref()
+                    .is_none_or(|(_, out, _)| !out.contains(n))
+            })
             .collect();
-        let to = candidates[self.rng.below(candidates.len() as u64) as usize];
+        let to = if !candidates.is_empty() {
+            candidates[self.rng.below(candidates.len() as u64) as usize]
+        } else if self.down.is_none_or(|(d, _)| d != self.coord_node) {
+            // No other node can attach (its domain is deactivated): attach again here.
+            self.coord_node
+        } else {
+            self.fail(format!(
+                "no node can take the coordinator over from node {}",
+                self.coord_node
+            ))
+        };
         if !crash {
             if let Err(e) = self.coord.close().await {
                 self.log.push(format!("  close before the move: {e}"));
@@ -677,6 +906,13 @@ impl Run {
     }
 
     async fn fault(&mut self, f: Fault) {
+        if let Some((d, _, _)) = self.domain_out {
+            // Until the domain returns, its nodes are down and out of the replica set;
+            // one loss at a time.
+            self.log
+                .push(format!("fault {f:?} held back: domain {d} is deactivated"));
+            return;
+        }
         if self.flipped.is_some() {
             // One fault at a time with a flipped bit: until the scrub rewrote it, a fault
             // that left the flipped copy the only one would make it a double fault.
@@ -801,6 +1037,7 @@ impl Run {
             }
             Fault::ChangeRf => self.change_rf().await,
             Fault::PowerLoss => self.power_loss().await,
+            Fault::DomainLoss => self.lose_domain().await,
             Fault::Async => {
                 if self.async_node.is_some() {
                     return;
@@ -823,12 +1060,195 @@ impl Run {
                     generation: vol.generation,
                 });
                 if applied.is_ok() {
+                    self.model.start_async();
                     self.coord.adopt_replica_states().await;
                     self.async_node = Some((n, self.batch_no));
                     self.log.push(format!("  node {n} async"));
                 }
             }
         }
+    }
+
+    /// A domain is lost and deactivated with `--promote-async` (see [`Fault::DomainLoss`]).
+    /// Only when the volume has a copy outside it, in sync or async: a volume without
+    /// one stays unavailable until the domain returns (the state machine's tests cover
+    /// that), which a sweep cannot wait for.
+    async fn lose_domain(&mut self) {
+        if self.down.is_some() {
+            return;
+        }
+        let domains = self.profile.domains;
+        if self.pending_loss.is_none() && self.async_node.is_none() && self.rng.chance(60) {
+            // First an async copy outside, which lags behind for a few batches; then the
+            // loss (from `heal`).
+            if let Some(d) = self.async_copy_outside().await {
+                let at = self.batch_no + 1 + self.rng.below(3) as usize;
+                self.log.push(format!("  domain {d} is lost at batch {at}"));
+                self.pending_loss = Some((d, at));
+                return;
+            }
+        }
+        let d = domains[self.rng.below(3) as usize];
+        self.lose_domain_now(d).await;
+    }
+
+    async fn lose_domain_now(&mut self, d: &'static str) {
+        if self.down.is_some() || self.domain_out.is_some() {
+            return;
+        }
+        let domains = self.profile.domains;
+        let inside: Vec<u64> = (1..=3).filter(|&n| domains[n as usize - 1] == d).collect();
+        if inside.len() == 3 {
+            return; // a single domain: nothing would survive
+        }
+        let vol = self.c.volume();
+        let copy_outside = vol.replicas.iter().any(|r| {
+            !inside.contains(&r.node)
+                && matches!(r.state, ReplicaState::InSync | ReplicaState::Async)
+        });
+        if !copy_outside {
+            return;
+        }
+        for &n in &inside {
+            self.crash_node(n).await;
+        }
+        self.log
+            .push(format!("  domain {d} lost: nodes {inside:?} killed"));
+        let async_before: Vec<u64> = vol
+            .replicas
+            .iter()
+            .filter(|r| r.state == ReplicaState::Async)
+            .map(|r| r.node)
+            .collect();
+        let applied = self.c.meta.apply(&Command::SetDomainActive {
+            domain: d.into(),
+            active: false,
+            promote_async: true,
+            unix_seconds: 0,
+        });
+        self.domain_out = Some((d, inside.clone(), self.batch_no));
+        match applied {
+            Ok(_) => {
+                let after = self.c.volume();
+                let promoted: Vec<u64> = async_before
+                    .iter()
+                    .copied()
+                    .filter(|&n| {
+                        after
+                            .replica(n)
+                            .is_some_and(|r| r.state == ReplicaState::InSync)
+                    })
+                    .collect();
+                self.log.push(format!(
+                    "  domain {d} deactivated: replicas now {:?}, promoted {promoted:?}",
+                    after
+                        .replicas
+                        .iter()
+                        .map(|r| (r.node, r.state))
+                        .collect::<Vec<_>>()
+                ));
+                if !promoted.is_empty() {
+                    // The promoted copy lags: the writes it had not taken yet are lost
+                    // (RPO > 0, what the operator accepted). What it holds must be the
+                    // volume after a prefix of the acked writes.
+                    for &n in &promoted {
+                        let image = match self.c.node(n).replica().read(0, SIM_SIZE as usize).await
+                        {
+                            Ok(i) => i,
+                            Err(e) => self.fail(format!("reading promoted node {n}: {e}")),
+                        };
+                        let checked = match &self.model.async_cuts {
+                            Some(cuts) => cuts.check(&image, &self.model.possible, &self.in_flight),
+                            None => Err("no replica was async".into()),
+                        };
+                        match checked {
+                            Ok(k) => self.log.push(format!(
+                                "  node {n} holds the writes up to batch {k} of {} since it turned async",
+                                self.model.async_cuts.as_ref().map_or(0, |c| c.batches.len())
+                            )),
+                            Err(e) => self.fail(format!("promoted node {n}: {e}")),
+                        }
+                    }
+                    self.model.promote_async();
+                    if self.async_node.is_some_and(|(a, _)| promoted.contains(&a)) {
+                        self.async_node = None;
+                    }
+                }
+            }
+            Err(e) => self.log.push(format!("  deactivating {d} refused: {e}")),
+        }
+        if inside.contains(&self.coord_node) {
+            let outside: Vec<u64> = (1..=3).filter(|n| !inside.contains(n)).collect();
+            let to = outside[self.rng.below(outside.len() as u64) as usize];
+            self.open_on(to).await;
+            self.log
+                .push(format!("  coordinator now on node {}", self.coord_node));
+        } else {
+            self.coord.adopt_replica_states().await;
+        }
+    }
+
+    /// Sets the scene for a promotion: the only in-sync replica outside some domain that
+    /// also holds an in-sync one turns async. Returns that domain, the one to lose.
+    async fn async_copy_outside(&mut self) -> Option<&'static str> {
+        let domains = self.profile.domains;
+        let vol = self.c.volume();
+        let in_sync = vol.in_sync_nodes();
+        let domain_of = |n: u64| domains[n as usize - 1];
+        let first = self.rng.below(3) as usize;
+        for i in 0..3 {
+            let d = domains[(first + i) % 3];
+            let outside: Vec<u64> = in_sync
+                .iter()
+                .copied()
+                .filter(|&n| domain_of(n) != d)
+                .collect();
+            let inside = in_sync.iter().any(|&n| domain_of(n) == d);
+            let [o] = outside[..] else { continue };
+            if !inside {
+                continue;
+            }
+            let applied = self.c.meta.apply(&Command::SetReplicaState {
+                name: VOLUME.into(),
+                node: o,
+                state: ReplicaState::Async,
+                generation: vol.generation,
+            });
+            if applied.is_err() {
+                return None;
+            }
+            self.model.start_async();
+            self.coord.adopt_replica_states().await;
+            self.async_node = Some((o, self.batch_no));
+            self.log.push(format!(
+                "  node {o} async, the only copy outside domain {d}"
+            ));
+            return Some(d);
+        }
+        None
+    }
+
+    /// The lost domain returns: `cluster domains activate`, its nodes restart, and its
+    /// replicas come back out of sync (as async ones once in sync, after a promotion).
+    async fn return_domain(&mut self) {
+        let Some((d, nodes, _)) = self.domain_out.take() else {
+            return;
+        };
+        if let Err(e) = self.c.meta.apply(&Command::SetDomainActive {
+            domain: d.into(),
+            active: true,
+            promote_async: false,
+            unix_seconds: 0,
+        }) {
+            self.fail(format!("activating domain {d}: {e}"));
+        }
+        if !self.c.volume().async_domains.is_empty() {
+            self.model.start_async();
+        }
+        for n in nodes {
+            self.restart_node(n).await;
+        }
+        self.log.push(format!("domain {d} activated again"));
     }
 
     /// Flips one bit of a replica's data file, when nothing else is wrong: every replica
@@ -1081,6 +1501,24 @@ impl Run {
                 self.log.push(format!("node {n} restarted"));
             }
         }
+        if let Some((d, at)) = self.pending_loss {
+            if force || now >= at {
+                self.pending_loss = None;
+                if !force && self.flipped.is_none() {
+                    self.faults += 1;
+                    self.log.push(format!(
+                        "fault DomainLoss of {d} (coordinator on node {})",
+                        self.coord_node
+                    ));
+                    self.lose_domain_now(d).await;
+                }
+            }
+        }
+        if let Some((_, _, at)) = self.domain_out {
+            if force || now > at + 3 {
+                self.return_domain().await;
+            }
+        }
         if let Some((n, at)) = self.stalled {
             if force || now > at + 2 {
                 self.clear_stall();
@@ -1122,21 +1560,28 @@ impl Run {
             // In sync in the metadata and in the coordinator's memory, each connected: a
             // node that just came back (its pool wiped, say) is in sync in the metadata
             // until the coordinator reaches it and finds out.
+            // A replica in one of the volume's async domains (after a promotion swapped
+            // the roles) settles as async, caught up.
             let vol = self.c.volume();
             let stats = self.coord.stats();
-            if vol.replicas.iter().all(|r| r.state == ReplicaState::InSync)
+            let state = self.c.meta.state();
+            let settled = |node: u64, st: ReplicaState| {
+                st == ReplicaState::InSync
+                    || (st == ReplicaState::Async && state.async_pinned(&vol, node))
+            };
+            if vol.replicas.iter().all(|r| settled(r.node, r.state))
                 && stats.replicas.len() == vol.replicas.len()
                 && stats
                     .replicas
                     .iter()
-                    .all(|r| r.state == ReplicaState::InSync && r.connected)
+                    .all(|r| settled(r.node, r.state) && r.connected && r.async_lag_bytes == 0)
             {
                 break;
             }
             if Instant::now() > deadline {
                 self.fail(format!(
-                    "replicas not back in sync after healing: {:?}",
-                    vol.replicas
+                    "replicas not back in sync after healing: {:?}; the coordinator on node {} sees {:?}; async domains {:?}",
+                    vol.replicas, self.coord_node, stats.replicas, vol.async_domains
                 ));
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -1213,7 +1658,7 @@ async fn run_seed(seed: u64, ops: usize, profile: Profile) -> Outcome {
     let mut rng = Rng(seed ^ 0x5EED_0000_0000);
     let rf2 = rng.chance(25);
     let replicas: &[u64] = if rf2 { &[1, 2] } else { &[1, 2, 3] };
-    let c = TestCluster::simulated(replicas, SIM_SIZE).await;
+    let c = TestCluster::simulated(replicas, SIM_SIZE, profile.domains).await;
     if profile.commit_delay {
         c.meta
             .set_commit_delay(Duration::from_micros(500 * rng.below(4)));
@@ -1242,6 +1687,9 @@ async fn run_seed(seed: u64, ops: usize, profile: Profile) -> Outcome {
         flipped: None,
         lost_unflushed: false,
         in_batch: false,
+        domain_out: None,
+        pending_loss: None,
+        in_flight: Vec::new(),
         profile,
         next_tag: 0,
         batch_no: 0,
@@ -1306,7 +1754,7 @@ fn seeds_from_var(var: &str, default: std::ops::Range<u64>) -> std::ops::Range<u
     }
 }
 
-/// `TANDEM_SIM_PROFILE` (1 to 6; the current one by default).
+/// `TANDEM_SIM_PROFILE` (1 to 7; the current one by default).
 fn profile_from_env() -> Profile {
     match std::env::var("TANDEM_SIM_PROFILE").ok().as_deref() {
         Some("1") => V1,
@@ -1314,7 +1762,8 @@ fn profile_from_env() -> Profile {
         Some("3") => V3,
         Some("4") => V4,
         Some("5") => V5,
-        _ => V6,
+        Some("6") => V6,
+        _ => V7,
     }
 }
 
@@ -1377,6 +1826,9 @@ const REGRESSION_SEEDS: &[(u64, Profile)] = &[
     (9, V5),
     (313, V5),
     (1192, V6),
+    (68, V7),
+    (113, V7),
+    (332, V7),
 ];
 
 #[test]
@@ -1410,7 +1862,7 @@ fn replay_is_exact() {
         Some(_) => seeds_from_var("TANDEM_SIM_EXACT", 0..0)
             .map(|s| (s, profile_from_env()))
             .collect(),
-        None => [(3, V6), (17, V6)]
+        None => [(3, V7), (17, V7)]
             .into_iter()
             .chain(REGRESSION_SEEDS.iter().copied())
             .collect(),
