@@ -324,8 +324,9 @@ impl Inner {
         // writes or durability: its record leaves `async` now, not at the next write (a
         // promotion trusts an `async` record). So does one that is due a comparison its
         // queue cannot give (its bitmap is not empty: the last in-sync copy restarted
-        // uncleanly, say): only a resync catches it up, and nothing else would start one
-        // for a replica that is async by choice (seed 68).
+        // uncleanly, say), or that took a write that failed on every in-sync copy: only a
+        // resync catches it up or compares it, and nothing else would start one for a
+        // replica that is async by choice (seeds 68 and 1600).
         let lost_async: Vec<u64> = self
             .lock_members()
             .iter()
@@ -334,6 +335,7 @@ impl Inner {
                 m.target.as_ref().is_none_or(|t| t.is_closed())
                     || m.async_q.as_ref().is_none_or(|q| q.lag().2)
                     || m.dirty.as_ref().is_none_or(|d| d.count() > 0)
+                    || !m.diverged.is_empty()
             })
             .map(|m| m.node)
             .collect();

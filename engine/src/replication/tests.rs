@@ -1436,6 +1436,24 @@ async fn an_async_domain_replica_whose_write_failed_is_resynced_and_turns_async_
     .await
 }
 
+/// Seed 1600 (profile 7): a write failed on every in-sync replica but was queued to the
+/// volume's async-domain replica, which took it. Such a range is compared when an async
+/// replica leaves async, but one async by choice never leaves it: it held a write no
+/// other copy has, for good. It must be compared (resynced) and turn async again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_async_domain_replica_holding_a_write_that_failed_everywhere_is_compared() {
+    bounded(async {
+        let c = TestCluster::with_async_domains(&[1, 3], ["A", "A", "B"], &["B"]).await;
+        // On node 2, so that node 1, the only in-sync copy, is reached over the wire.
+        let coord = async_domain_replica_up(&c, 2).await;
+        c.node(1).faulty.fail_writes.store(1, Ordering::SeqCst);
+        let failed = coord.write(MIB, pattern(2, 64 << 10), false).await;
+        assert!(failed.is_err(), "the write failed on every in-sync replica");
+        async_domain_replica_caught_up(&c, coord).await;
+    })
+    .await
+}
+
 /// Seed 68 (profile 7): the last in-sync replica restarted uncleanly while the volume's
 /// async-domain replica kept up. The async one may hold acked writes the restarted copy
 /// lost, so it was given a full comparison (`dirty` = everything), but its queue ran on

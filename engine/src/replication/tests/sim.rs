@@ -1829,6 +1829,7 @@ const REGRESSION_SEEDS: &[(u64, Profile)] = &[
     (68, V7),
     (113, V7),
     (332, V7),
+    (1600, V7),
 ];
 
 #[test]
