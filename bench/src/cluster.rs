@@ -5,11 +5,9 @@
 //!
 //! Every process lives in a [`Guarded`], so it dies with the harness.
 
-use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -212,19 +210,13 @@ fn start_node(
     let node_dir = dir.join(format!("node{index}"));
     std::fs::create_dir_all(&node_dir).with_context(|| format!("create {}", node_dir.display()))?;
     let log_path = node_dir.join("tandemd.log");
-    let ports = free_ports(4)?;
+    let ports = tandem_harness::free_ports().context("bind ephemeral ports")?;
     let data_addr: SocketAddr = format!("127.0.0.1:{}", ports[3]).parse()?;
     let proxy = DelayProxy::start(data_addr).context("start the data-path proxy")?;
     let log = std::fs::File::create(&log_path).context("create the daemon log")?;
     let mut cmd = Command::new(&bins.tandemd);
-    cmd.arg("--data-dir")
-        .arg(node_dir.join("data"))
-        .args(["--admin-addr", &format!("127.0.0.1:{}", ports[0])])
-        .args(["--nbd-addr", &format!("127.0.0.1:{}", ports[1])])
-        .args(["--metrics-addr", &format!("127.0.0.1:{}", ports[2])])
-        .args(["--data-addr", &data_addr.to_string()])
-        .args(["--advertise-data-addr", &proxy.addr.to_string()])
-        .args(["--io-engine", io_engine])
+    tandem_harness::tandemd_args(&mut cmd, &node_dir.join("data"), ports, io_engine);
+    cmd.args(["--advertise-data-addr", &proxy.addr.to_string()])
         .args(["--sync-max-rtt", SYNC_MAX_RTT])
         .args(["--log", "warn"]);
     if let Some((seed, token)) = &join {
@@ -239,46 +231,18 @@ fn start_node(
         .stdout
         .take()
         .context("tandemd stdout")?;
-    // The reader thread keeps draining stdout after start-up so the pipe never fills.
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines() {
-            let Ok(line) = line else { break };
-            let _ = tx.send(line);
-        }
-    });
-    let deadline = Instant::now() + START_TIMEOUT;
-    let (mut admin, mut nbd, mut metrics) = (None, None, None);
-    let last_word = |l: &str| l.split_whitespace().last().unwrap_or_default().to_string();
-    while metrics.is_none() {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let line = rx.recv_timeout(left).map_err(|_| {
-            anyhow!(
-                "tandemd node {index} did not print its addresses within {START_TIMEOUT:?}; \
-                 log ({}):\n{}",
-                log_path.display(),
-                std::fs::read_to_string(&log_path).unwrap_or_default()
-            )
-        })?;
-        let t = line.trim_start();
-        if t.starts_with("admin API:") {
-            admin = Some(last_word(t));
-        } else if t.starts_with("NBD:") {
-            nbd = Some(
-                last_word(t)
-                    .trim_start_matches("nbd://")
-                    .trim_end_matches("/<volume>")
-                    .to_string(),
-            );
-        } else if t.starts_with("metrics:") {
-            metrics = Some(last_word(t));
-        }
-    }
+    let addrs = tandem_harness::wait_ready(stdout, START_TIMEOUT).map_err(|why| {
+        anyhow!(
+            "tandemd node {index}: {why}; log ({}):\n{}",
+            log_path.display(),
+            std::fs::read_to_string(&log_path).unwrap_or_default()
+        )
+    })?;
     Ok(Node {
         index,
         name: String::new(),
-        admin_addr: admin.context("tandemd printed no admin address")?,
-        nbd_addr: nbd.context("tandemd printed no NBD address")?,
+        admin_addr: addrs.admin,
+        nbd_addr: addrs.nbd,
         data_addr,
         proxy,
         log_path,

@@ -8,7 +8,7 @@ pub mod csi;
 pub mod netns;
 pub mod proxy;
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -117,18 +117,10 @@ impl Daemon {
     /// Starts a daemon that is expected to fail start-up; returns its log once it exited.
     pub fn start_expect_failure(opts: DaemonOpts) -> String {
         let tmp = tempfile::tempdir().expect("tempdir");
-        let [admin, nbd, metrics, data] = free_ports();
-        let out = run_bounded(
-            Command::new(bin("tandemd"))
-                .arg("--data-dir")
-                .arg(tmp.path().join("data"))
-                .args(["--admin-addr", &format!("127.0.0.1:{admin}")])
-                .args(["--nbd-addr", &format!("127.0.0.1:{nbd}")])
-                .args(["--metrics-addr", &format!("127.0.0.1:{metrics}")])
-                .args(["--data-addr", &format!("127.0.0.1:{data}")])
-                .args(&opts.extra_args),
-            START_TIMEOUT,
-        );
+        let mut cmd = Command::new(bin("tandemd"));
+        let engine = opts.io_engine.clone().unwrap_or_else(io_engine);
+        tandem_harness::tandemd_args(&mut cmd, &tmp.path().join("data"), free_ports(), &engine);
+        let out = run_bounded(cmd.args(&opts.extra_args), START_TIMEOUT);
         assert!(!out.status.success(), "tandemd was expected to fail");
         format!(
             "{}{}",
@@ -191,15 +183,9 @@ impl Daemon {
             .open(&self.log_path)
             .expect("open daemon log");
         let mut cmd = self.command(bin("tandemd"));
-        let [admin, nbd, metrics, data] = self.ports;
-        cmd.arg("--data-dir")
-            .arg(&self.data_dir)
-            .args(["--admin-addr", &format!("127.0.0.1:{admin}")])
-            .args(["--nbd-addr", &format!("127.0.0.1:{nbd}")])
-            .args(["--metrics-addr", &format!("127.0.0.1:{metrics}")])
-            .args(["--data-addr", &format!("127.0.0.1:{data}")])
-            .arg("--io-engine")
-            .arg(self.opts.io_engine.clone().unwrap_or_else(io_engine));
+        let data = self.ports[3];
+        let engine = self.opts.io_engine.clone().unwrap_or_else(io_engine);
+        tandem_harness::tandemd_args(&mut cmd, &self.data_dir, self.ports, &engine);
         if let Some(p) = &self.opts.pool_size {
             cmd.args(["--pool-size", p]);
         }
@@ -222,51 +208,18 @@ impl Daemon {
             .stderr(Stdio::from(log));
         let mut child = cmd.spawn().expect("spawn tandemd");
         let stdout = child.stdout.take().expect("stdout");
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
+        let addrs = match tandem_harness::wait_ready(stdout, START_TIMEOUT) {
+            Ok(a) => a,
+            Err(why) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                let log = std::fs::read_to_string(&self.log_path).unwrap_or_default();
+                return Err(format!("{why}\n{log}"));
             }
-        });
-        let deadline = Instant::now() + START_TIMEOUT;
-        let (mut admin, mut nbd, mut metrics) = (None, None, None);
-        while metrics.is_none() {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let line = match rx.recv_timeout(left) {
-                Ok(l) => l,
-                Err(_) => {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    return Err(std::fs::read_to_string(&self.log_path).unwrap_or_default());
-                }
-            };
-            let val = |l: &str| l.split_whitespace().last().unwrap_or_default().to_string();
-            let t = line.trim_start();
-            if t.starts_with("admin API:") {
-                admin = Some(val(t));
-            } else if t.starts_with("NBD:") {
-                // nbd://ADDR/<volume>
-                let uri = val(t);
-                nbd = Some(
-                    uri.trim_start_matches("nbd://")
-                        .trim_end_matches("/<volume>")
-                        .to_string(),
-                );
-            } else if t.starts_with("metrics:") {
-                metrics = Some(
-                    val(t)
-                        .trim_start_matches("http://")
-                        .trim_end_matches("/metrics")
-                        .to_string(),
-                );
-            }
-        }
-        self.admin_addr = admin.expect("admin address printed");
-        self.nbd_addr = nbd.expect("NBD address printed");
-        self.metrics_addr = metrics.expect("metrics address printed");
+        };
+        self.admin_addr = addrs.admin;
+        self.nbd_addr = addrs.nbd;
+        self.metrics_addr = addrs.metrics;
         self.child = Some(child);
         Ok(())
     }
@@ -420,14 +373,7 @@ pub fn eventually<T>(limit: Duration, what: &str, mut f: impl FnMut() -> Option<
 /// they differ; another process could still take one before tandemd binds it, which the
 /// start-up error would show.
 pub fn free_ports() -> [u16; 4] {
-    let ls: Vec<std::net::TcpListener> = (0..4)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port"))
-        .collect();
-    let p: Vec<u16> = ls
-        .iter()
-        .map(|l| l.local_addr().expect("local addr").port())
-        .collect();
-    [p[0], p[1], p[2], p[3]]
+    tandem_harness::free_ports().expect("bind ephemeral ports")
 }
 
 /// A plain HTTP/1.0 GET on loopback.

@@ -258,7 +258,8 @@ impl Member {
         });
     }
 
-    /// (lag bytes, lag seconds) of an async replica; zero for any other.
+    /// (lag bytes, lag seconds) of an async replica: what its queue holds, what its bitmap
+    /// records, and what it took that failed everywhere; zero for any other.
     pub(super) fn async_lag(&self, size_bytes: u64) -> (u64, f64) {
         if self.state != ReplicaState::Async {
             return (0, 0.0);
@@ -270,7 +271,9 @@ impl Member {
             }
             None => (0, None),
         };
-        let dirty = self.dirty_bytes(size_bytes).unwrap_or(size_bytes);
+        // Ranges it took that failed on every in-sync copy differ until compared.
+        let diverged: u64 = self.diverged.iter().map(|&(_, len)| len).sum();
+        let dirty = self.dirty_bytes(size_bytes).unwrap_or(size_bytes) + diverged;
         let since = match (oldest, self.async_behind_since) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),

@@ -1830,6 +1830,7 @@ const REGRESSION_SEEDS: &[(u64, Profile)] = &[
     (113, V7),
     (332, V7),
     (1600, V7),
+    (1631, V7),
 ];
 
 #[test]
