@@ -502,6 +502,9 @@ struct Run {
     lost_unflushed: bool,
     /// A fault is being injected in the middle of a batch.
     in_batch: bool,
+    /// An async copy was promoted in the middle of the batch being run: the batch's acked
+    /// writes may be missing on it.
+    promoted_in_batch: bool,
     /// The writes of the batch being run, with their tags.
     in_flight: Vec<(std::ops::Range<usize>, u64)>,
     /// A domain loss set up (an async copy outside it), and the batch it happens at.
@@ -682,6 +685,10 @@ impl Run {
         }
         self.model.after_batch(&changed);
         self.model.record_cut(during);
+        if std::mem::take(&mut self.promoted_in_batch) {
+            // An async copy was promoted during the batch (seed 6794).
+            self.model.promote_async();
+        }
         if std::mem::take(&mut self.lost_unflushed) {
             // The power went out during the batch: its acked writes may be gone too.
             self.model.lose_unflushed();
@@ -1170,6 +1177,8 @@ impl Run {
                         }
                     }
                     self.model.promote_async();
+                    // Mid-batch, the batch's own acked writes may be missing on it too.
+                    self.promoted_in_batch = self.in_batch;
                     if self.async_node.is_some_and(|(a, _)| promoted.contains(&a)) {
                         self.async_node = None;
                     }
@@ -1687,6 +1696,7 @@ async fn run_seed(seed: u64, ops: usize, profile: Profile) -> Outcome {
         flipped: None,
         lost_unflushed: false,
         in_batch: false,
+        promoted_in_batch: false,
         domain_out: None,
         pending_loss: None,
         in_flight: Vec::new(),
@@ -1831,6 +1841,7 @@ const REGRESSION_SEEDS: &[(u64, Profile)] = &[
     (332, V7),
     (1600, V7),
     (1631, V7),
+    (6794, V7),
 ];
 
 #[test]
