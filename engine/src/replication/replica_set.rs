@@ -151,6 +151,18 @@ pub(super) fn unknown_outcome(
         .collect()
 }
 
+/// Whether the in-sync replica `node` may leave the in-sync set to turn async (a replica
+/// in one of the volume's async domains, once in sync). Only while another replica is in
+/// sync for this coordinator and connected: its session was opened, so what its store
+/// reported (a wiped pool, an unclean restart) has been dealt with. One that is not
+/// connected may have come back empty, and the async replica would then be compared
+/// against it and lose everything (seed 7177). `members`: (node, state, connected).
+pub(super) fn may_turn_async(node: u64, members: &[(u64, ReplicaState, bool)]) -> bool {
+    members
+        .iter()
+        .any(|&(n, state, connected)| n != node && state == ReplicaState::InSync && connected)
+}
+
 /// A replica being ejected (committed out of sync), as the ejection rule sees it.
 pub(super) struct Ejection<'a> {
     /// Its state before the ejection.
@@ -473,6 +485,19 @@ mod tests {
     fn regions(d: &Option<RegionBitmap>) -> Vec<u64> {
         let d = d.as_ref().expect("a bitmap");
         (0..16).filter(|&r| d.is_set(r)).collect()
+    }
+
+    #[test]
+    fn a_replica_turns_async_only_while_another_in_sync_copy_is_connected() {
+        // Seed 7177: node 1, the other in-sync copy, is down (its pool wiped): node 3 stays.
+        assert!(!may_turn_async(3, &[(1, InSync, false), (3, InSync, true)]));
+        assert!(may_turn_async(3, &[(1, InSync, true), (3, InSync, true)]));
+        // Connected but not in sync (resyncing) does not count; nor does itself.
+        assert!(!may_turn_async(
+            3,
+            &[(1, Resyncing, true), (3, InSync, true)]
+        ));
+        assert!(!may_turn_async(3, &[(3, InSync, true)]));
     }
 
     #[test]

@@ -188,6 +188,17 @@ impl Inner {
             .collect();
         for node in pinned {
             let _s = self.state_lock.lock().await;
+            let members: Vec<(u64, ReplicaState, bool)> = self
+                .lock_members()
+                .iter()
+                .map(|m| {
+                    let connected = m.target.as_ref().is_some_and(|t| !t.is_closed());
+                    (m.node, m.state, connected)
+                })
+                .collect();
+            if !super::replica_set::may_turn_async(node, &members) {
+                continue; // no other copy known good now: stay in sync (seed 7177)
+            }
             match self.propose_state(node, ReplicaState::Async).await {
                 Ok(()) => {
                     tracing::info!(volume = %self.name, node, "replica in an async domain: async from now on")

@@ -1842,6 +1842,7 @@ const REGRESSION_SEEDS: &[(u64, Profile)] = &[
     (1600, V7),
     (1631, V7),
     (6794, V7),
+    (7177, V7),
 ];
 
 #[test]
