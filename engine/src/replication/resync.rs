@@ -255,6 +255,12 @@ impl Inner {
             }
         }
         let changed = !enter.is_empty() || !leave.is_empty();
+        let unclean: Vec<(u64, u64)> = self
+            .hot
+            .unclean()
+            .into_iter()
+            .filter_map(|r| super::coordinator::hot_region_bytes(r, self.size_bytes))
+            .collect();
         for node in enter {
             let size = self.size_bytes;
             let mut members = self.lock_members();
@@ -266,8 +272,16 @@ impl Inner {
             m.async_behind_since = None;
             match m.target.clone() {
                 Some(t) => {
-                    // Everything before this moment was acked by it (it was in sync).
-                    m.dirty = Some(RegionBitmap::empty(size.div_ceil(DIRTY_REGION_BYTES)));
+                    // Everything before this moment was acked by it (it was in sync),
+                    // except in unclean regions: a write failed there on every in-sync
+                    // copy, so it may hold one the others lack, or lack one they hold.
+                    // Reconciliation compares in-sync copies only; these regions are
+                    // now its to compare (seed 8063).
+                    let mut d = RegionBitmap::empty(size.div_ceil(DIRTY_REGION_BYTES));
+                    for &(off, len) in &unclean {
+                        d.set_bytes(off, len, DIRTY_REGION_BYTES);
+                    }
+                    m.dirty = Some(d);
                     m.async_q = Some(super::asyncq::AsyncQueue::start(
                         Arc::downgrade(self),
                         node,

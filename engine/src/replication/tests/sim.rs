@@ -1843,6 +1843,7 @@ const REGRESSION_SEEDS: &[(u64, Profile)] = &[
     (1631, V7),
     (6794, V7),
     (7177, V7),
+    (8063, V7),
 ];
 
 #[test]
