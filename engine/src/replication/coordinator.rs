@@ -1239,8 +1239,19 @@ impl Inner {
         match replica_set::settle(results, synced) {
             Verdict::Ack { eject } => {
                 for f in &eject {
-                    self.replica_failed(f.node, f.range(range), &f.error, op)
-                        .await?;
+                    let res = self
+                        .replica_failed(f.node, f.range(range), &f.error, op)
+                        .await;
+                    if let Err(e @ ReplicationError::EjectRefused { .. }) = res {
+                        // Not acked after all, and it may have landed anywhere: on the
+                        // in-sync copies that took it (one may have turned async since),
+                        // not on the one that cannot be ejected. The unknown-outcome rule
+                        // applies as if it had failed everywhere (seed 9823).
+                        self.mark_unclean_range(range);
+                        self.unknown_outcome(range, &eject);
+                        return Err(e);
+                    }
+                    res?;
                 }
                 Ok(())
             }
@@ -1257,10 +1268,7 @@ impl Inner {
             Verdict::Fail { failures, no_space } => {
                 // The write may have landed on some in-sync replicas: its regions are
                 // unclean before anything below can eject one (which then compares them).
-                if let Some((off, len)) = range {
-                    let (r0, r1) = hot_range(off, len);
-                    self.hot.mark_unclean(r0, r1);
-                }
+                self.mark_unclean_range(range);
                 // A resyncing replica that failed goes back; in-sync ones stay.
                 let resyncing: Vec<u64> = self
                     .lock_members()
@@ -1292,8 +1300,18 @@ impl Inner {
         }
     }
 
+    /// The hot regions of a write that was not acked are unclean: the in-sync copies may
+    /// differ there until they are compared.
+    fn mark_unclean_range(&self, range: Option<(u64, u64)>) {
+        if let Some((off, len)) = range {
+            let (r0, r1) = hot_range(off, len);
+            self.hot.mark_unclean(r0, r1);
+        }
+    }
+
     /// Carries out the unknown-outcome rule ([`replica_set::unknown_outcome`]) for a write
-    /// that failed on every in-sync replica. A replica that gets a new session is
+    /// that failed on every in-sync replica, or whose failed in-sync replica could not be
+    /// ejected. A replica that gets a new session is
     /// reconnected by `check_in_sync_connections`; until then its I/O fails.
     fn unknown_outcome(&self, range: Option<(u64, u64)>, failures: &[Failure]) {
         let mut members = self.lock_members();

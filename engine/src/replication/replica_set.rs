@@ -9,8 +9,9 @@
 //! the write, and one that failed goes back to out of sync.
 //!
 //! **The unknown-outcome rule** ([`unknown_outcome`]): a write that failed on every
-//! in-sync replica may have landed anywhere; wherever it may have, the range is compared
-//! again or the late frame is fenced off.
+//! in-sync replica, or whose failed in-sync replica could not be ejected, may have landed
+//! anywhere; wherever it may have, the range is compared again or the late frame is
+//! fenced off.
 //!
 //! **The ejection rule** ([`ejected_dirty`]): what a replica that leaves the ack set must
 //! compare again before it is in sync: the failed I/O's range, or everything when a flush
@@ -111,8 +112,10 @@ pub(super) fn settle(
 /// [`unknown_outcome`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum AfterUnknown {
-    /// A resyncing replica that took it: it no longer matches the in-sync copies over the
-    /// write's range, which it compares again (dirty).
+    /// A replica that is resyncing or out of sync now: it was sent the write (or missed
+    /// it), so it may not match the in-sync copies over the write's range, which it
+    /// compares again (dirty). Whatever it answered: one that took the write may have been
+    /// ejected meanwhile by a failed resync copy, and one that failed may hold it.
     CompareAgain,
     /// An async replica: its queue carries the write whatever the in-sync replicas
     /// answered; the range is compared again when it leaves async (`Member::diverged`).
@@ -130,7 +133,6 @@ pub(super) fn unknown_outcome(
     members: &[(u64, ReplicaState)],
     failures: &[Failure],
 ) -> Vec<(u64, AfterUnknown)> {
-    let failed = |n: u64| failures.iter().any(|f| f.node == n);
     let lost = |n: u64| {
         failures.iter().any(|f| {
             f.node == n
@@ -143,7 +145,9 @@ pub(super) fn unknown_outcome(
     members
         .iter()
         .filter_map(|&(node, state)| match state {
-            ReplicaState::Resyncing if !failed(node) => Some((node, AfterUnknown::CompareAgain)),
+            ReplicaState::Resyncing | ReplicaState::OutOfSync => {
+                Some((node, AfterUnknown::CompareAgain))
+            }
             ReplicaState::Async => Some((node, AfterUnknown::Diverged)),
             ReplicaState::InSync if lost(node) => Some((node, AfterUnknown::NewSession)),
             _ => None,
@@ -395,9 +399,12 @@ mod tests {
             vec![
                 // Node 1 did not answer: it may apply it late. Node 2 refused it: it did not.
                 (1, AfterUnknown::NewSession),
-                // Node 3 took it (node 4 failed: it goes back to out of sync anyway).
+                // Node 3 took it; node 4 failed, but may hold it; node 6 is out of sync
+                // now (a failed resync copy may have ejected it after it took the write).
                 (3, AfterUnknown::CompareAgain),
+                (4, AfterUnknown::CompareAgain),
                 (5, AfterUnknown::Diverged),
+                (6, AfterUnknown::CompareAgain),
             ]
         );
     }

@@ -2147,54 +2147,216 @@ async fn local_fast_path_is_fenced_by_a_takeover_elsewhere() {
     .await
 }
 
-/// Found by the simulation (seed 108, timing-dependent): a write that times out on the last
-/// in-sync replica (nothing can be ejected, so the write fails) while a resyncing replica
-/// took it. The stalled frame must never land on the in-sync replica later (it gets a new
-/// session first), and the resyncing replica must compare that range again, so the two
-/// end byte-identical.
+/// Found by the simulation (seed 9823, profile 7): a write taken by one in-sync replica
+/// and failed by the other, whose ejection the metadata then refused (the first had
+/// turned async meanwhile, so the second was the last in-sync copy). The write failed,
+/// but nothing recorded that it had landed on one copy and not the other: the copy that
+/// took it turned async without comparing that range, and the two differed for good. A
+/// write that fails because an ejection was refused is now an unknown outcome, like one
+/// that failed on every in-sync replica.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn write_that_times_out_on_the_last_in_sync_replica_leaves_no_divergence() {
+async fn write_whose_ejection_is_refused_leaves_no_divergence() {
     bounded(async {
-        let mut c = TestCluster::new(&[1, 3]).await;
+        let c = TestCluster::new(&[1, 2]).await;
         let mut cfg = c.config(1);
         cfg.replica_timeout = Duration::from_millis(300);
         let coord = c.coordinator_with(cfg).await;
-        let at = 5 * MIB;
+        let at = 3 * MIB;
         coord.write(at, pattern(1, 4096), true).await.unwrap();
-        c.stop(3).await;
-        for i in 0..16u64 {
-            coord
-                .write(i * 2 * MIB + 8192, pattern(50 + i, 4096), false)
-                .await
-                .unwrap();
-        }
-        assert_eq!(c.replica_state(3), ReplicaState::OutOfSync);
-        // Node 3 comes back and resyncs slowly.
-        *c.node(3).faulty.write_delay.lock().unwrap() = Duration::from_millis(100);
-        c.start(3).await;
+        // The write lands on node 1 and stalls on node 2...
+        let release = c.hold_write(2, at);
+        let write = {
+            let coord = coord.clone();
+            tokio::spawn(async move { coord.write(at, pattern(2, 4096), false).await })
+        };
+        eventually("the write held on node 2", || {
+            c.node(2).server.hold.lock().unwrap().is_none()
+        })
+        .await;
+        // ...and node 1 turns async while it is in flight: node 2, which times out, is the
+        // last in-sync copy and cannot be ejected.
+        set_mode(&c, &coord, 1, ReplicaState::Async).await;
+        assert_eq!(replica_stats(&coord, 1).state, ReplicaState::Async);
+        let res = write.await.unwrap();
+        assert!(
+            matches!(res, Err(ReplicationError::EjectRefused { node: 2, .. })),
+            "{res:?}"
+        );
+        // Node 1 took the write and node 2 did not: node 1 must compare that range before
+        // it counts as caught up (or resync and be in sync again).
+        eventually("node 1 settled", || {
+            let r = replica_stats(&coord, 1);
+            r.connected
+                && (r.state == ReplicaState::InSync
+                    || (r.state == ReplicaState::Async && r.async_lag_bytes == 0))
+        })
+        .await;
+        c.assert_identical(&[1, 2]).await;
+        assert_eq!(
+            c.release_held(2, release).await,
+            Some(libc::ESTALE as u32),
+            "the timed-out frame landed"
+        );
+        c.assert_identical(&[1, 2]).await;
+        coord.close().await.unwrap();
+    })
+    .await
+}
+
+/// The volume holds a first write at `at`; node 3 was stopped while `regions` other
+/// regions were written, and comes back with every write to it taking `delay`: its resync
+/// is slow.
+async fn restart_node3_resyncing_slowly(
+    c: &mut TestCluster,
+    coord: &Coordinator,
+    at: u64,
+    regions: u64,
+    delay: Duration,
+) {
+    coord.write(at, pattern(1, 4096), true).await.unwrap();
+    c.stop(3).await;
+    for i in 0..regions {
+        coord
+            .write(i * 2 * MIB + 8192, pattern(50 + i, 4096), false)
+            .await
+            .unwrap();
+    }
+    assert_eq!(c.replica_state(3), ReplicaState::OutOfSync);
+    *c.node(3).faulty.write_delay.lock().unwrap() = delay;
+    c.start(3).await;
+}
+
+/// After a write failed on node 1 (held there by `release`): node 3 resyncs at full speed
+/// and is in sync, the held frame is refused when it reaches node 1 at last, and the two
+/// copies are byte-identical.
+async fn assert_node3_heals_identical(
+    c: &TestCluster,
+    coord: &Coordinator,
+    release: watch::Sender<bool>,
+) {
+    *c.node(3).faulty.write_delay.lock().unwrap() = Duration::ZERO;
+    eventually("node 3 in sync", || {
+        c.replica_state(3) == ReplicaState::InSync
+    })
+    .await;
+    assert_eq!(
+        c.release_held(1, release).await,
+        Some(libc::ESTALE as u32),
+        "the timed-out frame landed after the resync"
+    );
+    assert_verify_clean(coord, 2).await;
+    c.assert_identical(&[1, 3]).await;
+}
+
+/// Found in CI (the test above, under load): the write that fails on the last in-sync
+/// replica landed on a resyncing replica, which a failed resync copy had sent back to out
+/// of sync while the write was in flight. The unknown-outcome rule marked the range only
+/// on replicas still resyncing, so this one never compared it again and was promoted
+/// holding a write the in-sync copy lacked. Every replica that is neither in sync nor
+/// async now compares the range again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn write_failing_everywhere_while_its_resyncing_replica_is_ejected_leaves_no_divergence() {
+    bounded(async {
+        let mut c = TestCluster::new(&[1, 3]).await;
+        let mut cfg = c.config(1);
+        cfg.replica_timeout = Duration::from_millis(1500);
+        // A failed resync is retried only after this: node 3 stays out of sync until the
+        // write has failed.
+        cfg.resync_retry = Duration::from_secs(3);
+        let coord = c.coordinator_with(cfg).await;
+        let at = 5 * MIB;
+        restart_node3_resyncing_slowly(&mut c, &coord, at, 16, Duration::from_millis(300)).await;
         eventually("node 3 resyncing", || {
             c.replica_state(3) == ReplicaState::Resyncing
         })
         .await;
-        // The write stalls on node 1 (the only in-sync replica) and lands on node 3.
+        // The write stalls on node 1 (the only in-sync replica) and reaches node 3...
+        let seen_before = c.node(3).faulty.seen_writes.lock().unwrap().len();
         let release = c.hold_write(1, at);
-        let res = coord.write(at, pattern(2, 4096), false).await;
-        assert!(res.is_err(), "acked without the in-sync replica: {res:?}");
-        *c.node(3).faulty.write_delay.lock().unwrap() = Duration::ZERO;
-        eventually("node 3 in sync", || {
-            c.replica_state(3) == ReplicaState::InSync
+        let write = {
+            let coord = coord.clone();
+            tokio::spawn(async move { coord.write(at, pattern(2, 4096), false).await })
+        };
+        // ...and lands there; then the next resync copy fails: node 3 goes back to out of
+        // sync while the write is still in flight on node 1.
+        eventually("the write reached node 3", || {
+            c.node(3).faulty.seen_writes.lock().unwrap()[seen_before..].contains(&at)
         })
         .await;
-        // Now the stalled frame reaches node 1's replica.
-        assert_eq!(
-            c.release_held(1, release).await,
-            Some(libc::ESTALE as u32),
-            "the timed-out frame landed after the resync"
-        );
-        assert_verify_clean(&coord, 2).await;
-        c.assert_identical(&[1, 3]).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        c.node(3)
+            .faulty
+            .fail_writes
+            .store(1, std::sync::atomic::Ordering::SeqCst);
+        eventually("node 3 ejected by the failed copy", || {
+            c.replica_state(3) == ReplicaState::OutOfSync
+        })
+        .await;
+        let res = write.await.unwrap();
+        assert!(res.is_err(), "acked without the in-sync replica: {res:?}");
+        assert_node3_heals_identical(&c, &coord, release).await;
         coord.close().await.unwrap();
     })
+    .await
+}
+
+/// Node 3 resyncs slowly (`regions` regions, each write to it taking `delay`); once `ready`,
+/// a write stalls on node 1, the only in-sync replica, until it times out (nothing can be
+/// ejected, so it fails), while it reaches node 3. Node 3 must compare its range again,
+/// and the stalled frame must never land on node 1 later: the two end byte-identical.
+async fn write_failing_on_node1_while_node3_resyncs(
+    regions: u64,
+    delay: Duration,
+    timeout: Duration,
+    ready: impl Fn(&TestCluster, &Coordinator) -> bool,
+) {
+    let mut c = TestCluster::new(&[1, 3]).await;
+    let mut cfg = c.config(1);
+    cfg.replica_timeout = timeout;
+    let coord = c.coordinator_with(cfg).await;
+    let at = 5 * MIB;
+    restart_node3_resyncing_slowly(&mut c, &coord, at, regions, delay).await;
+    eventually("node 3 resyncing", || ready(&c, &coord)).await;
+    let release = c.hold_write(1, at);
+    let res = coord.write(at, pattern(2, 4096), false).await;
+    assert!(res.is_err(), "acked without the in-sync replica: {res:?}");
+    assert_node3_heals_identical(&c, &coord, release).await;
+    coord.close().await.unwrap();
+}
+
+/// The write that fails on the last in-sync replica reaches a resyncing replica while that
+/// replica copies its last dirty region: its promotion waits for the write (it quiesces
+/// every range), sees the region marked to compare again, and compares it first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn write_failing_while_its_resyncing_replica_is_promoted_leaves_no_divergence() {
+    bounded(write_failing_on_node1_while_node3_resyncs(
+        4,
+        Duration::from_millis(200),
+        Duration::from_millis(400),
+        // The last dirty region is being copied: nothing is left in the bitmap.
+        |c, coord| {
+            c.replica_state(3) == ReplicaState::Resyncing
+                && coord
+                    .stats()
+                    .replicas
+                    .iter()
+                    .any(|r| r.node == 3 && r.dirty_bytes == Some(0))
+        },
+    ))
+    .await
+}
+
+/// Found by the simulation (seed 108, timing-dependent): the write fails on the last
+/// in-sync replica while a resyncing replica took it (see
+/// `write_failing_on_node1_while_node3_resyncs`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn write_that_times_out_on_the_last_in_sync_replica_leaves_no_divergence() {
+    bounded(write_failing_on_node1_while_node3_resyncs(
+        16,
+        Duration::from_millis(100),
+        Duration::from_millis(300),
+        |c, _| c.replica_state(3) == ReplicaState::Resyncing,
+    ))
     .await
 }
 

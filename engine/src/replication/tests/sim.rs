@@ -1844,6 +1844,7 @@ const REGRESSION_SEEDS: &[(u64, Profile)] = &[
     (6794, V7),
     (7177, V7),
     (8063, V7),
+    (9823, V7),
 ];
 
 #[test]
