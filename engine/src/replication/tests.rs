@@ -2330,10 +2330,10 @@ async fn write_failing_on_node1_while_node3_resyncs(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn write_failing_while_its_resyncing_replica_is_promoted_leaves_no_divergence() {
     bounded(write_failing_on_node1_while_node3_resyncs(
-        4,
-        Duration::from_millis(200),
-        Duration::from_millis(400),
-        // The last dirty region is being copied: nothing is left in the bitmap.
+        2,
+        Duration::from_millis(800),
+        Duration::from_millis(1200),
+        // The last dirty region is being copied (for 800 ms): nothing is left in the bitmap.
         |c, coord| {
             c.replica_state(3) == ReplicaState::Resyncing
                 && coord
