@@ -1084,18 +1084,23 @@ impl Inner {
         }
     }
 
+    /// Byte ranges of the unclean hot regions (a write failed there on every in-sync
+    /// replica, so the in-sync copies may differ there until reconciled).
+    pub(super) fn unclean_ranges(&self) -> Vec<(u64, u64)> {
+        self.hot
+            .unclean()
+            .into_iter()
+            .filter_map(|r| hot_region_bytes(r, self.size_bytes))
+            .collect()
+    }
+
     /// In memory: `node` is out of sync, disconnected, and misses `range`.
     fn mark_out_of_sync(&self, node: u64, range: Option<(u64, u64)>, error: &TargetError) {
         let size = self.size_bytes;
         // Regions a write failed in on every in-sync replica may differ between them: an
         // in-sync replica leaving now may hold such a write the others lack (or lack one
         // they hold), so its resync compares them too (seed 11536).
-        let unclean: Vec<(u64, u64)> = self
-            .hot
-            .unclean()
-            .into_iter()
-            .filter_map(|r| hot_region_bytes(r, size))
-            .collect();
+        let unclean = self.unclean_ranges();
         let mut members = self.lock_members();
         let Some(m) = members.iter_mut().find(|m| m.node == node) else {
             return;
@@ -1246,8 +1251,8 @@ impl Inner {
                         // Not acked after all, and it may have landed anywhere: on the
                         // in-sync copies that took it (one may have turned async since),
                         // not on the one that cannot be ejected. The unknown-outcome rule
-                        // applies as if it had failed everywhere (seed 9823).
-                        self.mark_unclean_range(range);
+                        // applies as if it had failed everywhere (seed 9823); the caller's
+                        // `hot.finish` leaves its regions unclean.
                         self.unknown_outcome(range, &eject);
                         return Err(e);
                     }
@@ -1268,7 +1273,10 @@ impl Inner {
             Verdict::Fail { failures, no_space } => {
                 // The write may have landed on some in-sync replicas: its regions are
                 // unclean before anything below can eject one (which then compares them).
-                self.mark_unclean_range(range);
+                if let Some((off, len)) = range {
+                    let (r0, r1) = hot_range(off, len);
+                    self.hot.mark_unclean(r0, r1);
+                }
                 // A resyncing replica that failed goes back; in-sync ones stay.
                 let resyncing: Vec<u64> = self
                     .lock_members()
@@ -1300,19 +1308,10 @@ impl Inner {
         }
     }
 
-    /// The hot regions of a write that was not acked are unclean: the in-sync copies may
-    /// differ there until they are compared.
-    fn mark_unclean_range(&self, range: Option<(u64, u64)>) {
-        if let Some((off, len)) = range {
-            let (r0, r1) = hot_range(off, len);
-            self.hot.mark_unclean(r0, r1);
-        }
-    }
-
     /// Carries out the unknown-outcome rule ([`replica_set::unknown_outcome`]) for a write
     /// that failed on every in-sync replica, or whose failed in-sync replica could not be
-    /// ejected. A replica that gets a new session is
-    /// reconnected by `check_in_sync_connections`; until then its I/O fails.
+    /// ejected. A replica that gets a new session is reconnected by
+    /// `check_in_sync_connections`; until then its I/O fails.
     fn unknown_outcome(&self, range: Option<(u64, u64)>, failures: &[Failure]) {
         let mut members = self.lock_members();
         let states: Vec<(u64, ReplicaState)> = members.iter().map(|m| (m.node, m.state)).collect();

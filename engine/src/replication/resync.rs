@@ -255,12 +255,7 @@ impl Inner {
             }
         }
         let changed = !enter.is_empty() || !leave.is_empty();
-        let unclean: Vec<(u64, u64)> = self
-            .hot
-            .unclean()
-            .into_iter()
-            .filter_map(|r| super::coordinator::hot_region_bytes(r, self.size_bytes))
-            .collect();
+        let unclean = self.unclean_ranges();
         for node in enter {
             let size = self.size_bytes;
             let mut members = self.lock_members();
