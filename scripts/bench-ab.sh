@@ -3,11 +3,14 @@
 #
 #   scripts/bench-ab.sh OLD_TANDEMD NEW_TANDEMD [ROUNDS]
 #   REPL=1 scripts/bench-ab.sh ...     the RF 1 local fast path (one node) instead
+#   REPL=3 scripts/bench-ab.sh ...     RF 3 on three nodes
 #
-# For each round and each binary (alternating), starts a 2-node cluster on loopback (fresh
-# data directories under a temporary directory), creates and fills a 1 GiB RF 2 volume,
-# and runs fio's nbd engine: 4 KiB random write at QD1 and QD32, 10 s each. Prints p50
-# latency, IOPS and the CPU of both tandemd processes per write (from /proc/PID/stat).
+# For each round and each binary (alternating), starts a REPL-node cluster on loopback
+# (fresh data directories under a temporary directory; 2 nodes by default), creates and
+# fills a 1 GiB volume of that RF, and runs fio's nbd engine: 4 KiB random write at QD1
+# and QD32, 10 s each. Prints p50 latency, IOPS and the CPU of every tandemd process per
+# write (from /proc/PID/stat). A binary may be a wrapper script that execs tandemd with
+# extra flags (e.g. --worker-threads 1).
 # Needs fio (scripts/test.sh installs it). Everything it starts is stopped on exit.
 set -euo pipefail
 OLD=${1:?usage: bench-ab.sh OLD_TANDEMD NEW_TANDEMD [ROUNDS]}
@@ -29,14 +32,18 @@ run_one() { # label binary
     "$bin" --data-dir "$d/n1" --admin-addr 127.0.0.1:7910 --nbd-addr 127.0.0.1:7909 \
         --metrics-addr 127.0.0.1:7911 --data-addr 127.0.0.1:7920 --pool-size 4GiB --log warn >"$d/n1.log" 2>&1 &
     local p1=$!; PIDS+=("$p1")
+    local nodes=("$p1")
     for _ in $(seq 100); do "$CTL" --endpoint 127.0.0.1:7910 status >/dev/null 2>&1 && break; sleep 0.1; done
-    local token p2=$p1
+    local token
     if [[ $REPL -gt 1 ]]; then
         token=$("$CTL" --endpoint 127.0.0.1:7910 -j cluster token show | python3 -c 'import json,sys; print(json.load(sys.stdin)["token"])')
-        "$bin" --data-dir "$d/n2" --admin-addr 127.0.0.1:7930 --nbd-addr 127.0.0.1:7939 \
-            --metrics-addr 127.0.0.1:7931 --data-addr 127.0.0.1:7940 --pool-size 4GiB --log warn \
-            --join 127.0.0.1:7910 --token "$token" >"$d/n2.log" 2>&1 &
-        p2=$!; PIDS+=("$p2")
+        for n in $(seq 2 "$REPL"); do
+            local base=$((7910 + 20 * (n - 1)))
+            "$bin" --data-dir "$d/n$n" --admin-addr 127.0.0.1:$base --nbd-addr 127.0.0.1:$((base + 9)) \
+                --metrics-addr 127.0.0.1:$((base + 1)) --data-addr 127.0.0.1:$((base + 10)) --pool-size 4GiB --log warn \
+                --join 127.0.0.1:7910 --token "$token" >"$d/n$n.log" 2>&1 &
+            nodes+=("$!"); PIDS+=("$!")
+        done
     fi
     for _ in $(seq 100); do
         "$CTL" --endpoint 127.0.0.1:7910 volume create v --size 1GiB --repl "$REPL" >/dev/null 2>&1 && break
@@ -46,13 +53,13 @@ run_one() { # label binary
     local uri=nbd://127.0.0.1:7909/v
     fio --name=fill --ioengine=nbd --uri=$uri --rw=write --bs=1M --size=1G --iodepth=4 >/dev/null 2>&1
     for qd in 1 32; do
-        local a b
-        a=$(ticks "$p1"); b=$(ticks "$p2")
+        local before=0 after=0 p
+        for p in "${nodes[@]}"; do before=$((before + $(ticks "$p"))); done
         fio --name=w --ioengine=nbd --uri=$uri --rw=randwrite --bs=4k --size=1G --iodepth=$qd \
             --time_based --runtime=10 --lat_percentiles=1 --output-format=json 2>/dev/null |
             sed -n '/^{/,$p' >"$d/f.json"
-        local cpu=$(( $(ticks "$p1") - a ))
-        [[ $p2 != "$p1" ]] && cpu=$(( cpu + $(ticks "$p2") - b ))
+        for p in "${nodes[@]}"; do after=$((after + $(ticks "$p"))); done
+        local cpu=$(( after - before ))
         python3 - "$d/f.json" "$cpu" "$label" "$qd" <<'PY'
 import json, os, sys
 j = json.load(open(sys.argv[1]))["jobs"][0]["write"]
@@ -62,8 +69,8 @@ print(f"{sys.argv[3]:4} QD{sys.argv[4]:<3} p50 {j['lat_ns']['percentile']['50.00
       f"IOPS {j['iops']:8.0f}  CPU {cpu_us:6.1f} us/write")
 PY
     done
-    kill -9 "$p1" "$p2" 2>/dev/null || true
-    wait "$p1" "$p2" 2>/dev/null || true
+    kill -9 "${nodes[@]}" 2>/dev/null || true
+    wait "${nodes[@]}" 2>/dev/null || true
 }
 
 for r in $(seq "$ROUNDS"); do

@@ -16,6 +16,7 @@
 //!   pipelined client and the server loop.
 
 pub mod cluster;
+pub mod completion;
 pub mod io;
 pub mod latency;
 pub mod meta;

@@ -49,6 +49,10 @@ pub struct Args {
     /// Log filter (tracing EnvFilter syntax); RUST_LOG overrides it [default: info]
     #[arg(long)]
     pub log: Option<String>,
+    /// Async worker threads: 0 = one per core; 1 = a current-thread runtime (every task on
+    /// one thread, no wake-ups between threads) [default: 0]
+    #[arg(long)]
+    pub worker_threads: Option<usize>,
     /// Data-path (node-to-node replication) listen address [default: 127.0.0.1:9020]
     #[arg(long)]
     pub data_addr: Option<String>,
@@ -113,6 +117,7 @@ pub struct FileConfig {
     pub metrics_addr: Option<String>,
     pub io_engine: Option<String>,
     pub log: Option<String>,
+    pub worker_threads: Option<usize>,
     pub data_addr: Option<String>,
     pub advertise_admin_addr: Option<String>,
     pub advertise_data_addr: Option<String>,
@@ -141,6 +146,8 @@ pub struct Config {
     pub metrics_addr: SocketAddr,
     pub io_engine: IoEngineChoice,
     pub log: String,
+    /// `--worker-threads`: 0 = one per core, 1 = current-thread runtime.
+    pub worker_threads: usize,
     pub data_addr: SocketAddr,
     pub advertise_admin_addr: Option<String>,
     pub advertise_data_addr: Option<String>,
@@ -255,6 +262,7 @@ impl Config {
             )?,
             io_engine: engine.parse().map_err(anyhow::Error::msg)?,
             log: args.log.or(file.log).unwrap_or_else(|| "info".into()),
+            worker_threads: args.worker_threads.or(file.worker_threads).unwrap_or(0),
             data_addr: addr(
                 "data-path address",
                 &args

@@ -635,8 +635,9 @@ impl Coordinator {
         self.inner.size_bytes
     }
 
-    /// Runs `f` in its own task (so the caller cannot cancel it half-way) while holding
-    /// the I/O gate.
+    /// Runs `f` while holding the I/O gate, inline in the caller's task; a caller that
+    /// drops it cannot stop it half-way, as the rest then runs on a task of its own
+    /// ([`crate::completion`]).
     async fn run<T, F, Fut>(&self, f: F) -> Result<T>
     where
         T: Send + 'static,
@@ -645,14 +646,15 @@ impl Coordinator {
     {
         self.inner.check_usable()?;
         let inner = self.inner.clone();
-        let task = tokio::spawn(async move {
+        crate::completion::to_completion(async move {
             let _io = inner.gate.read().await;
             inner.check_usable()?;
             f(inner.clone()).await
-        });
-        task.await.map_err(|e| ReplicationError::ReplicasFailed {
+        })
+        .await
+        .map_err(|e| ReplicationError::ReplicasFailed {
             volume: self.inner.name.clone(),
-            op: "internal task",
+            op: "internal operation",
             detail: e.to_string(),
         })?
     }
@@ -1196,7 +1198,10 @@ impl Inner {
         out.into_iter().map(|(_, n, t)| (n, t)).collect()
     }
 
-    /// Runs `op` on every target in parallel (each in its own task) and collects results.
+    /// Runs `op` on every target at once, from the calling task, and collects the results
+    /// in `targets` order. The remote targets are started first, so their round trips
+    /// overlap the local replica's store write. Callers run inside
+    /// [`Coordinator::run`], so the fan-out is never dropped half-way.
     async fn fan_out<F, Fut>(
         &self,
         targets: Vec<(u64, ReplicaState, Option<Target>)>,
@@ -1206,30 +1211,32 @@ impl Inner {
         F: Fn(Target) -> Fut,
         Fut: Future<Output = Result<(), TargetError>> + Send + 'static,
     {
-        let tasks: Vec<_> = targets
+        let mut order: Vec<usize> = (0..targets.len()).collect();
+        order.sort_by_key(|&i| targets[i].2.as_ref().is_some_and(|t| t.is_local()));
+        let futs = order.iter().map(|&i| {
+            let fut = targets[i].2.clone().map(&op);
+            async move {
+                match fut {
+                    Some(f) => f.await,
+                    None => Err(TargetError::NotConnected),
+                }
+            }
+        });
+        let mut results: Vec<Option<Result<(), TargetError>>> = vec![None; targets.len()];
+        for (i, res) in order.iter().zip(futures_util::future::join_all(futs).await) {
+            results[*i] = Some(res);
+        }
+        targets
             .into_iter()
-            .map(|(node, state, target)| {
-                let fut = target.map(&op);
+            .zip(results)
+            .map(|((node, state, _), res)| {
                 (
                     node,
                     state,
-                    tokio::spawn(async move {
-                        match fut {
-                            Some(f) => f.await,
-                            None => Err(TargetError::NotConnected),
-                        }
-                    }),
+                    res.expect("join_all yields one result per target"),
                 )
             })
-            .collect();
-        let mut out = Vec::with_capacity(tasks.len());
-        for (node, state, task) in tasks {
-            let res = task
-                .await
-                .unwrap_or_else(|e| Err(TargetError::Transport(format!("task: {e}"))));
-            out.push((node, state, res));
-        }
-        out
+            .collect()
     }
 
     /// Carries out the ack rule's verdict on one fan-out's results

@@ -69,10 +69,11 @@ impl Link for WireClient {
     }
 }
 
-/// The replica on the coordinator's own node: `server.handle(coordinator_node, frame)`.
-/// Each call runs in its own task, so a caller's timeout (or a dropped caller) never
-/// cancels a store write half-way; its outcome is then unknown, as for a remote call
-/// whose reply never came.
+/// The replica on the coordinator's own node: `server.handle(coordinator_node, frame)`,
+/// inline in the caller's task. A caller's timeout (or a dropped caller) never cancels a
+/// store write half-way: the rest then runs on a task of its own
+/// ([`crate::completion`]), and its outcome is unknown, as for a remote call whose reply
+/// never came.
 pub struct LocalLink {
     pub server: Arc<ReplicaServer>,
     pub coordinator_node: u64,
@@ -82,9 +83,9 @@ pub struct LocalLink {
 impl Link for LocalLink {
     async fn call(&self, frame: Frame) -> Result<Frame, String> {
         let (server, node) = (self.server.clone(), self.coordinator_node);
-        tokio::spawn(async move { server.handle(node, frame).await })
+        crate::completion::to_completion(async move { server.handle(node, frame).await })
             .await
-            .map_err(|e| format!("local task: {e}"))
+            .map_err(|e| format!("local replica: {e}"))
     }
 
     fn is_closed(&self) -> bool {

@@ -3,9 +3,10 @@
 //! Both speak the same frames and pass the same generation fence, so the coordinator has
 //! one code path and a zombie coordinator is fenced on its own node too.
 //!
-//! Invariant: every call ends within its timeout. A local call runs in its own task, so
-//! a timeout (or a dropped caller) never cancels a store write half-way; its outcome is
-//! then unknown, as for a remote call whose reply never came.
+//! Invariant: every call ends within its timeout. A timeout (or a dropped caller) never
+//! cancels a local store write half-way (the rest runs on a task of its own, see
+//! [`crate::completion`]); its outcome is then unknown, as for a remote call whose reply
+//! never came.
 
 use std::sync::Arc;
 use std::time::Duration;

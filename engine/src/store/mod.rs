@@ -27,6 +27,7 @@
 //! written (or was trimmed): the crc file is sparse, so unwritten entries read as 0.
 
 mod activity_log;
+pub mod group_sync;
 
 use std::collections::BTreeSet;
 use std::fs::{File, OpenOptions};
@@ -322,6 +323,8 @@ pub struct Replica {
     /// Bumped whenever a flag is set, so a clear only removes what its comparison saw.
     suspect_epoch: AtomicU64,
     suspect_lock: std::sync::Mutex<()>,
+    /// Concurrent flushes share one `fdatasync` of the data file.
+    flushes: group_sync::SyncGroup,
 }
 
 fn open_rw(path: &Path) -> io::Result<File> {
@@ -454,6 +457,7 @@ impl Replica {
             suspect_flags: AtomicU64::new(0),
             suspect_epoch: AtomicU64::new(0),
             suspect_lock: std::sync::Mutex::new(()),
+            flushes: group_sync::SyncGroup::default(),
         });
         let persisted = match std::fs::read(replica.pool.path(id, "suspect")) {
             Ok(b) if b.len() >= 8 => u64::from_le_bytes(b[..8].try_into().unwrap_or_default()),
@@ -798,10 +802,8 @@ impl Replica {
         };
         self.write_blocks_locked(&tables, first, buf).await?;
         if fua {
-            self.engine
-                .fdatasync(&self.data)
-                .await
-                .map_err(|e| self.sync_failed(e, "fdatasync data"))?;
+            // Concurrent FUA writes and flushes share one fdatasync.
+            self.flush().await?;
         }
         Ok(())
     }
@@ -887,12 +889,18 @@ impl Replica {
 
     /// Makes every completed write durable (fdatasync of the data file). Checksums need no
     /// sync here: every region written since the last checkpoint is hot in the activity log
-    /// and is recomputed from the (durable) data after a crash.
+    /// and is recomputed from the (durable) data after a crash. Concurrent flushes share
+    /// one `fdatasync` ([`group_sync`]).
     pub async fn flush(&self) -> Result<()> {
-        self.engine
-            .fdatasync(&self.data)
+        self.flushes
+            .sync(|| self.engine.fdatasync(&self.data))
             .await
             .map_err(|e| self.sync_failed(e, "fdatasync data"))
+    }
+
+    /// `fdatasync` rounds the data file's flushes took so far.
+    pub fn flush_rounds(&self) -> u64 {
+        self.flushes.rounds()
     }
 
     /// Grows the volume. Waits for in-flight I/O to drain.

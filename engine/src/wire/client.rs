@@ -1,9 +1,11 @@
 //! The pipelined client side of one authenticated wire connection.
 //!
-//! [`WireClient`] owns one TCP connection and two tasks: a writer that batches queued
-//! requests into as few writes as it can (flushing when the queue runs dry), and a reader
-//! that hands each reply to the call waiting for its request id. Many calls are in flight
-//! at once, bounded by [`MAX_IN_FLIGHT`].
+//! [`WireClient`] owns one TCP connection. A call writes its request itself, on its own
+//! thread, through the connection's [`Outbox`] (which batches whatever other calls queued
+//! meanwhile into the same `writev`); a reader task decodes every reply one read returns
+//! and hands each to the call waiting for its request id. A second task only finishes
+//! writes the socket could not take at once. Many calls are in flight at once, bounded by
+//! [`MAX_IN_FLIGHT`].
 //!
 //! Invariants:
 //! * **Every call ends.** A reply completes it; a broken connection, a malformed frame or a
@@ -21,14 +23,15 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
-use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::io::AsyncReadExt;
+use tokio::net::tcp::OwnedReadHalf;
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, oneshot, watch, Semaphore};
+use tokio::sync::{oneshot, watch, Semaphore};
 use tokio::task::JoinHandle;
 
 use super::auth::{self, AuthError};
 use super::frame::{self, Frame, Kind, MAX_PAYLOAD};
+use super::outbox::Outbox;
 
 /// Requests in flight per connection. A 10 GbE link at 100 us RTT needs about 32 4-KiB
 /// requests in flight to stay busy; 256 leaves room for several volumes sharing one
@@ -43,10 +46,6 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// Read buffer size: big enough to take many small replies per read syscall. Frames
 /// larger than this make the decoder reserve their exact size.
 pub const READ_BUF_BYTES: usize = 256 * 1024;
-
-/// Write buffer size: small frames are coalesced up to this; larger payloads bypass the
-/// buffer and are written straight from the caller's `Bytes`.
-pub const WRITE_BUF_BYTES: usize = 64 * 1024;
 
 /// Errors of the wire client.
 #[derive(Debug, thiserror::Error)]
@@ -84,6 +83,7 @@ struct Shared {
     pending: Mutex<Pending>,
     in_flight: Semaphore,
     closed: watch::Sender<bool>,
+    outbox: Outbox,
 }
 
 impl Shared {
@@ -102,6 +102,7 @@ impl Shared {
         // Dropping the senders fails the waiting calls.
         drop(waiters);
         self.in_flight.close();
+        self.outbox.close();
         self.closed.send_replace(true);
     }
 
@@ -129,7 +130,6 @@ pub struct WireClient {
     shared: Arc<Shared>,
     peer_node_id: u64,
     next_request_id: AtomicU64,
-    requests: mpsc::Sender<Frame>,
     reader: JoinHandle<()>,
     writer: JoinHandle<()>,
 }
@@ -178,17 +178,14 @@ impl WireClient {
             pending: Mutex::new(Pending::default()),
             in_flight: Semaphore::new(MAX_IN_FLIGHT),
             closed: watch::Sender::new(false),
+            outbox: Outbox::new(wr),
         });
-        // One slot per permit; cancelled calls can leave a few frames queued beyond that,
-        // which only makes a new call wait for the writer.
-        let (requests, queue) = mpsc::channel(MAX_IN_FLIGHT);
         let reader = tokio::spawn(read_replies(rd, shared.clone()));
-        let writer = tokio::spawn(write_requests(wr, queue, shared.clone()));
+        let writer = tokio::spawn(finish_writes(shared.clone()));
         WireClient {
             shared,
             peer_node_id,
             next_request_id: AtomicU64::new(1),
-            requests,
             reader,
             writer,
         }
@@ -220,21 +217,31 @@ impl WireClient {
         let request_id = self.next_request_id.fetch_add(1, Ordering::Relaxed);
         frame.request_id = request_id;
         let (tx, rx) = oneshot::channel();
-        {
+        let others = {
             let mut p = self.shared.pending();
             if p.closed {
                 return Err(self.shared.lost());
             }
             p.waiters.insert(request_id, tx);
-        }
+            p.waiters.len() - 1
+        };
         let _slot = PendingSlot {
             shared: &self.shared,
             request_id,
         };
-        self.requests
-            .send(frame)
-            .await
-            .map_err(|_| self.shared.lost())?;
+        // Alone on the connection, the request goes out at once. With others in flight it
+        // is corked for one yield, so the calls that are ready to run share one `writev`.
+        // Either way it is queued whole before anything awaits, so dropping the call never
+        // tears a frame.
+        let sent = if others == 0 {
+            self.shared.outbox.send(&frame)
+        } else {
+            self.shared.outbox.send_corked(&frame).await
+        };
+        if sent.is_err() {
+            self.shared.fail();
+            return Err(self.shared.lost());
+        }
         rx.await.map_err(|_| self.shared.lost())
     }
 
@@ -326,45 +333,12 @@ async fn read_replies(mut rd: OwnedReadHalf, shared: Arc<Shared>) {
     shared.fail();
 }
 
-/// Writes queued requests, batching whatever is queued into one flush.
-async fn write_requests(wr: OwnedWriteHalf, mut queue: mpsc::Receiver<Frame>, shared: Arc<Shared>) {
-    let mut closed = shared.closed.subscribe();
-    let mut w = BufWriter::with_capacity(WRITE_BUF_BYTES, wr);
-    let result: std::io::Result<()> = async {
-        loop {
-            let first = tokio::select! {
-                f = queue.recv() => f,
-                _ = closed.wait_for(|c| *c) => None,
-            };
-            let Some(first) = first else {
-                // The client is gone: say so to the server, politely.
-                return w.shutdown().await;
-            };
-            write_frame(&mut w, &first).await?;
-            while let Ok(next) = queue.try_recv() {
-                write_frame(&mut w, &next).await?;
-            }
-            w.flush().await?;
-        }
+/// Finishes the writes the socket could not take at once; fails the client when the
+/// socket fails.
+async fn finish_writes(shared: Arc<Shared>) {
+    shared.outbox.run().await;
+    if !*shared.closed.borrow() {
+        tracing::info!(peer = %shared.peer, "wire connection lost: write failed");
     }
-    .await;
-    if let Err(e) = result {
-        if !*shared.closed.borrow() {
-            tracing::info!(peer = %shared.peer, error = %e, "wire connection lost: write failed");
-        }
-        shared.fail();
-    }
-}
-
-/// Writes one frame through `w`: the header, then the payload without copying it into a
-/// frame buffer (`BufWriter` passes large writes straight to the socket).
-pub(crate) async fn write_frame<W: tokio::io::AsyncWrite + Unpin>(
-    w: &mut BufWriter<W>,
-    f: &Frame,
-) -> std::io::Result<()> {
-    w.write_all(&frame::encode_header(f)).await?;
-    if !f.payload.is_empty() {
-        w.write_all(&f.payload).await?;
-    }
-    Ok(())
+    shared.fail();
 }

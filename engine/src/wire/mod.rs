@@ -10,6 +10,8 @@
 //!   have proved the token.
 //! * [`client`]: [`WireClient`], one pipelined connection. Keeps: every call ends (reply
 //!   or [`WireError::ConnectionLost`]), and a dropped call frees its slot.
+//! * [`outbox`]: the sending side of a connection, shared by its senders. Keeps: frames
+//!   go out whole and in order, and a send never awaits (so it cannot be torn).
 //! * [`server`]: [`serve`] and the [`FrameHandler`] trait the node implements. Keeps: a
 //!   broken peer breaks only its own connection, and handlers are not cancelled
 //!   mid-request.
@@ -21,6 +23,7 @@
 pub mod auth;
 pub mod client;
 pub mod frame;
+pub mod outbox;
 pub mod server;
 
 pub use auth::AuthError;

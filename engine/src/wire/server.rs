@@ -2,10 +2,14 @@
 //! [`FrameHandler`].
 //!
 //! [`serve`] owns the listener and one task per connection. A connection task runs the
-//! handshake, then reads frames, answers pings itself, spawns the handler for every other
-//! request (at most [`MAX_CONCURRENT_REQUESTS`] at once per connection; reading stops while
-//! they are all busy, which pushes back on the peer through TCP), and writes replies in
-//! completion order through a writer task.
+//! handshake, then reads frames and decodes every frame one read returns. It answers pings
+//! itself and runs the handler of every other request inline: a handler that finishes
+//! without waiting (a page-cache write) is answered at once, from the same task, through
+//! the connection's [`Outbox`]; one that has to wait (an `fdatasync`, a range lock) moves
+//! to a task of its own and answers when it is done (at most [`MAX_CONCURRENT_REQUESTS`]
+//! at once per connection; reading stops while they are all busy, which pushes back on the
+//! peer through TCP). Replies go out in completion order, batched into one `writev` when
+//! several are ready.
 //!
 //! Invariants:
 //! * **An unauthenticated peer never gets a frame decoded**: the frame reader starts only
@@ -20,6 +24,7 @@
 //!   lives: a handler that panics or returns a reply that does not fit its request is
 //!   answered with `EIO` instead.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
@@ -27,15 +32,15 @@ use std::task::Poll;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
-use tokio::net::tcp::OwnedWriteHalf;
+use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, watch, Semaphore};
+use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
 
 use super::auth::{self, AuthError};
-use super::client::{write_frame, READ_BUF_BYTES, WRITE_BUF_BYTES};
+use super::client::READ_BUF_BYTES;
 use super::frame::{self, Frame, FrameError, Kind, MAX_PAYLOAD};
+use super::outbox::Outbox;
 
 /// Requests a connection runs at once. Same bound as the NBD frontend's per-connection
 /// limit: worst case 128 x 32 MiB of decoded payloads per connection.
@@ -189,10 +194,14 @@ impl Connection {
         tracing::debug!(%peer, peer_node_id, "wire peer authenticated");
 
         let (mut rd, wr) = stream.into_split();
-        // Every running handler holds a permit and sends one reply, and the reader sends
-        // pongs one at a time, so this many slots never block a handler for long.
-        let (replies, reply_queue) = mpsc::channel(MAX_CONCURRENT_REQUESTS + 1);
-        let writer = tokio::spawn(write_replies(wr, reply_queue));
+        let outbox = Arc::new(Outbox::new(wr));
+        // However this ends (even dropped, when the server is shut down hard), the socket
+        // closes and the writer task ends with it.
+        let _close = CloseOnDrop(outbox.clone());
+        let writer = {
+            let outbox = outbox.clone();
+            tokio::spawn(async move { outbox.run().await })
+        };
         let permits = Arc::new(Semaphore::new(MAX_CONCURRENT_REQUESTS));
         let mut handlers = JoinSet::new();
         let mut buf = BytesMut::with_capacity(READ_BUF_BYTES);
@@ -201,6 +210,10 @@ impl Connection {
             let req = match frame::decode(&mut buf) {
                 Ok(Some(req)) => req,
                 Ok(None) => {
+                    // Every frame of this read is handled: uncork the replies it made.
+                    if outbox.flush().is_err() {
+                        break Ok(());
+                    }
                     if buf.capacity() - buf.len() < frame::HEADER_LEN {
                         buf.reserve(READ_BUF_BYTES);
                     }
@@ -214,6 +227,8 @@ impl Connection {
                             log_join_error(done, "wire handler task");
                             continue;
                         }
+                        // The socket failed under a reply: nobody hears us any more.
+                        _ = outbox.closed() => break Ok(()),
                         _ = signalled(&mut self.shutdown) => break Ok(()),
                     }
                 }
@@ -222,49 +237,71 @@ impl Connection {
             match req.kind {
                 Kind::Ping => {
                     let pong = Frame::reply_to(&req, frame::STATUS_OK, Bytes::new());
-                    tokio::select! {
-                        sent = replies.send(pong) => if sent.is_err() {
-                            // The writer is gone: the socket failed under it.
-                            break Ok(());
-                        },
-                        _ = signalled(&mut self.shutdown) => break Ok(()),
+                    if outbox.push(&pong).is_err() {
+                        break Ok(());
                     }
                 }
                 kind if !kind.is_request() => break Err(ConnectionError::KindNotARequest(kind)),
                 _ => {
+                    if permits.available_permits() == 0 && outbox.flush().is_err() {
+                        // About to wait: nothing corked may wait with us.
+                        break Ok(());
+                    }
                     let permit = tokio::select! {
                         p = permits.clone().acquire_owned() => p.expect("the handler semaphore is never closed"),
                         _ = signalled(&mut self.shutdown) => break Ok(()),
                     };
                     let handler = self.handler.clone();
-                    let replies = replies.clone();
-                    handlers.spawn(async move {
-                        let reply = run_handler(&*handler, peer_node_id, req).await;
-                        // Fails only if the connection is already closing; nothing to do.
-                        let _ = replies.send(reply).await;
-                        drop(permit);
-                    });
+                    let mut run =
+                        Box::pin(async move { run_handler(&*handler, peer_node_id, req).await });
+                    // One poll inline: most requests finish here, with no task to wake.
+                    match std::future::poll_fn(|cx| Poll::Ready(run.as_mut().poll(cx))).await {
+                        Poll::Ready(reply) => {
+                            drop(permit);
+                            // Corked until this read's frames are all handled. Fails only
+                            // if the connection is already closing.
+                            let _ = outbox.push(&reply);
+                        }
+                        Poll::Pending => {
+                            let outbox = outbox.clone();
+                            handlers.spawn(async move {
+                                let reply = run.await;
+                                let _ = outbox.send(&reply);
+                                drop(permit);
+                            });
+                        }
+                    }
                 }
             }
         };
         drop(rd);
-        drop(replies);
 
         if outcome.is_err() {
             // Corrupt or hostile stream: close the socket now (the peer's pending calls
             // fail at once and it reconnects), but let running handlers finish.
-            writer.abort();
+            outbox.close();
         }
         while let Some(done) = handlers.join_next().await {
             log_join_error(done, "wire handler task");
         }
-        // All reply senders are gone: the writer drains what is left and closes.
+        // Every reply is queued: let them out, then close the connection.
+        outbox.flushed().await;
+        outbox.close();
         if let Err(e) = writer.await {
             if e.is_panic() {
                 tracing::error!(%peer, error = %e, "wire reply writer panicked");
             }
         }
         outcome
+    }
+}
+
+/// Closes an outbox when dropped.
+struct CloseOnDrop(Arc<Outbox>);
+
+impl Drop for CloseOnDrop {
+    fn drop(&mut self) {
+        self.0.close();
     }
 }
 
@@ -314,27 +351,5 @@ async fn run_handler(handler: &dyn FrameHandler, peer_node_id: u64, req: Frame) 
                 Frame::reply_to(&header, eio, Bytes::new())
             }
         }
-    }
-}
-
-/// Writes replies in completion order, batching whatever is queued into one flush, until
-/// every sender is gone; then closes the write side.
-async fn write_replies(wr: OwnedWriteHalf, mut queue: mpsc::Receiver<Frame>) {
-    let mut w = BufWriter::with_capacity(WRITE_BUF_BYTES, wr);
-    let result: std::io::Result<()> = async {
-        while let Some(first) = queue.recv().await {
-            write_frame(&mut w, &first).await?;
-            while let Ok(next) = queue.try_recv() {
-                write_frame(&mut w, &next).await?;
-            }
-            w.flush().await?;
-        }
-        w.shutdown().await
-    }
-    .await;
-    if let Err(e) = result {
-        // The reader notices the dead socket too and ends the connection; replies still
-        // queued are lost with it, which the peer sees as a lost connection.
-        tracing::debug!(error = %e, "wire reply writer stopped");
     }
 }
