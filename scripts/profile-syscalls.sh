@@ -2,6 +2,9 @@
 # profile-syscalls.sh: syscalls and futex calls per replicated 4 KiB write (issue 11).
 #
 #   REPL=1|2|3 scripts/profile-syscalls.sh [TANDEMD] [WRITES] [QD]
+#   BS=1M RW=write REPL=2 scripts/profile-syscalls.sh ...   another fio block size and pattern
+#   PERF=1 REPL=2 scripts/profile-syscalls.sh ...  CPU profile instead: each node's top
+#                                                  symbols by self time (perf record)
 #
 # Starts REPL tandemd nodes on loopback (fresh data directories), creates and fills a
 # 256 MiB volume with that replication factor, attaches it on node 1, then runs WRITES
@@ -15,6 +18,8 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 BIN=${1:-$ROOT/target/release/tandemd}
 WRITES=${2:-20000}
 QD=${3:-1}
+BS=${BS:-4k}
+RW=${RW:-randwrite}
 REPL=${REPL:-2}
 CTL=$ROOT/target/release/tandemctl
 [[ -x $CTL && -x $BIN ]] || { echo "build first: cargo build --release -p tandem-node" >&2; exit 1; }
@@ -49,14 +54,26 @@ URI=nbd://127.0.0.1:7921/v
 fio --name=fill --ioengine=nbd --uri=$URI --rw=write --bs=1M --size=256M --iodepth=4 >/dev/null 2>&1
 TRACERS=()
 for i in "${!PIDS[@]}"; do
-    strace -c -f -q -p "${PIDS[$i]}" -o "$WORK/strace$((i + 1)).txt" &
+    if [[ -n ${PERF:-} ]]; then
+        perf record -q -F 999 -p "${PIDS[$i]}" -o "$WORK/perf$((i + 1)).data" 2>/dev/null &
+    else
+        strace -c -f -q -p "${PIDS[$i]}" -o "$WORK/strace$((i + 1)).txt" &
+    fi
     TRACERS+=($!)
 done
 sleep 1
-fio --name=w --ioengine=nbd --uri=$URI --rw=randwrite --bs=4k --size=256M --iodepth="$QD" \
+fio --name=w --ioengine=nbd --uri=$URI --rw="$RW" --bs="$BS" --size=256M --iodepth="$QD" \
     --number_ios="$WRITES" --output-format=json 2>/dev/null | sed -n '/^{/,$p' >"$WORK/f.json"
 for t in "${TRACERS[@]}"; do kill -INT "$t" 2>/dev/null || true; done
 for t in "${TRACERS[@]}"; do wait "$t" 2>/dev/null || true; done
+if [[ -n ${PERF:-} ]]; then
+    for n in $(seq "$REPL"); do
+        echo "node $n: top symbols by self time"
+        perf report -q -i "$WORK/perf$n.data" --no-children --sort symbol --percent-limit 1.5 --stdio 2>/dev/null |
+            grep -v '^$' | head -25
+    done
+    exit 0
+fi
 python3 - "$WORK" "$REPL" "$QD" <<'PY'
 import json, re, sys
 work, repl, qd = sys.argv[1], int(sys.argv[2]), sys.argv[3]
