@@ -142,6 +142,24 @@ impl IoEngine {
         }
     }
 
+    /// Writes all of `data` at `offset`, from a possibly shared buffer: the std and the
+    /// simulated engines write it in place; io_uring, which must own its buffer, takes it
+    /// without a copy when nobody else holds it, and copies it otherwise.
+    pub async fn write_bytes_at(
+        &self,
+        file: &Arc<File>,
+        data: bytes::Bytes,
+        offset: u64,
+    ) -> io::Result<()> {
+        match self {
+            IoEngine::Std => file.write_all_at(&data, offset),
+            IoEngine::Simulated(disk) => disk
+                .before_change(file, offset, data.len() as u64)
+                .and_then(|()| file.write_all_at(&data, offset)),
+            IoEngine::Uring(_) => self.write_at(file, Vec::from(data), offset).await.0,
+        }
+    }
+
     /// `fdatasync(2)`: every completed write to `file` is durable when this returns.
     pub async fn fdatasync(&self, file: &Arc<File>) -> io::Result<()> {
         match self {

@@ -356,8 +356,9 @@ impl ReplicaServer {
                 if req.payload.len() != req.length as usize {
                     return Err(libc::EINVAL);
                 }
-                // Takes the payload: no copy when this frame holds the only reference.
-                let data = Vec::from(std::mem::take(&mut req.payload));
+                // The payload as it came (it may share the read buffer, or, for the local
+                // replica, the other replicas' frames): the store writes it without a copy.
+                let data = std::mem::take(&mut req.payload);
                 replica.write(req.offset, data, fua).await.map_err(errno)?;
                 Ok(Bytes::new())
             }

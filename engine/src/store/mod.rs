@@ -771,7 +771,10 @@ impl Replica {
     }
 
     /// Writes `data` at `offset`. With `fua` the write is durable when this returns.
-    pub async fn write(&self, offset: u64, data: Vec<u8>, fua: bool) -> Result<()> {
+    /// `data` may be shared (the coordinator hands one buffer to every replica): the std
+    /// engine writes it as it is, without a copy.
+    pub async fn write(&self, offset: u64, data: impl Into<bytes::Bytes>, fua: bool) -> Result<()> {
+        let data: bytes::Bytes = data.into();
         let tables = self.tables.read().await;
         self.check_range(&tables, offset, data.len() as u64)?;
         if data.is_empty() {
@@ -798,7 +801,7 @@ impl Replica {
                 buf[i..i + BLOCK_SIZE].copy_from_slice(&old);
             }
             buf[head..head + data.len()].copy_from_slice(&data);
-            buf
+            bytes::Bytes::from(buf)
         };
         self.write_blocks_locked(&tables, first, buf).await?;
         if fua {
@@ -1016,11 +1019,16 @@ impl Replica {
         Ok(buf)
     }
 
-    async fn write_blocks_locked(&self, tables: &Tables, first: u64, buf: Vec<u8>) -> Result<()> {
+    async fn write_blocks_locked(
+        &self,
+        tables: &Tables,
+        first: u64,
+        buf: bytes::Bytes,
+    ) -> Result<()> {
         let crcs: Vec<u32> = buf.chunks(BLOCK_SIZE).map(crc32fast::hash).collect();
-        let (res, _buf) = self
+        let res = self
             .engine
-            .write_at(&self.data, buf, first * BLOCK_SIZE as u64)
+            .write_bytes_at(&self.data, buf, first * BLOCK_SIZE as u64)
             .await;
         res.map_err(|e| self.io_err("write data", e))?;
         for (i, crc) in crcs.into_iter().enumerate() {
