@@ -35,8 +35,8 @@ pub struct Record {
     /// CPU time per operation summed over the server processes (every tandemd, or
     /// qemu-nbd, or the harness itself for `local`), in µs.
     pub cpu_us_per_op: Option<f64>,
-    /// The physical-limit model for a QD1 write: local store write p50 plus the measured
-    /// round trip to a replica (RF 1: the local store write alone), in µs.
+    /// The physical-limit model for a QD1 write: the RF 1 write p50 of the same round plus
+    /// the measured round trip to a replica (RF 1: the local store write alone), in µs.
     pub model_us: Option<f64>,
     /// `p50_us / model_us`.
     pub model_ratio: Option<f64>,

@@ -386,9 +386,9 @@ fn markdown(res: &Results) -> String {
     // RTT sweep.
     let _ = writeln!(
         o,
-        "## Injected RTT (metro replication) and the physical-limit model\n\nModel = local \
-         store QD1 write p50 + round trip measured through the delay proxy at that RTT (RF 1: \
-         the local store write alone). Ratio = measured p50 / model, per round then median.\n\n\
+        "## Injected RTT (metro replication) and the physical-limit model\n\nModel = the \
+         same round's RF 1 QD1 write p50 (NBD, daemon and store) + round trip measured through \
+         the delay proxy at that RTT (RF 1: the local store write alone). Ratio = measured p50 / model, per round then median.\n\n\
          ![latency against RTT]({})\n",
         plot::LATENCY_VS_RTT
     );

@@ -703,27 +703,38 @@ fn resync(cfg: &Config, t: &Targets, raw: &Path, progress: &Progress) -> Result<
     })
 }
 
-/// The physical-limit model for tandem QD1 writes: the same round's local-store QD1 write
-/// p50, plus (RF >= 2) the round trip measured through the proxy at that RTT.
+/// The physical-limit model for tandem QD1 writes. RF 1: the same round's local-store QD1
+/// write p50 (the store alone, without NBD). RF >= 2: the same round's RF 1 QD1 write p50
+/// (NBD round trip, daemon and store) plus the round trip measured through the proxy at
+/// that RTT: what one more replica, reached in parallel, must cost at least. Without an
+/// RF 1 record in the round, the local store's p50 stands in for it.
 fn apply_model(per_round: &mut [Record]) {
-    let local_p50: BTreeMap<u32, f64> = per_round
-        .iter()
-        .filter(|r| r.target == LOCAL && r.workload == Workload::RandWriteQd1.name())
-        .filter_map(|r| Some((r.round?, r.p50_us?)))
-        .collect();
+    let p50_by_round = |target: &str, rf: Option<u32>| -> BTreeMap<u32, f64> {
+        per_round
+            .iter()
+            .filter(|r| r.target == target && r.workload == Workload::RandWriteQd1.name())
+            .filter(|r| rf.is_none_or(|rf| r.rf == rf && r.volumes == 1))
+            .filter_map(|r| Some((r.round?, r.p50_us?)))
+            .collect()
+    };
+    let local_p50 = p50_by_round(LOCAL, None);
+    let rf1_p50 = p50_by_round(TANDEM, Some(1));
     for r in per_round.iter_mut() {
         if r.target != TANDEM || r.workload != Workload::RandWriteQd1.name() {
             continue;
         }
-        let Some(local) = r.round.and_then(|n| local_p50.get(&n)) else {
-            continue;
-        };
-        let net = if r.rf >= 2 {
-            r.measured_rtt_us.unwrap_or(0.0)
+        let Some(round) = r.round else { continue };
+        let model = if r.rf >= 2 {
+            let Some(base) = rf1_p50.get(&round).or(local_p50.get(&round)) else {
+                continue;
+            };
+            base + r.measured_rtt_us.unwrap_or(0.0)
         } else {
-            0.0
+            let Some(local) = local_p50.get(&round) else {
+                continue;
+            };
+            *local
         };
-        let model = local + net;
         r.model_us = Some(model);
         r.model_ratio = r.p50_us.map(|p| p / model);
     }
@@ -803,4 +814,40 @@ pub fn utc_at(secs: u64) -> String {
         rem % 3600 / 60,
         rem % 60
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(target: &str, rf: u32, p50: f64, rtt: Option<f64>) -> Record {
+        Record {
+            workload: Workload::RandWriteQd1.name().into(),
+            target: target.into(),
+            rf,
+            volumes: 1,
+            qd: 1,
+            p50_us: Some(p50),
+            measured_rtt_us: rtt,
+            round: Some(1),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn the_model_of_a_replicated_write_is_rf1_plus_one_round_trip() {
+        let mut rs = vec![
+            rec(LOCAL, 1, 10.0, None),
+            rec(TANDEM, 1, 60.0, None),
+            rec(TANDEM, 2, 150.0, Some(40.0)),
+        ];
+        apply_model(&mut rs);
+        assert_eq!(rs[1].model_us, Some(10.0));
+        assert_eq!(rs[2].model_us, Some(100.0));
+        assert_eq!(rs[2].model_ratio, Some(1.5));
+        // Without RF 1 in the round, the local store stands in for it.
+        let mut rs = vec![rec(LOCAL, 1, 10.0, None), rec(TANDEM, 2, 150.0, Some(40.0))];
+        apply_model(&mut rs);
+        assert_eq!(rs[1].model_us, Some(50.0));
+    }
 }

@@ -338,7 +338,7 @@ mod tests {
         let p = dir.path().join("t.toml");
         std::fs::write(
             &p,
-            "data_dir = \"/srv/t\"\npool_size = \"2GiB\"\nnbd_addr = \"127.0.0.1:1\"\nio_engine = \"std\"\n",
+            "data_dir = \"/srv/t\"\npool_size = \"2GiB\"\nnbd_addr = \"127.0.0.1:1\"\nio_engine = \"std\"\nworker_threads = 1\n",
         )
         .unwrap();
         let c = Config::resolve(Args {
@@ -352,6 +352,7 @@ mod tests {
         assert_eq!(c.nbd_addr.port(), 2);
         assert_eq!(c.admin_addr.port(), 9010);
         assert_eq!(c.io_engine, IoEngineChoice::Std);
+        assert_eq!(c.worker_threads, 1);
 
         std::fs::write(&p, "bogus_key = 1\n").unwrap();
         let err = Config::resolve(Args {
