@@ -1222,20 +1222,15 @@ impl Inner {
                 }
             }
         });
-        let mut results: Vec<Option<Result<(), TargetError>>> = vec![None; targets.len()];
-        for (i, res) in order.iter().zip(futures_util::future::join_all(futs).await) {
-            results[*i] = Some(res);
-        }
+        let done = futures_util::future::join_all(futs).await;
+        // Back to `targets` order.
+        let mut results: Vec<(usize, Result<(), TargetError>)> =
+            order.into_iter().zip(done).collect();
+        results.sort_by_key(|(i, _)| *i);
         targets
             .into_iter()
             .zip(results)
-            .map(|((node, state, _), res)| {
-                (
-                    node,
-                    state,
-                    res.expect("join_all yields one result per target"),
-                )
-            })
+            .map(|((node, state, _), (_, res))| (node, state, res))
             .collect()
     }
 

@@ -901,11 +901,6 @@ impl Replica {
             .map_err(|e| self.sync_failed(e, "fdatasync data"))
     }
 
-    /// `fdatasync` rounds the data file's flushes took so far.
-    pub fn flush_rounds(&self) -> u64 {
-        self.flushes.rounds()
-    }
-
     /// Grows the volume. Waits for in-flight I/O to drain.
     pub async fn resize(&self, new_size_bytes: u64) -> Result<()> {
         let mut tables = self.tables.write().await;

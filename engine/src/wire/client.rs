@@ -102,8 +102,10 @@ impl Shared {
         // Dropping the senders fails the waiting calls.
         drop(waiters);
         self.in_flight.close();
-        self.outbox.close();
+        // Closed first, so the writer task, which ends when the outbox closes, can tell an
+        // orderly end from a failed write.
         self.closed.send_replace(true);
+        self.outbox.close();
     }
 
     fn lost(&self) -> WireError {

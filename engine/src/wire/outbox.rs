@@ -74,7 +74,10 @@ struct State {
 pub struct Outbox<W = OwnedWriteHalf> {
     sock: W,
     state: Mutex<State>,
+    /// Wakes the run task when a write would block.
     wake: Notify,
+    /// Wakes [`Outbox::flushed`] when the queue runs empty.
+    idle: Notify,
     closed: watch::Sender<bool>,
 }
 
@@ -119,6 +122,7 @@ impl<W: WriteSocket> Outbox<W> {
             sock,
             state: Mutex::new(State::default()),
             wake: Notify::new(),
+            idle: Notify::new(),
             closed: watch::Sender::new(false),
         }
     }
@@ -204,6 +208,8 @@ impl<W: WriteSocket> Outbox<W> {
                 if st.queue.is_empty() {
                     st.busy = false;
                     st.parked = false;
+                    drop(st);
+                    self.idle.notify_waiters();
                     return Drained::Empty;
                 }
                 let n = st.queue.len().min(MAX_BATCH_FRAMES);
@@ -329,6 +335,9 @@ impl<W: WriteSocket> Outbox<W> {
     pub async fn flushed(&self) {
         let mut closed = self.closed.subscribe();
         loop {
+            let idle = self.idle.notified();
+            tokio::pin!(idle);
+            idle.as_mut().enable();
             // Corked frames nobody else will write.
             let _ = self.flush();
             {
@@ -338,7 +347,7 @@ impl<W: WriteSocket> Outbox<W> {
                 }
             }
             tokio::select! {
-                _ = tokio::time::sleep(std::time::Duration::from_millis(1)) => {}
+                _ = idle => {}
                 _ = closed.wait_for(|c| *c) => return,
             }
         }
@@ -446,6 +455,13 @@ mod tests {
         }
     }
 
+    /// An outbox on `sock` and its run task, as a connection has them.
+    fn with_run_task(sock: &FakeSocket) -> (Arc<Outbox<FakeSocket>>, tokio::task::JoinHandle<()>) {
+        let outbox = Arc::new(Outbox::new(sock.clone()));
+        let o = outbox.clone();
+        (outbox, tokio::spawn(async move { o.run().await }))
+    }
+
     fn req(i: u64, len: usize) -> Frame {
         Frame::request(Kind::Write, 1, 1, i, len as u32, vec![i as u8; len].into())
     }
@@ -473,11 +489,7 @@ mod tests {
     #[tokio::test]
     async fn a_full_socket_parks_the_batch_and_the_run_task_finishes_it() {
         let sock = FakeSocket::new(1 << 20);
-        let outbox = Arc::new(Outbox::new(sock.clone()));
-        let run = {
-            let o = outbox.clone();
-            tokio::spawn(async move { o.run().await })
-        };
+        let (outbox, run) = with_run_task(&sock);
         // Room for one frame and a half: the second is torn at the socket, the rest queue.
         sock.set_room(Some(HEADER_LEN + 4096 + HEADER_LEN + 100));
         for i in 0..10 {
@@ -533,11 +545,7 @@ mod tests {
     #[tokio::test]
     async fn a_socket_that_fails_while_parked_closes_the_outbox() {
         let sock = FakeSocket::new(1 << 20);
-        let outbox = Arc::new(Outbox::new(sock.clone()));
-        let run = {
-            let o = outbox.clone();
-            tokio::spawn(async move { o.run().await })
-        };
+        let (outbox, run) = with_run_task(&sock);
         sock.set_room(Some(10));
         outbox.send(&req(0, 4096)).unwrap();
         outbox.send(&req(1, 4096)).unwrap();
