@@ -158,16 +158,26 @@ impl Cluster {
     /// Creates a volume with its replicas on the first `rf` nodes, attaches it on node 1 and
     /// returns its NBD URI.
     pub fn create_volume(&self, name: &str, size_mib: u64, rf: usize) -> Result<String> {
+        self.create_volume_with(name, size_mib, rf, &[])
+    }
+
+    /// [`Cluster::create_volume`] with more `volume create` flags.
+    pub fn create_volume_with(
+        &self,
+        name: &str,
+        size_mib: u64,
+        rf: usize,
+        extra: &[&str],
+    ) -> Result<String> {
         let nodes: Vec<&str> = self.nodes[..rf].iter().map(|n| n.name.as_str()).collect();
         let size = format!("{size_mib}MiB");
         let repl = rf.to_string();
         let placement = nodes.join(",");
-        self.ctl(
-            1,
-            &[
-                "volume", "create", name, "--size", &size, "--repl", &repl, "--nodes", &placement,
-            ],
-        )?;
+        let mut args = vec![
+            "volume", "create", name, "--size", &size, "--repl", &repl, "--nodes", &placement,
+        ];
+        args.extend_from_slice(extra);
+        self.ctl(1, &args)?;
         self.ctl(1, &["volume", "attach", name])?;
         Ok(format!("nbd://{}/{name}", self.nodes[0].nbd_addr))
     }

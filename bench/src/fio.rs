@@ -58,6 +58,59 @@ pub fn job_args(w: Workload, size_mib: u64, runtime_s: u64, ramp_s: u64) -> Vec<
     a
 }
 
+/// One fio job of [`run_jobs`]: a volume written at its own queue depth.
+pub struct JobSpec<'a> {
+    pub name: &'a str,
+    pub uri: &'a str,
+    pub qd: u32,
+}
+
+/// 4 KiB random writes on several volumes at once, each job at its own queue depth and
+/// reported on its own (no `--group_reporting`), in the order of `jobs`.
+pub fn run_jobs(
+    jobs: &[JobSpec<'_>],
+    size_mib: u64,
+    runtime_s: u64,
+    ramp_s: u64,
+    out: &Path,
+) -> Result<Vec<FioResult>> {
+    let mut cmd = Command::new("fio");
+    cmd.args(
+        job_args(Workload::RandWriteQd1, size_mib, runtime_s, ramp_s)
+            .into_iter()
+            .filter(|a| !a.starts_with("--iodepth=") && a != "--group_reporting"),
+    )
+    .arg(format!("--output={}", out.display()));
+    for j in jobs {
+        cmd.arg(format!("--name={}", j.name))
+            .arg(format!("--uri={}", j.uri))
+            .arg(format!("--iodepth={}", j.qd));
+    }
+    let limit = Duration::from_secs(runtime_s + ramp_s) + FIO_SLACK;
+    let o = run_bounded(&mut cmd, "fio", limit)?;
+    if !o.status.success() {
+        bail!(
+            "fio on {} failed ({}): {}",
+            jobs.iter().map(|j| j.uri).collect::<Vec<_>>().join(" "),
+            o.status,
+            String::from_utf8_lossy(&o.stderr).trim()
+        );
+    }
+    let text = std::fs::read_to_string(out).with_context(|| format!("read {}", out.display()))?;
+    let start = text.find('{').context("no JSON in fio output")?;
+    let v: Value = serde_json::from_str(&text[start..])
+        .with_context(|| format!("parse fio output {}", out.display()))?;
+    jobs.iter()
+        .map(|j| {
+            let job = v["jobs"]
+                .as_array()
+                .and_then(|a| a.iter().find(|x| x["jobname"].as_str() == Some(j.name)))
+                .with_context(|| format!("fio output {} has no job {}", out.display(), j.name))?;
+            parse_job(job).with_context(|| format!("fio job {} in {}", j.name, out.display()))
+        })
+        .collect()
+}
+
 /// Runs workload `w` on every URI at once; fio's JSON goes to `out`.
 pub fn run(
     w: Workload,
@@ -125,7 +178,11 @@ pub fn parse(text: &str) -> Result<FioResult> {
     // fio may print notes before the JSON document.
     let start = text.find('{').context("no JSON in fio output")?;
     let v: Value = serde_json::from_str(&text[start..])?;
-    let job = &v["jobs"][0];
+    parse_job(&v["jobs"][0])
+}
+
+/// Reads one job of fio's JSON output.
+fn parse_job(job: &Value) -> Result<FioResult> {
     let write = &job["write"];
     let d = if write["total_ios"].as_u64().unwrap_or(0) > 0 {
         write

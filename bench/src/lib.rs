@@ -15,6 +15,7 @@
 //! * [`local`]: the local-store baseline (tandem-engine's store, in-process).
 //! * [`cpu`]: CPU time of processes from /proc.
 //! * [`workload`], [`record`], [`stats`]: what is measured and how it is recorded.
+//! * [`priority`]: the I/O priority workload (a `high` QD1 volume next to a `low` QD32 one).
 //! * [`run`]: the matrix and its interleaving; [`report`] and [`plot`]: the output.
 //! * [`env`]: binaries, tools and machine facts.
 
@@ -25,6 +26,7 @@ pub mod env;
 pub mod fio;
 pub mod local;
 pub mod plot;
+pub mod priority;
 pub mod proxy;
 pub mod record;
 pub mod report;

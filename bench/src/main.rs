@@ -86,6 +86,9 @@ struct RunArgs {
     /// Also sweep QD32 writes over the injected RTTs [quick: no / full: yes]
     #[arg(long)]
     sweep_qd32: Option<bool>,
+    /// Run the I/O priority workload (a high QD1 volume next to a low QD32 one) [true]
+    #[arg(long)]
+    priority: Option<bool>,
     /// Leave qemu-nbd out (the tandem-vs-qemu-nbd targets are then not measured)
     #[arg(long)]
     no_qemu: bool,
@@ -156,6 +159,7 @@ fn config(a: RunArgs) -> Result<Config> {
         resync_mib: a.resync_mib.unwrap_or(pick(q, 128, 1024)),
         io_engine: a.io_engine,
         qemu: !a.no_qemu,
+        priority: a.priority.unwrap_or(true),
         keep: a.keep,
     })
 }

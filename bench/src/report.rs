@@ -9,6 +9,7 @@ use std::path::Path;
 use anyhow::{Context, Result};
 
 use crate::plot;
+use crate::priority;
 use crate::record::{Record, Results, LOCAL, QEMU_NBD, TANDEM};
 use crate::stats::median;
 use crate::workload::{Workload, RESYNC, SCALE_WORKLOAD};
@@ -218,6 +219,46 @@ fn verdicts(res: &Results) -> Vec<Verdict> {
             last.met = last.value.as_ref().map(|(m, _)| *m >= 1.0);
         }
     }
+    // I/O priority classes: the high volume's tail next to a saturated low one.
+    let p99 = |r: &Record| r.p99_us;
+    let alone = sel(priority::HIGH_ALONE, TANDEM, 1);
+    if let Some(value) = ratio(pr, sel(priority::HIGH_WITH_LOW, TANDEM, 1), alone, p99) {
+        let met = Some(value.0 <= 1.5);
+        v.push(Verdict {
+            what: "high QD1 next to low QD32 / high alone, write p99".into(),
+            needs: "≤ 1.50".into(),
+            value: Some(value),
+            met,
+        });
+        let info = [
+            (
+                "the same with the low volume switched to high (no class difference), p99",
+                priority::HIGH_WITH_SAME,
+                priority::HIGH_ALONE,
+                p99 as Figure,
+            ),
+            (
+                "high next to low / high alone, IOPS",
+                priority::HIGH_WITH_LOW,
+                priority::HIGH_ALONE,
+                iops as Figure,
+            ),
+            (
+                "low next to high / low alone, IOPS",
+                priority::LOW_WITH_HIGH,
+                priority::LOW_ALONE,
+                iops as Figure,
+            ),
+        ];
+        for (what, a, b, fig) in info {
+            v.push(Verdict {
+                what: what.into(),
+                needs: "(reported)".into(),
+                value: ratio(pr, sel(a, TANDEM, 1), sel(b, TANDEM, 1), fig),
+                met: None,
+            });
+        }
+    }
     v
 }
 
@@ -382,6 +423,43 @@ fn markdown(res: &Results) -> String {
         let _ = writeln!(o, "| {rf} | {} | {} | {} |", f(a, 1), f(b, 1), f(rel, 2));
     }
     let _ = writeln!(o);
+
+    // I/O priority classes.
+    let prio: Vec<&Record> = [
+        priority::HIGH_ALONE,
+        priority::HIGH_WITH_LOW,
+        priority::HIGH_WITH_SAME,
+        priority::LOW_ALONE,
+        priority::LOW_WITH_HIGH,
+        priority::LOW_AS_HIGH,
+    ]
+    .iter()
+    .filter_map(|w| find(recs, sel(w, TANDEM, 1)))
+    .collect();
+    if !prio.is_empty() {
+        let _ = writeln!(
+            o,
+            "## I/O priority classes (one node, RF 1, 4 KiB random write)
+
+A `high` volume              at QD1 and a `low` volume at QD32, alone and together; `as-high`: the `low`              volume switched to `high` for the job (the same load without a class              difference). Median over rounds.
+
+| workload | QD | p50 µs | p99 µs | p99.9 µs | IOPS |
+|---|---:|---:|---:|---:|---:|"
+        );
+        for r in prio {
+            let _ = writeln!(
+                o,
+                "| {} | {} | {} | {} | {} | {} |",
+                r.workload,
+                r.qd,
+                f(r.p50_us, 1),
+                f(r.p99_us, 1),
+                f(r.p999_us, 1),
+                f(r.iops, 0)
+            );
+        }
+        let _ = writeln!(o);
+    }
 
     // RTT sweep.
     let _ = writeln!(

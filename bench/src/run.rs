@@ -9,6 +9,8 @@
 //!    run 4 KiB random writes at QD1 (and QD32 in full runs). The RTT-0 point is the one of
 //!    the baselines block.
 //! 3. Volume scaling: 1, 4, 16 volumes (of RF `scale_rf`) written at once, QD32 each.
+//! 4. I/O priority classes (`--priority`): a `high` volume at QD1 and a `low` one at QD32,
+//!    alone and together ([`crate::priority`]).
 //!
 //! Then, once, the resync measurement. Every job is preceded by a `syncfs` of the data
 //! directory. Ratios and the model are computed per round; `records` are medians over
@@ -26,6 +28,7 @@ use crate::cpu;
 use crate::env::{self, Bins};
 use crate::fio;
 use crate::local::LocalStore;
+use crate::priority;
 use crate::proxy;
 use crate::record::{Meta, Record, Results, LOCAL, QEMU_NBD, TANDEM};
 use crate::stats::median;
@@ -74,6 +77,8 @@ pub struct Config {
     pub resync_mib: u64,
     pub io_engine: String,
     pub qemu: bool,
+    /// Run the I/O priority workload.
+    pub priority: bool,
     pub keep: bool,
 }
 
@@ -93,6 +98,8 @@ struct Job {
     volumes: u32,
     /// A point of the volume-scaling series (runs on the scaling volumes).
     scale: bool,
+    /// A point of the I/O priority workload.
+    priority: Option<priority::Point>,
 }
 
 fn rotate<T: Clone>(v: &[T], by: usize) -> Vec<T> {
@@ -123,6 +130,7 @@ fn plan(cfg: &Config) -> Vec<Job> {
                     rtt_ms: 0.0,
                     volumes: 1,
                     scale: false,
+                    priority: None,
                 });
             }
         }
@@ -140,6 +148,7 @@ fn plan(cfg: &Config) -> Vec<Job> {
                         rtt_ms: rtt,
                         volumes: 1,
                         scale: false,
+                        priority: None,
                     });
                 }
             }
@@ -152,7 +161,21 @@ fn plan(cfg: &Config) -> Vec<Job> {
                 rtt_ms: 0.0,
                 volumes: n,
                 scale: true,
+                priority: None,
             });
+        }
+        if cfg.priority {
+            for p in rotate(&priority::POINTS, r) {
+                jobs.push(Job {
+                    round,
+                    workload: Workload::RandWriteQd1,
+                    target: Target::Tandem(1),
+                    rtt_ms: 0.0,
+                    volumes: 1,
+                    scale: false,
+                    priority: Some(p),
+                });
+            }
         }
     }
     jobs
@@ -163,7 +186,8 @@ fn estimate_s(cfg: &Config, jobs: &[Job]) -> f64 {
     let per_job = (cfg.runtime_s + cfg.ramp_s) as f64 + EST_JOB_OVERHEAD_S;
     let rf_sum: u64 = cfg.rfs.iter().map(|&r| r as u64).sum();
     let max_vols = cfg.volumes.iter().copied().max().unwrap_or(0) as u64;
-    let fill_bytes = ((cfg.size_mib * (rf_sum + 2))
+    let prio = if cfg.priority { 2 } else { 0 };
+    let fill_bytes = ((cfg.size_mib * (rf_sum + 2 + prio))
         + cfg.scale_size_mib * max_vols * cfg.scale_rf as u64
         + cfg.resync_mib * 4)
         << 20;
@@ -208,6 +232,8 @@ struct Targets {
     rf_uris: BTreeMap<u32, String>,
     /// NBD URIs of the scaling volumes.
     scale_uris: Vec<String>,
+    /// The I/O priority workload's volumes.
+    prio: Option<priority::Volumes>,
 }
 
 /// `tandem-bench run`.
@@ -292,6 +318,39 @@ pub fn run(cfg: &Config) -> Result<()> {
             job.volumes
         );
         progress.bar.set_message(label.clone());
+        if let Some(point) = job.priority {
+            let prio = t.prio.as_ref().context("no priority volumes")?;
+            let out = raw.join(format!("{i:04}-r{}-priority-{point:?}.json", job.round));
+            let recs = priority::run(
+                point,
+                &t.cluster,
+                prio,
+                cfg.size_mib,
+                cfg.runtime_s,
+                cfg.ramp_s,
+                job.round,
+                &out,
+            )
+            .with_context(|| format!("job {}/{}: {}", i + 1, jobs.len(), point.label()))?;
+            for rec in recs {
+                if let Err(e) = rec.check() {
+                    bail!("job {} measured an impossible figure: {e}", point.label());
+                }
+                progress.log(format!(
+                    "[{}/{}] round {} {}: p50 {:.1} µs, p99 {:.1} µs, {:.0} IOPS",
+                    i + 1,
+                    jobs.len(),
+                    job.round,
+                    rec.workload,
+                    rec.p50_us.unwrap_or(0.0),
+                    rec.p99_us.unwrap_or(0.0),
+                    rec.iops.unwrap_or(0.0)
+                ));
+                per_round.push(rec);
+            }
+            progress.bar.inc(1);
+            continue;
+        }
         let mut rec = run_job(cfg, &t, job, &raw, i)
             .with_context(|| format!("job {}/{}: {label}", i + 1, jobs.len()))?;
         if matches!(job.target, Target::Tandem(rf) if rf >= 2) {
@@ -485,6 +544,15 @@ fn setup(
             &raw.join("fill-scale.json"),
         )?;
     }
+    let prio = if cfg.priority {
+        progress.log(format!(
+            "priority workload: a high and a low RF 1 volume of {} MiB on node 1",
+            cfg.size_mib
+        ));
+        Some(priority::setup(&cluster, cfg.size_mib, raw)?)
+    } else {
+        None
+    };
     let local = LocalStore::open(&work.join("local"), cfg.size_mib, &cfg.io_engine)?;
     for &rf in &cfg.rfs {
         cluster.wait_in_sync(&format!("rf{rf}"), rf as usize, IN_SYNC_TIMEOUT)?;
@@ -501,6 +569,7 @@ fn setup(
         local: Some(local),
         rf_uris,
         scale_uris,
+        prio,
     })
 }
 

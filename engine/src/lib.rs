@@ -4,6 +4,7 @@
 //! * [`latency`]: RTT windows, domain-pair RTT and the metro-sync gate.
 //! * [`io`]: the I/O engines (io_uring and std positional I/O) behind one owned-buffer API.
 //! * [`placement`]: topology-aware replica placement.
+//! * [`sched`]: I/O priority classes (weighted shares of a node's I/O concurrency).
 //! * [`store`]: a replica's local store: sparse data, per-block crc32, activity log, pool
 //!   accounting.
 //! * [`replication`]: the volume coordinator (write fan-out, ack rule, ejection, resync,
@@ -23,6 +24,7 @@ pub mod meta;
 pub mod placement;
 mod range_lock;
 pub mod replication;
+pub mod sched;
 pub mod store;
 pub mod units;
 pub mod volume;

@@ -53,6 +53,11 @@ pub struct Args {
     /// one thread, no wake-ups between threads) [default: 0]
     #[arg(long)]
     pub worker_threads: Option<usize>,
+    /// I/O priority classes: the I/Os in flight that are shared out by class weight
+    /// (high 8, medium 4, low 1) while volumes of several classes are busy on this node;
+    /// a class busy alone is never limited. 0 turns classes off [default: 32]
+    #[arg(long)]
+    pub io_slots: Option<usize>,
     /// Data-path (node-to-node replication) listen address [default: 127.0.0.1:9020]
     #[arg(long)]
     pub data_addr: Option<String>,
@@ -118,6 +123,7 @@ pub struct FileConfig {
     pub io_engine: Option<String>,
     pub log: Option<String>,
     pub worker_threads: Option<usize>,
+    pub io_slots: Option<usize>,
     pub data_addr: Option<String>,
     pub advertise_admin_addr: Option<String>,
     pub advertise_data_addr: Option<String>,
@@ -148,6 +154,8 @@ pub struct Config {
     pub log: String,
     /// `--worker-threads`: 0 = one per core, 1 = current-thread runtime.
     pub worker_threads: usize,
+    /// `--io-slots`: concurrency shared out across I/O priority classes; 0 = classes off.
+    pub io_slots: usize,
     pub data_addr: SocketAddr,
     pub advertise_admin_addr: Option<String>,
     pub advertise_data_addr: Option<String>,
@@ -263,6 +271,10 @@ impl Config {
             io_engine: engine.parse().map_err(anyhow::Error::msg)?,
             log: args.log.or(file.log).unwrap_or_else(|| "info".into()),
             worker_threads: args.worker_threads.or(file.worker_threads).unwrap_or(0),
+            io_slots: args
+                .io_slots
+                .or(file.io_slots)
+                .unwrap_or(tandem_engine::sched::DEFAULT_SLOTS),
             data_addr: addr(
                 "data-path address",
                 &args
@@ -338,7 +350,7 @@ mod tests {
         let p = dir.path().join("t.toml");
         std::fs::write(
             &p,
-            "data_dir = \"/srv/t\"\npool_size = \"2GiB\"\nnbd_addr = \"127.0.0.1:1\"\nio_engine = \"std\"\nworker_threads = 1\n",
+            "data_dir = \"/srv/t\"\npool_size = \"2GiB\"\nnbd_addr = \"127.0.0.1:1\"\nio_engine = \"std\"\nworker_threads = 1\nio_slots = 8\n",
         )
         .unwrap();
         let c = Config::resolve(Args {
@@ -353,6 +365,7 @@ mod tests {
         assert_eq!(c.admin_addr.port(), 9010);
         assert_eq!(c.io_engine, IoEngineChoice::Std);
         assert_eq!(c.worker_threads, 1);
+        assert_eq!(c.io_slots, 8);
 
         std::fs::write(&p, "bogus_key = 1\n").unwrap();
         let err = Config::resolve(Args {

@@ -10,6 +10,7 @@ use prometheus::{
     exponential_buckets, Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     Opts, Registry, TextEncoder,
 };
+use tandem_engine::sched::{CLASSES, CLASS_NAMES};
 use tandem_engine::volume::VolumeManager;
 
 pub struct Metrics {
@@ -43,6 +44,12 @@ pub struct Metrics {
     raft_term: IntGauge,
     raft_applied: IntGauge,
     raft_leader: IntGauge,
+    class_ops: IntCounterVec,
+    class_latency: HistogramVec,
+    class_admitted: IntCounterVec,
+    class_waited: IntCounterVec,
+    class_wait_seconds: prometheus::CounterVec,
+    class_in_flight: prometheus::IntGaugeVec,
 }
 
 fn gauge_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> prometheus::IntGaugeVec {
@@ -74,17 +81,29 @@ pub struct VolumeMetrics {
     pub flush_latency: prometheus::Histogram,
     pub checksum_errors: IntCounter,
     pub io_errors: IntCounter,
+    /// By I/O priority class ([`tandem_engine::sched::class_index`]): requests completed
+    /// and their latency, gate wait included.
+    pub class_ops: [IntCounter; CLASSES],
+    pub class_latency: [prometheus::Histogram; CLASSES],
 }
 
 fn counter(r: &Registry, name: &str, help: &str) -> IntCounterVec {
-    let c = IntCounterVec::new(Opts::new(name, help), &["volume"]).expect("valid metric");
+    counter_by(r, name, help, &["volume"])
+}
+
+fn counter_by(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
     r.register(Box::new(c.clone())).expect("unique metric");
     c
 }
 
 fn histogram(r: &Registry, name: &str, help: &str) -> HistogramVec {
+    histogram_by(r, name, help, &["volume"])
+}
+
+fn histogram_by(r: &Registry, name: &str, help: &str, labels: &[&str]) -> HistogramVec {
     let buckets = exponential_buckets(10e-6, 2.0, 20).expect("valid buckets");
-    let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), &["volume"])
+    let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), labels)
         .expect("valid metric");
     r.register(Box::new(h.clone())).expect("unique metric");
     h
@@ -232,6 +251,33 @@ impl Metrics {
                 "tandem_raft_is_leader",
                 "1 when this node is the raft leader",
             ),
+            class_ops: counter_by(&r, "tandem_class_ops_total", "Requests completed on this node's attached volumes, by I/O priority class", &["class"]),
+            class_latency: histogram_by(
+                &r,
+                "tandem_class_latency_seconds",
+                "Request latency by I/O priority class (waiting for a class slot included)",
+                &["class"],
+            ),
+            class_admitted: counter_by(&r, "tandem_class_admitted_total", "I/Os admitted by a class gate (frontend: this node's attached volumes; replica: frames from other nodes)", &["class", "gate"]),
+            class_waited: counter_by(&r, "tandem_class_waited_total", "I/Os that waited for a slot because their class was over its share", &["class", "gate"]),
+            class_wait_seconds: {
+                let c = prometheus::CounterVec::new(
+                    Opts::new(
+                        "tandem_class_wait_seconds_total",
+                        "Time I/Os spent waiting for a class slot",
+                    ),
+                    &["class", "gate"],
+                )
+                .expect("valid metric");
+                r.register(Box::new(c.clone())).expect("unique metric");
+                c
+            },
+            class_in_flight: gauge_vec(
+                &r,
+                "tandem_class_in_flight",
+                "I/Os holding a class slot now",
+                &["class", "gate"],
+            ),
             registry: r,
         })
     }
@@ -263,6 +309,10 @@ impl Metrics {
             flush_latency: self.flush_latency.with_label_values(l),
             checksum_errors: self.checksum_errors.with_label_values(l),
             io_errors: self.io_errors.with_label_values(l),
+            class_ops: std::array::from_fn(|c| self.class_ops.with_label_values(&[CLASS_NAMES[c]])),
+            class_latency: std::array::from_fn(|c| {
+                self.class_latency.with_label_values(&[CLASS_NAMES[c]])
+            }),
         }
     }
 
@@ -280,6 +330,24 @@ impl Metrics {
         self.raft_applied.set(st.applied as i64);
         self.raft_leader
             .set(i64::from(st.leader_id == volumes.node_id()));
+        for (gate, sched) in [
+            ("frontend", &**volumes.scheduler()),
+            ("replica", volumes.replica_server().scheduler()),
+        ] {
+            for (c, s) in sched.stats().iter().enumerate() {
+                let l = &[CLASS_NAMES[c], gate];
+                raise(&self.class_admitted.with_label_values(l), s.admitted);
+                raise(&self.class_waited.with_label_values(l), s.waited);
+                let w = self.class_wait_seconds.with_label_values(l);
+                let secs = s.wait_ns as f64 / 1e9;
+                if secs > w.get() {
+                    w.inc_by(secs - w.get());
+                }
+                self.class_in_flight
+                    .with_label_values(l)
+                    .set(s.in_flight as i64);
+            }
+        }
         let state = cluster.state();
         self.replicas.reset();
         for v in state.volumes.values() {

@@ -411,3 +411,87 @@ fn nbdinfo_sees_honest_flags_and_detached_volumes_are_not_exported() {
         output_text(&o)
     );
 }
+
+/// Runs fio 4 KiB random writes on two volumes at once: `hi` at QD1 and `lo` at QD32.
+fn fio_high_next_to_low(d: &Daemon, hi: &str, lo: &str, secs: u64) {
+    require_tool("fio");
+    let mut cmd = Command::new("fio");
+    cmd.args([
+        "--ioengine=nbd",
+        "--rw=randwrite",
+        "--bs=4096",
+        "--size=32M",
+        "--time_based",
+        &format!("--runtime={secs}"),
+        "--output-format=terse",
+    ]);
+    for (name, qd) in [(hi, 1), (lo, 32)] {
+        cmd.arg(format!("--name={name}"))
+            .arg(format!("--uri={}", d.nbd_uri(name)))
+            .arg(format!("--iodepth={qd}"));
+    }
+    let o = run_bounded(&mut cmd, Duration::from_secs(secs + 60));
+    assert!(o.status.success(), "fio failed: {}", output_text(&o));
+}
+
+/// `--io-priority` schedules: while a high volume is busy, a saturated low volume is held to
+/// its share of the node's I/O slots (its requests wait; the high ones never do). Switching
+/// the low volume to high (`volume update`) applies to the attached volume at once: one
+/// class alone is never limited.
+#[test]
+fn io_priority_classes_hold_a_low_volume_to_its_share_next_to_a_high_one() {
+    let d = Daemon::start(DaemonOpts {
+        extra_args: vec!["--io-slots".into(), "4".into()],
+        ..Default::default()
+    });
+    for (name, class) in [("hi", "high"), ("lo", "low")] {
+        d.ctl_ok(&[
+            "volume",
+            "create",
+            name,
+            "--size",
+            "32MiB",
+            "--io-priority",
+            class,
+        ]);
+        d.ctl_ok(&["volume", "attach", name]);
+    }
+    let waited = |class: &str| {
+        d.metric(&format!(
+            "tandem_class_waited_total{{class=\"{class}\",gate=\"frontend\"}}"
+        ))
+    };
+    let ops = |class: &str| d.metric(&format!("tandem_class_ops_total{{class=\"{class}\"}}"));
+
+    fio_high_next_to_low(&d, "hi", "lo", 3);
+    let (low_waited, high_waited) = (waited("low"), waited("high"));
+    let (low_ops, high_ops) = (ops("low"), ops("high"));
+    assert!(
+        high_ops > 100.0 && low_ops > 100.0,
+        "both volumes ran: {high_ops} high, {low_ops} low"
+    );
+    assert!(
+        low_waited > 0.0,
+        "the low volume at QD32 was held to its share next to the high one"
+    );
+    assert_eq!(high_waited, 0.0, "a high I/O never waited");
+    assert!(
+        d.metric("tandem_class_wait_seconds_total{class=\"low\",gate=\"frontend\"}") > 0.0,
+        "the low class's waiting time is counted"
+    );
+    assert!(
+        d.metrics()
+            .contains("tandem_class_latency_seconds_count{class=\"high\"}"),
+        "per-class latency histograms are exported"
+    );
+
+    // Both high now: one class, nothing waits, and lo's I/O counts as high.
+    d.ctl_ok(&["volume", "update", "lo", "--io-priority", "high"]);
+    let insp = d.ctl_json(&["volume", "inspect", "lo"]);
+    assert_eq!(insp["io_priority"], "high", "{insp}");
+    fio_high_next_to_low(&d, "hi", "lo", 2);
+    assert_eq!(waited("low"), low_waited, "no low I/O any more");
+    assert_eq!(waited("high"), 0.0, "one class alone is never limited");
+    assert_eq!(ops("low"), low_ops);
+    assert!(ops("high") > high_ops + 100.0);
+}

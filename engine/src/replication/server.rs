@@ -139,6 +139,9 @@ pub struct ReplicaServer {
     meta: Arc<dyn MetaProposer>,
     replicas: Arc<dyn LocalReplicas>,
     fences: Mutex<HashMap<u64, Arc<VolumeFence>>>,
+    /// I/O priority classes on the replica side: data frames from other nodes hold a slot
+    /// while they run (the coordinator's own local frames are under its frontend slot).
+    sched: crate::sched::IoScheduler,
     /// Tests: one `Write` at this offset waits here, before admission, until released (a
     /// local write stalled before it reaches the fence); its reply status is recorded.
     #[cfg(test)]
@@ -168,6 +171,7 @@ impl ReplicaServer {
             meta,
             replicas,
             fences: Mutex::new(HashMap::new()),
+            sched: crate::sched::IoScheduler::new(crate::sched::DEFAULT_SLOTS),
             #[cfg(test)]
             hold: Mutex::new(None),
             #[cfg(test)]
@@ -177,6 +181,11 @@ impl ReplicaServer {
 
     pub fn node_id(&self) -> u64 {
         self.node_id
+    }
+
+    /// The replica side's class gate.
+    pub fn scheduler(&self) -> &crate::sched::IoScheduler {
+        &self.sched
     }
 
     /// The local replica of `volume_wire_id`, if this node has one.
@@ -206,7 +215,13 @@ impl ReplicaServer {
     /// Finds the volume and checks the frame's generation (see the module doc), waiting up
     /// to [`GENERATION_WAIT`] for the local metadata to catch up (a newer generation, or a
     /// volume or replica this node has not applied yet).
-    async fn admit(&self, peer: u64, req: &Frame, fence: &VolumeFence) -> Result<(), Refusal> {
+    /// Returns the volume's I/O priority class.
+    async fn admit(
+        &self,
+        peer: u64,
+        req: &Frame,
+        fence: &VolumeFence,
+    ) -> Result<crate::meta::IoPriority, Refusal> {
         let (generation, _) = split_wire_generation(req.generation);
         let deadline = tokio::time::Instant::now() + GENERATION_WAIT;
         loop {
@@ -244,7 +259,7 @@ impl ReplicaServer {
             if vol.attached_node.is_some_and(|n| n != peer) {
                 return Err(libc::EPERM);
             }
-            return Ok(());
+            return Ok(vol.io_priority);
         }
     }
 
@@ -275,7 +290,13 @@ impl ReplicaServer {
             tokio::time::sleep(GENERATION_POLL).await;
         };
         let fence = self.fence(req.volume_id);
-        self.admit(peer, req, &fence).await?;
+        let class = self.admit(peer, req, &fence).await?;
+        let _slot = match req.kind {
+            Kind::Read | Kind::Write | Kind::WriteZeroes | Kind::Flush if peer != self.node_id => {
+                Some(self.sched.admit(class).await)
+            }
+            _ => None,
+        };
 
         if req.kind == Kind::Open {
             let _drained = tokio::time::timeout(OPEN_DRAIN_TIMEOUT, fence.io.write())

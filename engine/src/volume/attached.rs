@@ -21,6 +21,11 @@ pub struct AttachedVolume {
     /// volumes only; an RF 1 volume has no other copy to go stale against).
     pub(super) lease: Option<Arc<crate::cluster::RaftNode>>,
     pub(super) generation: std::sync::atomic::AtomicU64,
+    /// The volume's I/O priority class ([`crate::sched::class_index`]); the reconciler
+    /// keeps it in line with the metadata.
+    pub(super) class: std::sync::atomic::AtomicU8,
+    /// The node's frontend class gate: each I/O holds a slot from admission to reply.
+    pub(super) sched: Arc<crate::sched::IoScheduler>,
     /// `Some` while open. I/O holds a read guard; detach and backend changes (an RF change
     /// re-opens the coordinator) take the write guard, which waits for in-flight requests.
     pub(super) gate: tokio::sync::RwLock<Option<Open>>,
@@ -48,6 +53,18 @@ impl AttachedVolume {
 
     pub fn generation(&self) -> u64 {
         self.generation.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// The volume's I/O priority class.
+    pub fn io_priority(&self) -> crate::meta::IoPriority {
+        crate::sched::class_of(self.class.load(std::sync::atomic::Ordering::Relaxed) as usize)
+    }
+
+    pub(super) fn set_io_priority(&self, p: crate::meta::IoPriority) {
+        self.class.store(
+            crate::sched::class_index(p) as u8,
+            std::sync::atomic::Ordering::Relaxed,
+        );
     }
 
     pub async fn size_bytes(&self) -> u64 {
@@ -118,6 +135,7 @@ impl AttachedVolume {
 
     pub async fn read(&self, offset: u64, len: usize) -> Result<Vec<u8>> {
         self.check_lease().await?;
+        let _slot = self.sched.admit(self.io_priority()).await;
         let g = self.gate.read().await;
         match g.as_ref().map(|o| &o.backend) {
             None => Err(self.detached()),
@@ -128,6 +146,7 @@ impl AttachedVolume {
 
     pub async fn write(&self, offset: u64, data: Vec<u8>, fua: bool) -> Result<()> {
         self.check_lease().await?;
+        let _slot = self.sched.admit(self.io_priority()).await;
         let g = self.gate.read().await;
         match g.as_ref().map(|o| &o.backend) {
             None => Err(self.detached()),
@@ -140,6 +159,7 @@ impl AttachedVolume {
 
     pub async fn write_zeroes(&self, offset: u64, len: u64, fua: bool) -> Result<()> {
         self.check_lease().await?;
+        let _slot = self.sched.admit(self.io_priority()).await;
         let g = self.gate.read().await;
         match g.as_ref().map(|o| &o.backend) {
             None => Err(self.detached()),
@@ -152,6 +172,7 @@ impl AttachedVolume {
 
     pub async fn flush(&self) -> Result<()> {
         self.check_lease().await?;
+        let _slot = self.sched.admit(self.io_priority()).await;
         let g = self.gate.read().await;
         match g.as_ref().map(|o| &o.backend) {
             None => Err(self.detached()),

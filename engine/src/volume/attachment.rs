@@ -49,6 +49,10 @@ impl VolumeManager {
             name: name.to_string(),
             id: open.record.id.clone(),
             generation: std::sync::atomic::AtomicU64::new(open.record.generation),
+            class: std::sync::atomic::AtomicU8::new(crate::sched::class_index(
+                open.record.io_priority,
+            ) as u8),
+            sched: self.sched.clone(),
             gate: tokio::sync::RwLock::new(Some(open)),
         });
         self.attached

@@ -193,6 +193,8 @@ pub struct VolumeManager {
     ops: tokio::sync::Mutex<()>,
     /// The metro-sync latency gate's limit (`--sync-max-rtt`), in microseconds.
     sync_max_rtt_us: std::sync::atomic::AtomicU64,
+    /// I/O priority classes at the frontend: every attached volume's I/O passes it.
+    sched: Arc<crate::sched::IoScheduler>,
 }
 
 fn now_unix() -> u64 {
@@ -222,6 +224,7 @@ impl VolumeManager {
             sync_max_rtt_us: std::sync::atomic::AtomicU64::new(
                 crate::latency::DEFAULT_SYNC_MAX_RTT.as_micros() as u64,
             ),
+            sched: Arc::new(crate::sched::IoScheduler::new(crate::sched::DEFAULT_SLOTS)),
         });
         let server = ReplicaServer::new(
             mgr.node_id,
@@ -268,6 +271,18 @@ impl VolumeManager {
             limit.as_micros() as u64,
             std::sync::atomic::Ordering::Relaxed,
         );
+    }
+
+    /// Sets `--io-slots` on both of this node's class gates (the frontend's and the
+    /// replica server's); 0 turns classes off.
+    pub fn set_io_slots(&self, slots: usize) {
+        self.sched.set_slots(slots);
+        self.replica_server().scheduler().set_slots(slots);
+    }
+
+    /// The frontend's class gate (its counters are the per-class metrics).
+    pub fn scheduler(&self) -> &Arc<crate::sched::IoScheduler> {
+        &self.sched
     }
 
     pub fn sync_max_rtt(&self) -> Duration {
@@ -474,13 +489,16 @@ impl VolumeManager {
                 },
             }
         }
-        let attached_ids: Vec<String> = self
-            .attached
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .values()
-            .map(|a| a.id.clone())
-            .collect();
+        let attached_ids: Vec<String> = {
+            let attached = self.attached.read().unwrap_or_else(|e| e.into_inner());
+            // A class changed by `volume update --io-priority` applies from here on.
+            for (name, a) in attached.iter() {
+                if let Some(v) = state.volumes.get(name) {
+                    a.set_io_priority(v.io_priority);
+                }
+            }
+            attached.values().map(|a| a.id.clone()).collect()
+        };
         let stale: Vec<String> = replicas
             .keys()
             .filter(|id| !mine.contains_key(*id) && !attached_ids.contains(id))

@@ -255,7 +255,12 @@ async fn handle_request(
         _ => return (EINVAL, None),
     };
     match res {
-        Ok(data) => (0, data),
+        Ok(data) => {
+            let c = tandem_engine::sched::class_index(vol.io_priority());
+            vm.class_ops[c].inc();
+            vm.class_latency[c].observe(start.elapsed().as_secs_f64());
+            (0, data)
+        }
         Err(e) => {
             let errno = e.errno as u32;
             if e.bad_data {
