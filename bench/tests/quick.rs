@@ -163,6 +163,20 @@ fn quick_run_writes_complete_and_positive_results() {
     for n in [1, 2] {
         find(&recs, "randwrite-4k-qd32-per-volume", "tandem", 2, 0.0, n);
     }
+    for w in [
+        "priority-high-qd1-alone",
+        "priority-low-qd32-alone",
+        "priority-high-qd1-with-low",
+        "priority-low-qd32-with-high",
+        "priority-high-qd1-with-low-as-high",
+        "priority-low-qd32-as-high-with-high",
+    ] {
+        let r = find(&recs, w, "tandem", 1, 0.0, 1);
+        assert!(
+            r["p99_us"].as_f64().is_some() && r["iops"].as_f64().is_some(),
+            "{r}"
+        );
+    }
     let resync = find(&recs, "resync", "tandem", 2, 0.0, 1);
     assert!(resync["resync_gib_s"].as_f64().is_some(), "{resync}");
 
@@ -170,6 +184,11 @@ fn quick_run_writes_complete_and_positive_results() {
     assert!(
         report.contains("## Targets"),
         "report.md has no targets table"
+    );
+    assert!(
+        report.contains("## I/O priority classes")
+            && report.contains("high QD1 next to low QD32 / high alone, write p99"),
+        "report.md has no I/O priority section or target"
     );
     for svg in [
         "latency_vs_rtt.svg",

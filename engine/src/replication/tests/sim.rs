@@ -500,6 +500,11 @@ struct Run {
     /// Every in-sync copy lost power in the batch being run: its flush (if any) guarantees
     /// nothing, and its acked writes may be gone.
     lost_unflushed: bool,
+    /// A node that lost power in the middle of the batch being run while other in-sync
+    /// copies were connected, and those copies: if all of them are ejected by the end of
+    /// the batch (seed 18753: one was refusing the batch's writes with ENOSPC), the node
+    /// that lost power held the only copy of the batch's acked writes after all.
+    power_lost_mid_batch: Option<(u64, Vec<u64>)>,
     /// A fault is being injected in the middle of a batch.
     in_batch: bool,
     /// An async copy was promoted in the middle of the batch being run: the batch's acked
@@ -633,6 +638,16 @@ impl Run {
             });
         }
         self.in_flight.clear();
+        if let Some((n, others)) = self.power_lost_mid_batch.take() {
+            let in_sync = self.c.volume().in_sync_nodes();
+            if !self.lost_unflushed && !others.iter().any(|m| in_sync.contains(m)) {
+                self.log.push(format!(
+                    "  every other in-sync copy (nodes {others:?}) was ejected in the batch node {n} lost power in: unflushed writes may be lost"
+                ));
+                self.lost_unflushed = true;
+                self.model.lose_unflushed();
+            }
+        }
         // The sectors each write (or zeroing) covers in this batch, with its tag.
         let mut touched: Vec<(std::ops::Range<usize>, u64, bool)> = Vec::new();
         for ((op, tag), res) in ops.iter().zip(&tags).zip(&results) {
@@ -659,8 +674,13 @@ impl Run {
                 let at = (s - (*off / SECTOR) as usize) * SECTOR as usize;
                 let bytes = &data[at..at + SECTOR as usize];
                 if which(bytes, s, &allowed).is_none() {
+                    let every: BTreeSet<u64> = (0..=self.next_tag).collect();
+                    let got = match which(bytes, s, &every) {
+                        Some(t) => format!("tag {t}"),
+                        None => "bytes of no tag".into(),
+                    };
                     self.fail(format!(
-                        "op {i}: read of sector {s} returned bytes of no write it may hold (allowed tags {allowed:?})"
+                        "op {i}: read of sector {s} returned bytes of no write it may hold (allowed tags {allowed:?}, got {got})"
                     ));
                 }
             }
@@ -780,13 +800,22 @@ impl Run {
         // replica in sync, in the metadata and for the coordinator, and connected.
         let vol = self.c.volume();
         let stats = self.coord.stats();
-        let other_copy = vol.in_sync_nodes().iter().any(|&m| {
-            m != n
-                && stats
-                    .replicas
-                    .iter()
-                    .any(|r| r.node == m && r.state == ReplicaState::InSync && r.connected)
-        });
+        let others: Vec<u64> = vol
+            .in_sync_nodes()
+            .iter()
+            .copied()
+            .filter(|&m| {
+                m != n
+                    && stats
+                        .replicas
+                        .iter()
+                        .any(|r| r.node == m && r.state == ReplicaState::InSync && r.connected)
+            })
+            .collect();
+        let other_copy = !others.is_empty();
+        if other_copy && self.in_batch && vol.in_sync_nodes().contains(&n) {
+            self.power_lost_mid_batch = Some((n, others));
+        }
         self.power_off(n).await;
         self.down = Some((n, self.batch_no));
         if !other_copy {
@@ -1695,6 +1724,7 @@ async fn run_seed(seed: u64, ops: usize, profile: Profile) -> Outcome {
         full: None,
         flipped: None,
         lost_unflushed: false,
+        power_lost_mid_batch: None,
         in_batch: false,
         promoted_in_batch: false,
         domain_out: None,
@@ -1845,6 +1875,7 @@ const REGRESSION_SEEDS: &[(u64, Profile)] = &[
     (7177, V7),
     (8063, V7),
     (9823, V7),
+    (18753, V7),
 ];
 
 #[test]
