@@ -1523,7 +1523,7 @@ impl Inner {
                     continue;
                 }
             };
-            match write_range(&bad, self.ctx, aoff, &good).await {
+            match repair_write(&bad, self.ctx, aoff, &good).await {
                 Ok(()) => {
                     self.counters.read_repairs.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(volume = %self.name, bad_node, from = node, offset = aoff, len = alen, "read repaired");
@@ -1569,7 +1569,7 @@ impl Inner {
                 break;
             };
             for (node, target) in failed {
-                match write_range(&target, self.ctx, b * bs, &data).await {
+                match repair_write(&target, self.ctx, b * bs, &data).await {
                     Ok(()) => {
                         self.counters.read_repairs.fetch_add(1, Ordering::Relaxed);
                         tracing::warn!(volume = %self.name, bad_node = node, from, block = b, "block repaired");
@@ -1632,7 +1632,7 @@ impl Inner {
                     let Some((_, t)) = in_sync.iter().find(|(n, _)| *n == node) else {
                         continue;
                     };
-                    match write_range(t, self.ctx, block * bs, good).await {
+                    match repair_write(t, self.ctx, block * bs, good).await {
                         Ok(()) => {
                             self.counters.read_repairs.fetch_add(1, Ordering::Relaxed);
                             tracing::warn!(volume = %self.name, bad_node = node, from, block, "scrub rewrote a block that failed its checksum");
@@ -1790,7 +1790,11 @@ pub(super) async fn read_range(
 }
 
 /// Writes `data` at `offset` in pieces of at most [`MAX_IO_BYTES`].
-pub(super) async fn write_range(
+/// Writes a repair (good bytes over a copy that failed its checksum), durably: the bad
+/// bytes are the ones on disk, so an unsynced repair that a power loss rolls back would
+/// bring them back, and crash recovery recomputes a hot region's checksums from its data,
+/// which would make them look good (seed 21230). Repairs are rare; each costs a sync.
+pub(super) async fn repair_write(
     t: &Target,
     ctx: Ctx,
     offset: u64,
@@ -1798,7 +1802,7 @@ pub(super) async fn write_range(
 ) -> Result<(), TargetError> {
     for (i, piece) in data.chunks(MAX_IO_BYTES).enumerate() {
         let at = offset + (i * MAX_IO_BYTES) as u64;
-        t.write(ctx, at, Bytes::copy_from_slice(piece), false)
+        t.write(ctx, at, Bytes::copy_from_slice(piece), true)
             .await?;
     }
     Ok(())

@@ -1876,6 +1876,7 @@ const REGRESSION_SEEDS: &[(u64, Profile)] = &[
     (8063, V7),
     (9823, V7),
     (18753, V7),
+    (21230, V7),
 ];
 
 #[test]
