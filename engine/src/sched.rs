@@ -42,9 +42,15 @@ use crate::meta::IoPriority;
 /// Number of classes.
 pub const CLASSES: usize = 3;
 /// Weight of each class, by [`class_index`]: low, medium, high.
-pub const WEIGHTS: [u64; CLASSES] = [1, 4, 8];
+pub const WEIGHTS: [u64; CLASSES] = [1, 4, 16];
 /// Default `--io-slots`: the concurrency shared out when classes compete.
 pub const DEFAULT_SLOTS: usize = 32;
+/// Length of a window of the capacity measurement.
+pub const CAPACITY_WINDOW: Duration = Duration::from_millis(100);
+/// The node's capacity assumed until a window measures more (I/Os per second).
+pub const DEFAULT_CAPACITY_IOPS: f64 = 20_000.0;
+/// How far a paced class may run ahead of its rate.
+pub const PACE_BURST: Duration = Duration::from_millis(2);
 /// How long a class stays active after its last completion.
 pub const ACTIVE_WINDOW: Duration = Duration::from_millis(20);
 /// Class names, by [`class_index`] (metric labels).
@@ -83,6 +89,17 @@ pub struct FairShare<W> {
     in_flight: [usize; CLASSES],
     waiting: [VecDeque<W>; CLASSES],
     last_done: [Option<Instant>; CLASSES],
+    /// The node's capacity, I/Os per second: the most a window measured while no class
+    /// was held back (never below the start value), or the configured figure.
+    capacity_iops: f64,
+    /// `--io-capacity-iops` was given: no measurement.
+    fixed_capacity: bool,
+    window_start: Option<Instant>,
+    window_ops: u64,
+    /// A class was paced or queued in this window: it does not measure the capacity.
+    window_held: bool,
+    /// Per class, the theoretical arrival time of its next paced I/O (GCRA).
+    tat: [Option<Instant>; CLASSES],
 }
 
 impl<W> FairShare<W> {
@@ -92,7 +109,57 @@ impl<W> FairShare<W> {
             in_flight: [0; CLASSES],
             waiting: Default::default(),
             last_done: [None; CLASSES],
+            capacity_iops: DEFAULT_CAPACITY_IOPS,
+            fixed_capacity: false,
+            window_start: None,
+            window_ops: 0,
+            window_held: false,
+            tat: [None; CLASSES],
         }
+    }
+
+    /// Sets the capacity (I/Os per second); 0 goes back to measuring it.
+    pub fn set_capacity(&mut self, iops: f64) {
+        self.fixed_capacity = iops > 0.0;
+        self.capacity_iops = if iops > 0.0 {
+            iops
+        } else {
+            DEFAULT_CAPACITY_IOPS
+        };
+    }
+
+    pub fn capacity_iops(&self) -> f64 {
+        self.capacity_iops
+    }
+
+    /// The rate class `c` is held to now, I/Os per second: while a higher class is busy,
+    /// its weighted share of the capacity, `capacity × weight(c) / Σ weight(busy)`. The
+    /// highest busy class is never paced (`None`): what the others leave unused is
+    /// headroom that keeps its latency.
+    pub fn rate(&self, c: usize, now: Instant) -> Option<f64> {
+        if self.slots == 0 || !(c + 1..CLASSES).any(|h| self.active(h, now)) {
+            return None;
+        }
+        let busy: u64 = (0..CLASSES)
+            .filter(|&o| o == c || self.active(o, now))
+            .map(|o| WEIGHTS[o])
+            .sum();
+        Some(self.capacity_iops * WEIGHTS[c] as f64 / busy as f64)
+    }
+
+    /// When an I/O of class `c` arriving now may start: `None` for now, or the time it
+    /// must wait until (its place in its class's pace is reserved).
+    pub fn pace(&mut self, c: usize, now: Instant) -> Option<Instant> {
+        let Some(rate) = self.rate(c, now) else {
+            self.tat[c] = None;
+            return None;
+        };
+        self.window_held = true;
+        let interval = Duration::from_secs_f64(1.0 / rate.max(1.0));
+        let tat = self.tat[c].map_or(now, |t| t.max(now));
+        self.tat[c] = Some(tat + interval);
+        let start = tat.checked_sub(PACE_BURST).unwrap_or(tat).max(now);
+        (start > now).then_some(start)
     }
 
     fn active(&self, c: usize, now: Instant) -> bool {
@@ -119,12 +186,13 @@ impl<W> FairShare<W> {
 
     /// An I/O of class `c` arrives: it runs now (and is counted in flight), or `w` waits
     /// until [`FairShare::next_grant`] hands it out.
-    pub fn arrive(&mut self, c: usize, w: W, now: Instant) -> Arrival {
+    pub fn arrive(&mut self, c: usize, now: Instant, w: impl FnOnce() -> W) -> Arrival {
         if self.waiting[c].is_empty() && self.in_flight[c] < self.cap(c, now) {
             self.in_flight[c] += 1;
             Arrival::Run
         } else {
-            self.waiting[c].push_back(w);
+            self.window_held = true;
+            self.waiting[c].push_back(w());
             Arrival::Queued
         }
     }
@@ -137,6 +205,18 @@ impl<W> FairShare<W> {
         );
         self.in_flight[c] = self.in_flight[c].saturating_sub(1);
         self.last_done[c] = Some(now);
+        let start = *self.window_start.get_or_insert(now);
+        self.window_ops += 1;
+        let elapsed = now.saturating_duration_since(start);
+        if elapsed >= CAPACITY_WINDOW {
+            if !self.fixed_capacity && !self.window_held {
+                let rate = self.window_ops as f64 / elapsed.as_secs_f64();
+                self.capacity_iops = self.capacity_iops.max(rate);
+            }
+            self.window_start = Some(now);
+            self.window_ops = 0;
+            self.window_held = false;
+        }
     }
 
     /// The next waiter that may run now, counted in flight; the highest class first.
@@ -173,7 +253,9 @@ pub struct ClassCounters {
     pub admitted: AtomicU64,
     /// Of those, I/Os that had to wait for a slot.
     pub waited: AtomicU64,
-    /// Total time spent waiting, nanoseconds.
+    /// Of those, I/Os that waited for their class's pace (a higher class was busy).
+    pub paced: AtomicU64,
+    /// Total time spent waiting (for a slot or the pace), nanoseconds.
     pub wait_ns: AtomicU64,
 }
 
@@ -182,6 +264,7 @@ pub struct ClassCounters {
 pub struct ClassStats {
     pub admitted: u64,
     pub waited: u64,
+    pub paced: u64,
     pub wait_ns: u64,
     pub in_flight: u64,
     pub waiting: u64,
@@ -219,6 +302,16 @@ impl IoScheduler {
         self.policy().slots
     }
 
+    /// Sets the node's capacity (`--io-capacity-iops`); 0 measures it.
+    pub fn set_capacity(&self, iops: u64) {
+        self.policy().set_capacity(iops as f64);
+    }
+
+    /// The capacity the pace of lower classes is computed from, I/Os per second.
+    pub fn capacity_iops(&self) -> f64 {
+        self.policy().capacity_iops()
+    }
+
     fn policy(&self) -> std::sync::MutexGuard<'_, FairShare<oneshot::Sender<()>>> {
         self.policy.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -228,18 +321,46 @@ impl IoScheduler {
     pub async fn admit(&self, p: IoPriority) -> Slot<'_> {
         let c = class_index(p);
         let counters = &self.counters[c];
-        let rx = {
-            let (tx, rx) = oneshot::channel();
+        let mut rx = None;
+        let mut arrive = |g: &mut FairShare<oneshot::Sender<()>>, now| {
+            g.arrive(c, now, || {
+                let (tx, r) = oneshot::channel();
+                rx = Some(r);
+                tx
+            })
+        };
+        // One lock on the normal path: not paced, and under the class's share.
+        let first = {
             let mut g = self.policy();
-            match g.arrive(c, tx, Instant::now()) {
-                Arrival::Run => {
-                    counters.admitted.fetch_add(1, Ordering::Relaxed);
-                    return Slot { sched: self, c };
-                }
-                Arrival::Queued => rx,
+            let now = Instant::now();
+            match g.pace(c, now) {
+                Some(until) => Err(until),
+                None => Ok(arrive(&mut g, now)),
             }
         };
-        let started = Instant::now();
+        let mut started = None;
+        let arrival = match first {
+            Ok(a) => a,
+            Err(until) => {
+                started = Some(Instant::now());
+                counters.paced.fetch_add(1, Ordering::Relaxed);
+                tokio::time::sleep_until(until).await;
+                let mut g = self.policy();
+                arrive(&mut g, Instant::now())
+            }
+        };
+        if arrival == Arrival::Run {
+            counters.admitted.fetch_add(1, Ordering::Relaxed);
+            if let Some(t) = started {
+                counters.waited.fetch_add(1, Ordering::Relaxed);
+                counters
+                    .wait_ns
+                    .fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
+            }
+            return Slot { sched: self, c };
+        }
+        let started = started.unwrap_or_else(Instant::now);
+        let rx = rx.expect("a queued arrival made its channel");
         let waiter = Waiter {
             sched: self,
             c,
@@ -272,6 +393,7 @@ impl IoScheduler {
         std::array::from_fn(|c| ClassStats {
             admitted: self.counters[c].admitted.load(Ordering::Relaxed),
             waited: self.counters[c].waited.load(Ordering::Relaxed),
+            paced: self.counters[c].paced.load(Ordering::Relaxed),
             wait_ns: self.counters[c].wait_ns.load(Ordering::Relaxed),
             in_flight: g.in_flight(c) as u64,
             waiting: g.waiting(c) as u64,
@@ -350,7 +472,7 @@ mod tests {
         let mut f = FairShare::new(4);
         for i in 0..100 {
             assert_eq!(
-                f.arrive(LOW, i, now),
+                f.arrive(LOW, now, || i),
                 Arrival::Run,
                 "I/O {i} of the only class"
             );
@@ -365,19 +487,20 @@ mod tests {
         let mut f = FairShare::new(32);
         // A saturated low volume alone: everything runs.
         for i in 0..32 {
-            assert!(f.arrive(LOW, i, now) == Arrival::Run);
+            assert!(f.arrive(LOW, now, || i) == Arrival::Run);
         }
         // A high I/O arrives: it runs at once, although low has 32 in flight.
-        assert!(f.arrive(HIGH, 100, now) == Arrival::Run);
-        assert_eq!(f.cap(HIGH, now), 32 * 8 / 9);
-        assert_eq!(f.cap(LOW, now), 32 / 9);
-        // New low I/O waits until low is under its share (3).
-        assert!(f.arrive(LOW, 32, now) == Arrival::Queued);
-        for _ in 0..29 {
+        assert!(f.arrive(HIGH, now, || 100) == Arrival::Run);
+        assert_eq!(f.cap(HIGH, now), 32 * 16 / 17);
+        let low_cap = f.cap(LOW, now);
+        assert_eq!(low_cap, 1, "32 / 17, and never below 1");
+        // New low I/O waits until low is under its share.
+        assert!(f.arrive(LOW, now, || 32) == Arrival::Queued);
+        for _ in 0..32 - low_cap {
             f.complete(LOW, now);
             assert_eq!(f.next_grant(now), None, "low is still over its share");
         }
-        assert_eq!(f.in_flight(LOW), 3);
+        assert_eq!(f.in_flight(LOW), low_cap);
         f.complete(LOW, now);
         assert_eq!(f.next_grant(now), Some((LOW, 32)), "the oldest low waiter");
         assert_eq!(f.next_grant(now), None);
@@ -387,10 +510,10 @@ mod tests {
     fn waiters_run_in_arrival_order_within_a_class() {
         let now = Instant::now();
         let mut f = FairShare::new(8);
-        assert!(f.arrive(HIGH, 0, now) == Arrival::Run);
-        assert!(f.arrive(LOW, 0, now) == Arrival::Run); // low's share of 8 with high active: 1
+        assert!(f.arrive(HIGH, now, || 0) == Arrival::Run);
+        assert!(f.arrive(LOW, now, || 0) == Arrival::Run); // low's share of 8 with high active: 1
         for i in 1..=5 {
-            assert!(f.arrive(LOW, i, now) == Arrival::Queued);
+            assert!(f.arrive(LOW, now, || i) == Arrival::Queued);
         }
         for i in 1..=5 {
             f.complete(LOW, now);
@@ -402,39 +525,38 @@ mod tests {
     fn a_class_stays_active_for_the_window_after_its_last_io() {
         let t0 = Instant::now();
         let mut f = FairShare::new(32);
-        assert!(f.arrive(HIGH, 0, t0) == Arrival::Run);
+        assert!(f.arrive(HIGH, t0, || 0) == Arrival::Run);
         f.complete(HIGH, t0);
         // Between two QD1 requests the high volume still counts.
         let soon = t0 + ACTIVE_WINDOW / 2;
-        assert_eq!(f.cap(LOW, soon), 3);
-        for i in 0..3 {
-            assert!(f.arrive(LOW, i, soon) == Arrival::Run);
-        }
-        assert!(f.arrive(LOW, 3, soon) == Arrival::Queued);
+        assert_eq!(f.cap(LOW, soon), 1);
+        assert!(f.arrive(LOW, soon, || 0) == Arrival::Run);
+        assert!(f.arrive(LOW, soon, || 1) == Arrival::Queued);
         // Once the window has passed, low is alone again and its waiter runs at the next
         // completion.
         let later = t0 + ACTIVE_WINDOW * 2;
         assert_eq!(f.cap(LOW, later), usize::MAX);
         f.complete(LOW, later);
-        assert_eq!(f.next_grant(later), Some((LOW, 3)));
+        assert_eq!(f.next_grant(later), Some((LOW, 1)));
     }
 
     #[test]
     fn medium_and_low_share_by_weight_and_zero_slots_turns_classes_off() {
         let now = Instant::now();
         let mut f: FairShare<u32> = FairShare::new(32);
-        assert!(f.arrive(MED, 0, now) == Arrival::Run);
-        assert!(f.arrive(LOW, 0, now) == Arrival::Run);
+        assert!(f.arrive(MED, now, || 0) == Arrival::Run);
+        assert!(f.arrive(LOW, now, || 0) == Arrival::Run);
         assert_eq!(f.cap(MED, now), 32 * 4 / 5);
         assert_eq!(f.cap(LOW, now), 32 / 5);
-        assert!(f.arrive(HIGH, 0, now) == Arrival::Run);
-        assert_eq!(f.cap(LOW, now), 32 / 13);
-        assert_eq!(f.cap(HIGH, now), 32 * 8 / 13);
+        assert!(f.arrive(HIGH, now, || 0) == Arrival::Run);
+        assert_eq!(f.cap(LOW, now), 1);
+        assert_eq!(f.cap(MED, now), 32 * 4 / 21);
+        assert_eq!(f.cap(HIGH, now), 32 * 16 / 21);
 
         let mut off: FairShare<u32> = FairShare::new(0);
-        assert!(off.arrive(HIGH, 0, now) == Arrival::Run);
+        assert!(off.arrive(HIGH, now, || 0) == Arrival::Run);
         for i in 0..64 {
-            assert!(off.arrive(LOW, i, now) == Arrival::Run);
+            assert!(off.arrive(LOW, now, || i) == Arrival::Run);
         }
     }
 
@@ -459,7 +581,7 @@ mod tests {
             if next() % 2 == 0 || running.is_empty() {
                 let c = (next() % 3) as usize;
                 let cap = f.cap(c, now);
-                match f.arrive(c, (), now) {
+                match f.arrive(c, now, || ()) {
                     Arrival::Run => {
                         assert!(f.in_flight(c) <= cap, "admitted over the cap");
                         running.push(c);
@@ -492,6 +614,91 @@ mod tests {
         }
         assert!(queued > 100, "the schedule exercised waiting ({queued})");
         assert_eq!(granted, queued, "every waiter ran");
+    }
+
+    #[test]
+    fn a_lower_class_is_paced_to_its_share_of_the_capacity_while_a_higher_one_is_busy() {
+        let now = Instant::now();
+        let mut f: FairShare<u32> = FairShare::new(32);
+        f.set_capacity(17_000.0);
+        // Alone, nobody is paced.
+        assert_eq!(f.rate(LOW, now), None);
+        assert_eq!(f.pace(LOW, now), None);
+        assert!(f.arrive(HIGH, now, || 0) == Arrival::Run);
+        // The highest busy class never is; low gets 1 / (1 + 16) of 17 000 per second.
+        assert_eq!(f.rate(HIGH, now), None);
+        assert_eq!(f.rate(LOW, now), Some(1_000.0));
+        // A burst of PACE_BURST's worth runs at once, then one every millisecond.
+        let burst = (PACE_BURST.as_micros() / 1000) as usize + 1;
+        for i in 0..burst {
+            assert_eq!(f.pace(LOW, now), None, "I/O {i} of the burst");
+        }
+        let mut last = now;
+        for _ in 0..10 {
+            let at = f.pace(LOW, now).expect("paced");
+            assert!(at > last);
+            last = at;
+        }
+        assert_eq!(
+            last,
+            now + Duration::from_millis(1) * (burst as u32 + 9) - PACE_BURST
+        );
+        // Medium next to high: 4 / 20 of the capacity.
+        assert_eq!(f.rate(MED, now), Some(17_000.0 * 4.0 / 20.0));
+    }
+
+    #[test]
+    fn the_capacity_is_what_a_window_without_pacing_measured() {
+        let t0 = Instant::now();
+        let mut f: FairShare<u32> = FairShare::new(32);
+        assert_eq!(f.capacity_iops(), DEFAULT_CAPACITY_IOPS);
+        // A lone class completes 5 000 I/Os in a 100 ms window: 50 000 per second.
+        let mut now = t0;
+        for _ in 0..=5_000 {
+            assert!(f.arrive(LOW, now, || 0) == Arrival::Run);
+            f.complete(LOW, now);
+            now += Duration::from_micros(20);
+        }
+        let measured = f.capacity_iops();
+        assert!((49_000.0..=51_000.0).contains(&measured), "{measured}");
+        // A window in which low was paced measures nothing, even if it ran faster.
+        assert!(f.arrive(HIGH, now, || 0) == Arrival::Run);
+        for _ in 0..20_000 {
+            let _ = f.pace(LOW, now);
+            assert!(f.arrive(LOW, now, || 0) == Arrival::Run);
+            f.complete(LOW, now);
+            now += Duration::from_micros(5);
+        }
+        assert_eq!(f.capacity_iops(), measured);
+        // A configured capacity is kept.
+        f.set_capacity(1_000.0);
+        assert_eq!(f.capacity_iops(), 1_000.0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_gate_paces_a_low_class_next_to_a_busy_high_one() {
+        let s = IoScheduler::new(32);
+        s.set_capacity(17_000);
+        let high = s.admit(IoPriority::High).await;
+        let t0 = Instant::now();
+        // Low's share: 1 000 per second. 100 I/Os take about 0.1 s.
+        for _ in 0..100 {
+            drop(s.admit(IoPriority::Low).await);
+        }
+        let took = t0.elapsed();
+        assert!(
+            took >= Duration::from_millis(90) && took <= Duration::from_millis(110),
+            "{took:?}"
+        );
+        assert!(s.stats()[0].paced > 80);
+        drop(high);
+        // Once high has been idle for the window, low runs unpaced.
+        tokio::time::sleep(ACTIVE_WINDOW * 2).await;
+        let t1 = Instant::now();
+        for _ in 0..100 {
+            drop(s.admit(IoPriority::Low).await);
+        }
+        assert_eq!(t1.elapsed(), Duration::ZERO);
     }
 
     #[tokio::test]

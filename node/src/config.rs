@@ -58,6 +58,11 @@ pub struct Args {
     /// a class busy alone is never limited. 0 turns classes off [default: 32]
     #[arg(long)]
     pub io_slots: Option<usize>,
+    /// I/O priority classes: the node's capacity in I/Os per second, of which a lower
+    /// class gets its weighted share while a higher class is busy; 0 measures it (the
+    /// most a 100 ms window completed while no class was held back) [default: 0]
+    #[arg(long)]
+    pub io_capacity_iops: Option<u64>,
     /// Data-path (node-to-node replication) listen address [default: 127.0.0.1:9020]
     #[arg(long)]
     pub data_addr: Option<String>,
@@ -124,6 +129,7 @@ pub struct FileConfig {
     pub log: Option<String>,
     pub worker_threads: Option<usize>,
     pub io_slots: Option<usize>,
+    pub io_capacity_iops: Option<u64>,
     pub data_addr: Option<String>,
     pub advertise_admin_addr: Option<String>,
     pub advertise_data_addr: Option<String>,
@@ -156,6 +162,8 @@ pub struct Config {
     pub worker_threads: usize,
     /// `--io-slots`: concurrency shared out across I/O priority classes; 0 = classes off.
     pub io_slots: usize,
+    /// `--io-capacity-iops`: 0 = measured.
+    pub io_capacity_iops: u64,
     pub data_addr: SocketAddr,
     pub advertise_admin_addr: Option<String>,
     pub advertise_data_addr: Option<String>,
@@ -275,6 +283,7 @@ impl Config {
                 .io_slots
                 .or(file.io_slots)
                 .unwrap_or(tandem_engine::sched::DEFAULT_SLOTS),
+            io_capacity_iops: args.io_capacity_iops.or(file.io_capacity_iops).unwrap_or(0),
             data_addr: addr(
                 "data-path address",
                 &args

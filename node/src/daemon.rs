@@ -312,6 +312,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .context("open volumes")?;
     volumes.set_sync_max_rtt(config.sync_max_rtt);
     volumes.set_io_slots(config.io_slots);
+    volumes.set_io_capacity(config.io_capacity_iops);
     api.bind(volumes.clone());
     let rtt_watch_task = tokio::spawn(crate::latency::run_rtt_watch(
         volumes.clone(),

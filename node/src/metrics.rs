@@ -48,6 +48,8 @@ pub struct Metrics {
     class_latency: HistogramVec,
     class_admitted: IntCounterVec,
     class_waited: IntCounterVec,
+    class_paced: IntCounterVec,
+    class_capacity: prometheus::GaugeVec,
     class_wait_seconds: prometheus::CounterVec,
     class_in_flight: prometheus::IntGaugeVec,
 }
@@ -260,6 +262,24 @@ impl Metrics {
             ),
             class_admitted: counter_by(&r, "tandem_class_admitted_total", "I/Os admitted by a class gate (frontend: this node's attached volumes; replica: frames from other nodes)", &["class", "gate"]),
             class_waited: counter_by(&r, "tandem_class_waited_total", "I/Os that waited for a slot because their class was over its share", &["class", "gate"]),
+            class_paced: counter_by(
+                &r,
+                "tandem_class_paced_total",
+                "I/Os held to their class's share of the capacity while a higher class was busy",
+                &["class", "gate"],
+            ),
+            class_capacity: {
+                let g = prometheus::GaugeVec::new(
+                    Opts::new(
+                        "tandem_class_capacity_iops",
+                        "The capacity a class gate shares out by weight (measured, or --io-capacity-iops)",
+                    ),
+                    &["gate"],
+                )
+                .expect("valid metric");
+                r.register(Box::new(g.clone())).expect("unique metric");
+                g
+            },
             class_wait_seconds: {
                 let c = prometheus::CounterVec::new(
                     Opts::new(
@@ -334,8 +354,12 @@ impl Metrics {
             ("frontend", &**volumes.scheduler()),
             ("replica", volumes.replica_server().scheduler()),
         ] {
+            self.class_capacity
+                .with_label_values(&[gate])
+                .set(sched.capacity_iops());
             for (c, s) in sched.stats().iter().enumerate() {
                 let l = &[CLASS_NAMES[c], gate];
+                raise(&self.class_paced.with_label_values(l), s.paced);
                 raise(&self.class_admitted.with_label_values(l), s.admitted);
                 raise(&self.class_waited.with_label_values(l), s.waited);
                 let w = self.class_wait_seconds.with_label_values(l);

@@ -280,6 +280,12 @@ impl VolumeManager {
         self.replica_server().scheduler().set_slots(slots);
     }
 
+    /// Sets `--io-capacity-iops` on both class gates; 0 measures it.
+    pub fn set_io_capacity(&self, iops: u64) {
+        self.sched.set_capacity(iops);
+        self.replica_server().scheduler().set_capacity(iops);
+    }
+
     /// The frontend's class gate (its counters are the per-class metrics).
     pub fn scheduler(&self) -> &Arc<crate::sched::IoScheduler> {
         &self.sched
