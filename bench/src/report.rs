@@ -439,12 +439,10 @@ fn markdown(res: &Results) -> String {
     if !prio.is_empty() {
         let _ = writeln!(
             o,
-            "## I/O priority classes (one node, RF 1, 4 KiB random write)
-
-A `high` volume              at QD1 and a `low` volume at QD32, alone and together; `as-high`: the `low`              volume switched to `high` for the job (the same load without a class              difference). Median over rounds.
-
-| workload | QD | p50 µs | p99 µs | p99.9 µs | IOPS |
-|---|---:|---:|---:|---:|---:|"
+            "## I/O priority classes (one node, RF 1, 4 KiB random write)\n\nA `high` volume \
+             at QD1 and a `low` volume at QD32, alone and together; `as-high`: the `low` \
+             volume switched to `high` for the job (the same load without a class \
+             difference). Median over rounds.\n\n| workload | QD | p50 µs | p99 µs | p99.9 µs | IOPS |\n|---|---:|---:|---:|---:|---:|"
         );
         for r in prio {
             let _ = writeln!(

@@ -261,7 +261,7 @@ impl Metrics {
                 &["class"],
             ),
             class_admitted: counter_by(&r, "tandem_class_admitted_total", "I/Os admitted by a class gate (frontend: this node's attached volumes; replica: frames from other nodes)", &["class", "gate"]),
-            class_waited: counter_by(&r, "tandem_class_waited_total", "I/Os that waited for a slot because their class was over its share", &["class", "gate"]),
+            class_waited: counter_by(&r, "tandem_class_waited_total", "I/Os that waited for a slot or for their class's pace", &["class", "gate"]),
             class_paced: counter_by(
                 &r,
                 "tandem_class_paced_total",
