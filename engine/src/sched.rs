@@ -61,6 +61,10 @@ pub const CAPACITY_WINDOW: Duration = Duration::from_millis(100);
 pub const DEFAULT_CAPACITY_IOPS: f64 = 20_000.0;
 /// How far a paced class may run ahead of its rate.
 pub const PACE_BURST: Duration = Duration::from_millis(2);
+/// The longest a paced I/O waits. Beyond it, a backlog runs at the rate it drains rather
+/// than at the class's share: a replica-side frame must never wait towards its
+/// coordinator's replica timeout (an ejection), whatever the number of senders.
+pub const MAX_PACE_DELAY: Duration = Duration::from_millis(100);
 /// How long a class stays active after its last completion.
 pub const ACTIVE_WINDOW: Duration = Duration::from_millis(20);
 /// Class names, by [`class_index`] (metric labels).
@@ -166,7 +170,9 @@ impl<W> FairShare<W> {
         };
         self.window_held = true;
         let interval = Duration::from_secs_f64(1.0 / rate.max(1.0));
-        let tat = self.tat[c].map_or(now, |t| t.max(now));
+        let tat = self.tat[c]
+            .map_or(now, |t| t.max(now))
+            .min(now + MAX_PACE_DELAY + PACE_BURST);
         self.tat[c] = Some(tat + interval);
         let start = tat.checked_sub(PACE_BURST).unwrap_or(tat).max(now);
         (start > now).then_some(start)
@@ -653,6 +659,12 @@ mod tests {
             last,
             now + Duration::from_millis(1) * (burst as u32 + 9) - PACE_BURST
         );
+        // However many arrive at once, none waits longer than MAX_PACE_DELAY.
+        for _ in 0..10_000 {
+            if let Some(at) = f.pace(LOW, now) {
+                assert!(at <= now + MAX_PACE_DELAY);
+            }
+        }
         // Medium next to high: 4 / 20 of the capacity.
         assert_eq!(f.rate(MED, now), Some(17_000.0 * 4.0 / 20.0));
     }
