@@ -25,7 +25,7 @@
 //! not queue in front of a device; a `high` request waits for the CPU, behind the other
 //! volumes' requests and their clients. Work-conserving fairness never helps it: a QD1
 //! volume is never backlogged. Concurrency shares alone did not help either (measured:
-//! the `high` p99 stayed 5.6 times its p99 alone, because a low volume with 3 requests
+//! the `high` p99 stayed 5.8 times its p99 alone, because a low volume with 3 requests
 //! in progress still ran 75 000 IOPS and filled both cores). Holding the lower classes
 //! to a share of the capacity leaves idle CPU for the `high` requests (measured: 1.06
 //! times, docs/BENCHMARKS.md). This is mClock's weight with a limit derived from it
@@ -99,7 +99,7 @@ pub enum Arrival {
 #[derive(Debug)]
 pub struct FairShare<W> {
     /// 0: classes off (nothing is ever limited).
-    pub slots: usize,
+    slots: usize,
     in_flight: [usize; CLASSES],
     waiting: [VecDeque<W>; CLASSES],
     last_done: [Option<Instant>; CLASSES],
@@ -130,6 +130,15 @@ impl<W> FairShare<W> {
             window_held: false,
             tat: [None; CLASSES],
         }
+    }
+
+    pub fn slots(&self) -> usize {
+        self.slots
+    }
+
+    /// Changes the concurrency shared out; call [`FairShare::next_grant`] after it.
+    pub fn set_slots(&mut self, slots: usize) {
+        self.slots = slots;
     }
 
     /// Sets the capacity (I/Os per second); 0 goes back to measuring it.
@@ -305,17 +314,22 @@ impl IoScheduler {
     /// Changes the concurrency shared out when classes compete (0: classes off).
     pub fn set_slots(&self, slots: usize) {
         let mut g = self.policy();
-        g.slots = slots;
-        let now = Instant::now();
-        while let Some((gc, tx)) = g.next_grant(now) {
-            if tx.send(()).is_err() {
-                g.complete(gc, now);
-            }
-        }
+        g.set_slots(slots);
+        Self::grant(&mut g, Instant::now());
     }
 
     pub fn slots(&self) -> usize {
-        self.policy().slots
+        self.policy().slots()
+    }
+
+    /// Hands slots to every waiter that may run now.
+    fn grant(g: &mut FairShare<oneshot::Sender<()>>, now: Instant) {
+        while let Some((gc, tx)) = g.next_grant(now) {
+            if tx.send(()).is_err() {
+                // That waiter gave up: its slot goes to the next one.
+                g.complete(gc, now);
+            }
+        }
     }
 
     /// Sets the node's capacity (`--io-capacity-iops`); 0 measures it.
@@ -395,12 +409,7 @@ impl IoScheduler {
         let mut g = self.policy();
         let now = Instant::now();
         g.complete(c, now);
-        while let Some((gc, tx)) = g.next_grant(now) {
-            if tx.send(()).is_err() {
-                // That waiter gave up: its slot goes to the next one.
-                g.complete(gc, now);
-            }
-        }
+        Self::grant(&mut g, now);
     }
 
     /// Per-class counters and state, by [`class_index`].

@@ -53,9 +53,10 @@ pub struct Args {
     /// one thread, no wake-ups between threads) [default: 0]
     #[arg(long)]
     pub worker_threads: Option<usize>,
-    /// I/O priority classes: the I/Os in flight that are shared out by class weight
-    /// (high 8, medium 4, low 1) while volumes of several classes are busy on this node;
-    /// a class busy alone is never limited. 0 turns classes off [default: 32]
+    /// I/O priority classes: the I/Os in progress that are shared out by class weight
+    /// (high 16, medium 4, low 1) while volumes of several classes are busy on this node
+    /// (lower classes are also paced to their share of --io-capacity-iops); a class busy
+    /// alone is never limited. 0 turns classes off [default: 32]
     #[arg(long)]
     pub io_slots: Option<usize>,
     /// I/O priority classes: the node's capacity in I/Os per second, of which a lower

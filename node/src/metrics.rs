@@ -54,6 +54,12 @@ pub struct Metrics {
     class_in_flight: prometheus::IntGaugeVec,
 }
 
+fn float_gauge_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> prometheus::GaugeVec {
+    let g = prometheus::GaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
+    r.register(Box::new(g.clone())).expect("unique metric");
+    g
+}
+
 fn gauge_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> prometheus::IntGaugeVec {
     let g = prometheus::IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
     r.register(Box::new(g.clone())).expect("unique metric");
@@ -212,30 +218,8 @@ impl Metrics {
                 "Bytes of writes an async replica has not acked (queued, plus dirty regions once its queue stopped)",
                 &["volume", "node"],
             ),
-            async_lag_seconds: {
-                let g = prometheus::GaugeVec::new(
-                    Opts::new(
-                        "tandem_replica_async_lag_seconds",
-                        "Age of the oldest write an async replica has not acked (its RPO)",
-                    ),
-                    &["volume", "node"],
-                )
-                .expect("valid metric");
-                r.register(Box::new(g.clone())).expect("unique metric");
-                g
-            },
-            peer_rtt: {
-                let g = prometheus::GaugeVec::new(
-                    Opts::new(
-                        "tandem_peer_rtt_seconds",
-                        "Data-path round trip to a peer over the last minute",
-                    ),
-                    &["peer", "quantile"],
-                )
-                .expect("valid metric");
-                r.register(Box::new(g.clone())).expect("unique metric");
-                g
-            },
+            async_lag_seconds: float_gauge_vec(&r, "tandem_replica_async_lag_seconds", "Age of the oldest write an async replica has not acked (its RPO)", &["volume", "node"]),
+            peer_rtt: float_gauge_vec(&r, "tandem_peer_rtt_seconds", "Data-path round trip to a peer over the last minute", &["peer", "quantile"]),
             peer_rtt_samples: gauge_vec(
                 &r,
                 "tandem_peer_rtt_samples",
@@ -268,18 +252,7 @@ impl Metrics {
                 "I/Os held to their class's share of the capacity while a higher class was busy",
                 &["class", "gate"],
             ),
-            class_capacity: {
-                let g = prometheus::GaugeVec::new(
-                    Opts::new(
-                        "tandem_class_capacity_iops",
-                        "The capacity a class gate shares out by weight (measured, or --io-capacity-iops)",
-                    ),
-                    &["gate"],
-                )
-                .expect("valid metric");
-                r.register(Box::new(g.clone())).expect("unique metric");
-                g
-            },
+            class_capacity: float_gauge_vec(&r, "tandem_class_capacity_iops", "The capacity a class gate shares out by weight (measured, or --io-capacity-iops)", &["gate"]),
             class_wait_seconds: {
                 let c = prometheus::CounterVec::new(
                     Opts::new(

@@ -1789,8 +1789,8 @@ pub(super) async fn read_range(
     Ok(out)
 }
 
-/// Writes `data` at `offset` in pieces of at most [`MAX_IO_BYTES`].
-/// Writes a repair (good bytes over a copy that failed its checksum), durably: the bad
+/// Writes a repair (good bytes over a copy that failed its checksum) at `offset`, in
+/// pieces of at most [`MAX_IO_BYTES`], each durably (FUA): the bad
 /// bytes are the ones on disk, so an unsynced repair that a power loss rolls back would
 /// bring them back, and crash recovery recomputes a hot region's checksums from its data,
 /// which would make them look good (seed 21230). Repairs are rare; each costs a sync.

@@ -209,7 +209,6 @@ async fn handle_request(
             if r.is_ok() {
                 vm.read_ops.inc();
                 vm.read_bytes.inc_by(len as u64);
-                vm.read_latency.observe(start.elapsed().as_secs_f64());
             }
             r
         }
@@ -222,7 +221,6 @@ async fn handle_request(
             if r.is_ok() {
                 vm.write_ops.inc();
                 vm.write_bytes.inc_by(len as u64);
-                vm.write_latency.observe(start.elapsed().as_secs_f64());
             }
             r
         }
@@ -234,7 +232,6 @@ async fn handle_request(
                 .map_err(|e| volume_error(e, true));
             if r.is_ok() {
                 vm.flush_ops.inc();
-                vm.flush_latency.observe(start.elapsed().as_secs_f64());
             }
             r
         }
@@ -256,9 +253,16 @@ async fn handle_request(
     };
     match res {
         Ok(data) => {
+            let took = start.elapsed().as_secs_f64();
+            match cmd {
+                CMD_READ => vm.read_latency.observe(took),
+                CMD_WRITE => vm.write_latency.observe(took),
+                CMD_FLUSH => vm.flush_latency.observe(took),
+                _ => {}
+            }
             let c = tandem_engine::sched::class_index(vol.io_priority());
             vm.class_ops[c].inc();
-            vm.class_latency[c].observe(start.elapsed().as_secs_f64());
+            vm.class_latency[c].observe(took);
             (0, data)
         }
         Err(e) => {
