@@ -484,6 +484,13 @@ fn io_priority_classes_hold_a_low_volume_to_its_share_next_to_a_high_one() {
             .contains("tandem_class_latency_seconds_count{class=\"high\"}"),
         "per-class latency histograms are exported"
     );
+    let hi_writes = d.metric("tandem_volume_write_latency_seconds_count{volume=\"hi\"}");
+    assert_eq!(
+        hi_writes,
+        d.metric("tandem_volume_write_ops_total{volume=\"hi\"}"),
+        "every write of the volume is in its latency histogram"
+    );
+    assert!(hi_writes > 100.0);
 
     // Both high now: one class, nothing waits, and lo's I/O counts as high.
     d.ctl_ok(&["volume", "update", "lo", "--io-priority", "high"]);
