@@ -305,6 +305,24 @@ impl Daemon {
             .unwrap_or_else(|e| panic!("tandemctl {args:?} printed invalid JSON ({e}): {out}"))
     }
 
+    /// Waits (up to 30 s) for an alert whose kind is one of `kinds`, and returns it. Alerts
+    /// are raised by a raft proposal in the background, so they can trail the event (and the
+    /// state change that is already visible) by a few milliseconds.
+    pub fn wait_alert(&self, kinds: &[&str]) -> serde_json::Value {
+        eventually(
+            Duration::from_secs(30),
+            &format!("an alert of kind {kinds:?}"),
+            || {
+                let alerts = self.ctl_json(&["alerts", "show"]);
+                alerts
+                    .as_array()?
+                    .iter()
+                    .find(|al| kinds.iter().any(|k| al["kind"] == *k))
+                    .cloned()
+            },
+        )
+    }
+
     /// Creates and attaches a volume, returning its NBD URI.
     pub fn create_attached(&self, name: &str, size: &str) -> String {
         self.ctl_ok(&["volume", "create", name, "--size", size]);

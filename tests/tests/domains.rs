@@ -363,15 +363,7 @@ fn degrade_turns_the_far_replica_async_and_back_in_sync() {
     });
     assert!(r["async_lag_bytes"].is_u64(), "{r}");
     assert!(r["async_lag_seconds"].is_number(), "{r}");
-    let alerts = a.ctl_json(&["alerts", "show"]);
-    assert!(
-        alerts
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|al| al["kind"] == "replica-async"),
-        "{alerts}"
-    );
+    a.wait_alert(&["replica-async"]);
     tandem_tests::qemu_io_ok(&uri, &["write -P 0x22 1M 2M", "flush"]);
     assert!(
         a.metrics().contains("tandem_replica_async_lag_seconds"),
@@ -387,15 +379,7 @@ fn degrade_turns_the_far_replica_async_and_back_in_sync() {
     eventually(Duration::from_secs(90), "west replica in sync", || {
         (replica(a)["state"] == "in-sync").then_some(())
     });
-    let alerts = a.ctl_json(&["alerts", "show"]);
-    assert!(
-        alerts
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|al| al["kind"] == "replica-resync"),
-        "{alerts}"
-    );
+    a.wait_alert(&["replica-resync"]);
     let ver = a.ctl_json(&["volume", "verify", "metro"]);
     assert_eq!(ver["mismatched_blocks"], 0, "{ver}");
     tandem_tests::qemu_io_ok(&uri, &["read -P 0x11 0 1M", "read -P 0x22 1M 2M"]);

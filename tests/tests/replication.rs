@@ -102,11 +102,7 @@ fn rf3_writes_survive_a_replica_kill_and_the_replica_resyncs_by_itself() {
     let states = replica_states(a, "r3");
     let victim = states.iter().find(|(n, _)| *n == victim_name).unwrap();
     assert!(victim.1.starts_with("out-of-sync"), "ejected: {states:?}");
-    let alerts = a.ctl_ok(&["alerts", "show"]);
-    assert!(
-        alerts.to_lowercase().contains("eject") || alerts.contains("out-of-sync"),
-        "{alerts}"
-    );
+    a.wait_alert(&["replica-ejected"]);
 
     // The node returns; the coordinator resyncs it without any operator action.
     nodes[2].spawn();
@@ -223,11 +219,7 @@ fn corrupted_block_on_one_replica_is_repaired_on_read() {
         .unwrap();
     f.sync_all().unwrap();
     qemu_io_ok(&uri, &["read -P 0x42 0 64k"]);
-    let alerts = a.ctl_ok(&["alerts", "show"]);
-    assert!(
-        alerts.to_lowercase().contains("repair"),
-        "repair is alerted: {alerts}"
-    );
+    a.wait_alert(&["read-repair"]);
     // The bad block was rewritten: verify is clean and the on-disk bytes are good again.
     verify_clean(a, "rep", 2);
     let mut buf = [0u8; 4];
