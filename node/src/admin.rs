@@ -57,7 +57,52 @@ impl AdminApi {
         format!("nbd://{}/{name}", self.info.nbd_addr)
     }
 
+    /// What every other replica node of `v` reports its replica holds, asked in parallel,
+    /// each within `peer::USAGE_TIMEOUT`. A node that does not answer is left out (its
+    /// replica's allocation shows as unknown) and logged.
+    async fn remote_usage(
+        &self,
+        vm: &VolumeManager,
+        state: &ClusterState,
+        v: &VolumeRecord,
+    ) -> RemoteUsage {
+        let token = self.info.token.as_bytes();
+        let asks = v
+            .replicas
+            .iter()
+            .filter(|rep| rep.node != vm.node_id())
+            .filter_map(|rep| Some((rep.node, state.nodes.get(&rep.node)?.admin_addr.clone())))
+            .map(|(node, addr)| async move {
+                let got =
+                    crate::peer::replica_usage(&addr, token, vm.node_id(), vec![v.id.clone()])
+                        .await;
+                (node, got)
+            });
+        let mut out = RemoteUsage::new();
+        for (node, got) in futures_util::future::join_all(asks).await {
+            match got {
+                Ok(m) => {
+                    out.insert(node, m);
+                }
+                Err(e) => {
+                    tracing::info!(volume = %v.name, node, error = %e, "replica node did not report its allocation")
+                }
+            }
+        }
+        out
+    }
+
     fn to_pb(&self, vm: &VolumeManager, state: &ClusterState, v: &VolumeInfo) -> pb::Volume {
+        self.to_pb_with(vm, state, v, &RemoteUsage::new())
+    }
+
+    fn to_pb_with(
+        &self,
+        vm: &VolumeManager,
+        state: &ClusterState,
+        v: &VolumeInfo,
+        remote: &RemoteUsage,
+    ) -> pb::Volume {
         let r = &v.record;
         let attached_here = r.attached_node == Some(vm.node_id());
         pb::Volume {
@@ -77,9 +122,18 @@ impl AdminApi {
                 .attached_node
                 .map(|n| vm.node_name(state, n))
                 .unwrap_or_default(),
-            allocated_bytes: v.allocated_bytes,
+            // This node's replica; on a node without one, the largest any replica reported.
+            allocated_bytes: if r.replica(vm.node_id()).is_some() {
+                v.allocated_bytes
+            } else {
+                remote
+                    .values()
+                    .filter_map(|m| m.get(&r.id).copied())
+                    .max()
+                    .unwrap_or(0)
+            },
             created_unix_seconds: r.created_unix_seconds,
-            replicas: replicas_pb(vm, state, r, v),
+            replicas: replicas_pb(vm, state, r, v, remote),
             async_domains: r.async_domains.iter().cloned().collect(),
             state: if r.attached_node.is_some() {
                 "attached".into()
@@ -90,11 +144,15 @@ impl AdminApi {
     }
 }
 
+/// Node id -> (volume id -> allocated bytes), as other nodes reported them.
+type RemoteUsage = std::collections::HashMap<u64, std::collections::HashMap<String, u64>>;
+
 fn replicas_pb(
     vm: &VolumeManager,
     state: &ClusterState,
     r: &VolumeRecord,
     v: &VolumeInfo,
+    remote: &RemoteUsage,
 ) -> Vec<pb::Replica> {
     let stats = if r.attached_node == Some(vm.node_id()) {
         vm.attached(&r.name).ok().and_then(|a| a.stats())
@@ -117,14 +175,21 @@ fn replicas_pb(
                     rep.resync_done_bytes * 100 / rep.resync_total_bytes.max(1)
                 );
             }
+            let node = state.nodes.get(&rep.node);
+            let field = |f: fn(&tandem_engine::cluster::NodeRecord) -> &String| {
+                node.map(|n| f(n).clone()).unwrap_or_default()
+            };
             pb::Replica {
                 node_id: vm.node_name(state, rep.node),
                 state: s,
                 allocated_bytes: if rep.node == vm.node_id() {
-                    v.allocated_bytes
+                    Some(v.allocated_bytes)
                 } else {
-                    0
+                    remote.get(&rep.node).and_then(|m| m.get(&r.id)).copied()
                 },
+                domain: field(|n| &n.domain),
+                zone: field(|n| &n.zone),
+                rack: field(|n| &n.rack),
                 resync_done_bytes: rep.resync_done_bytes,
                 resync_total_bytes: rep.resync_total_bytes,
                 generation: rep.generation,
@@ -264,8 +329,10 @@ impl VolumeService for AdminApi {
     ) -> Result<Response<pb::VolumeResponse>, Status> {
         let vm = self.vm()?;
         let v = vm.inspect(&req.into_inner().name).await.map_err(status)?;
+        let state = vm.cluster().state();
+        let remote = self.remote_usage(vm, &state, &v.record).await;
         Ok(Response::new(pb::VolumeResponse {
-            volume: Some(self.to_pb(vm, &vm.cluster().state(), &v)),
+            volume: Some(self.to_pb_with(vm, &state, &v, &remote)),
         }))
     }
 

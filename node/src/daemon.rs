@@ -314,6 +314,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     volumes.set_io_slots(config.io_slots);
     volumes.set_io_capacity(config.io_capacity_iops);
     api.bind(volumes.clone());
+    peer_api.bind_volumes(volumes.clone());
     let rtt_watch_task = tokio::spawn(crate::latency::run_rtt_watch(
         volumes.clone(),
         config.on_rtt_exceeded,

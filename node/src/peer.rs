@@ -21,6 +21,7 @@ use tandem_engine::cluster::{
     ApplyError, ApplyOutput, ClusterError, ClusterHandle, Command, ForwardError, Forwarder,
     NodeRecord, NodeRole, Proposal, RaftTransport,
 };
+use tandem_engine::volume::VolumeManager;
 use tandem_engine::wire::auth;
 use tandem_proto::admin as pb;
 use tandem_proto::admin::peer_service_client::PeerServiceClient;
@@ -242,9 +243,53 @@ impl Forwarder for GrpcForwarder {
     }
 }
 
+/// Timeout of one `ReplicaUsage` call: `volume inspect` waits at most this long for a
+/// replica's node, and shows its allocation as unknown after it.
+pub const USAGE_TIMEOUT: Duration = Duration::from_secs(2);
+
+fn usage_mac(token: &[u8], from: u64, ids: &[String]) -> [u8; 32] {
+    let mut parts: Vec<&[u8]> = vec![b"tandem-usage"];
+    let from = from.to_be_bytes();
+    parts.push(&from);
+    // `auth::mac` length-prefixes every part, so no two id lists MAC alike.
+    parts.extend(ids.iter().map(|id| id.as_bytes()));
+    auth::mac(token, &parts)
+}
+
+/// Asks the node at `admin_addr` what its replicas of `ids` hold (`PeerService.ReplicaUsage`),
+/// within [`USAGE_TIMEOUT`]: volume id -> allocated bytes, for the replicas it has open.
+pub async fn replica_usage(
+    admin_addr: &str,
+    token: &[u8],
+    from: u64,
+    volume_ids: Vec<String>,
+) -> Result<HashMap<String, u64>, String> {
+    let call = async {
+        let ch = endpoint(admin_addr)?
+            .connect()
+            .await
+            .map_err(|e| format!("connect {admin_addr}: {e}"))?;
+        let mut req = Request::new(pb::ReplicaUsageRequest {
+            from,
+            mac: usage_mac(token, from, &volume_ids).to_vec(),
+            volume_ids,
+        });
+        req.set_timeout(USAGE_TIMEOUT);
+        PeerServiceClient::new(ch)
+            .replica_usage(req)
+            .await
+            .map(|r| r.into_inner().allocated_bytes)
+            .map_err(|s| format!("{admin_addr}: {}", s.message()))
+    };
+    tokio::time::timeout(USAGE_TIMEOUT, call)
+        .await
+        .map_err(|_| format!("{admin_addr}: no answer within {USAGE_TIMEOUT:?}"))?
+}
+
 /// The server side of `PeerService`.
 pub struct PeerApi {
     cluster: OnceLock<Arc<ClusterHandle>>,
+    volumes: OnceLock<Arc<VolumeManager>>,
     token: Arc<Vec<u8>>,
     nonces: Mutex<HashMap<Vec<u8>, Instant>>,
 }
@@ -253,6 +298,7 @@ impl PeerApi {
     pub fn new(token: Arc<Vec<u8>>) -> Arc<PeerApi> {
         Arc::new(PeerApi {
             cluster: OnceLock::new(),
+            volumes: OnceLock::new(),
             token,
             nonces: Mutex::new(HashMap::new()),
         })
@@ -260,6 +306,11 @@ impl PeerApi {
 
     pub fn bind(&self, cluster: Arc<ClusterHandle>) {
         let _ = self.cluster.set(cluster);
+    }
+
+    /// Connects the volume manager, which answers `ReplicaUsage`.
+    pub fn bind_volumes(&self, volumes: Arc<VolumeManager>) {
+        let _ = self.volumes.set(volumes);
     }
 
     fn cluster(&self) -> Result<&Arc<ClusterHandle>, Status> {
@@ -418,6 +469,23 @@ impl PeerService for PeerApi {
                 .values()
                 .map(|n| (n.id, n.admin_addr.clone()))
                 .collect(),
+        }))
+    }
+
+    async fn replica_usage(
+        &self,
+        req: Request<pb::ReplicaUsageRequest>,
+    ) -> Result<Response<pb::ReplicaUsageResponse>, Status> {
+        let r = req.into_inner();
+        if !ct_eq(&usage_mac(&self.token, r.from, &r.volume_ids), &r.mac) {
+            return Err(Status::permission_denied("wrong cluster token"));
+        }
+        let vm = self
+            .volumes
+            .get()
+            .ok_or_else(|| Status::unavailable("this node is still starting"))?;
+        Ok(Response::new(pb::ReplicaUsageResponse {
+            allocated_bytes: vm.local_allocation(&r.volume_ids).await,
         }))
     }
 

@@ -643,4 +643,22 @@ fn node_reports_topology_and_checks_arguments() {
         code(c.call(node.node_expand_volume(expand("nope", "/t")))),
         Code::NotFound
     );
+    // The volume is checked before the path: an unknown volume is NOT_FOUND even at a
+    // relative path, and so is a known one at a path it is not staged or published at.
+    for (id, path) in [
+        ("nope", "relative/t"),
+        ("pvc-n", "relative/t"),
+        ("pvc-n", nowhere.path().to_str().unwrap()),
+    ] {
+        assert_eq!(
+            code(c.call(node.node_get_volume_stats(stats(id, path)))),
+            Code::NotFound,
+            "stats {id} {path}"
+        );
+        assert_eq!(
+            code(c.call(node.node_expand_volume(expand(id, path)))),
+            Code::NotFound,
+            "expand {id} {path}"
+        );
+    }
 }

@@ -369,3 +369,81 @@ fn rf3_on_current_thread_runtimes_writes_flushes_and_resyncs() {
     verify_clean(&a, "ct", 3);
     drop(b);
 }
+
+/// `volume inspect` shows where each replica lives (node, domain, zone, rack) and what it
+/// holds as its own node reports it, asked from any node; a replica node that does not
+/// answer shows as unknown, and inspect still answers.
+#[test]
+fn inspect_shows_where_each_replica_lives_and_what_it_holds() {
+    let a = Daemon::start(DaemonOpts {
+        extra_args: ["--zone", "z1", "--rack", "r1"].map(String::from).to_vec(),
+        ..Default::default()
+    });
+    let b = Daemon::join(&a, &["--zone", "z2", "--rack", "r2"]);
+    let mut c = Daemon::join(&a, &["--zone", "z3", "--rack", "r3"]);
+    let nodes = eventually(Duration::from_secs(20), "three nodes", || {
+        let l = c.ctl_json(&["cluster", "list"]);
+        (l.as_array()?.len() == 3).then_some(l)
+    });
+    a.ctl_ok(&[
+        "volume", "create", "where", "--size", "64MiB", "--repl", "3",
+    ]);
+    let uri = a.ctl_json(&["volume", "attach", "where"])["nbd_uri"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    qemu_io_ok(&uri, &["write -P 0x11 0 8M", "flush"]);
+
+    // From c, which holds a replica and does not coordinate: every replica reports 8 MiB.
+    let reps = eventually(Duration::from_secs(20), "every replica reported", || {
+        let v = c.ctl_json(&["volume", "inspect", "where"]);
+        let reps = v["replicas"].as_array()?.clone();
+        reps.iter()
+            .all(|r| r["allocated_bytes"].as_u64() == Some(8 << 20))
+            .then_some(reps)
+    });
+    assert_eq!(reps.len(), 3);
+    for n in nodes.as_array().unwrap() {
+        let r = reps
+            .iter()
+            .find(|r| r["node_id"] == n["name"])
+            .unwrap_or_else(|| panic!("a replica on {n}: {reps:?}"));
+        for k in ["domain", "zone", "rack"] {
+            assert_eq!(r[k], n[k], "{k} of the replica on {}", n["name"]);
+        }
+    }
+    let zones: Vec<&str> = reps.iter().map(|r| r["zone"].as_str().unwrap()).collect();
+    assert!(zones.contains(&"z1") && zones.contains(&"z3"), "{zones:?}");
+    let text = c.ctl_ok(&["volume", "inspect", "where"]);
+    assert!(text.contains("ZONE") && text.contains("r2"), "{text}");
+    assert!(!text.contains("unknown"), "{text}");
+    // b holds a replica too; the volume's own Allocated is its replica's.
+    assert_eq!(
+        b.ctl_json(&["volume", "inspect", "where"])["allocated_bytes"],
+        8 << 20
+    );
+
+    // c stops answering: its replica's allocation is unknown, the others' still show.
+    let c_name = c.ctl_json(&["status"])["node_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    c.kill9();
+    let started = std::time::Instant::now();
+    let v = a.ctl_json(&["volume", "inspect", "where"]);
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "inspect waited {:?} for a dead node",
+        started.elapsed()
+    );
+    for r in v["replicas"].as_array().unwrap() {
+        if r["node_id"] == c_name.as_str() {
+            assert!(r["allocated_bytes"].is_null(), "{r}");
+        } else {
+            assert_eq!(r["allocated_bytes"], 8 << 20, "{r}");
+        }
+    }
+    assert!(a
+        .ctl_ok(&["volume", "inspect", "where"])
+        .contains("unknown (node did not answer)"));
+}

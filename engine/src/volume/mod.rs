@@ -552,6 +552,15 @@ impl VolumeManager {
         }
     }
 
+    /// Bytes allocated by this node's replicas of the volumes `ids`, for the ids whose
+    /// replica is open here (reconcile opens every replica the node holds).
+    pub async fn local_allocation(&self, ids: &[String]) -> HashMap<String, u64> {
+        let replicas = self.replicas.lock().await;
+        ids.iter()
+            .filter_map(|id| Some((id.clone(), replicas.get(id)?.allocated_bytes())))
+            .collect()
+    }
+
     pub fn node_name(&self, state: &ClusterState, id: u64) -> String {
         state
             .nodes

@@ -177,8 +177,11 @@ impl csi::node_server::Node for Node {
     ) -> Result<Response<csi::NodeGetVolumeStatsResponse>, Status> {
         let r = req.into_inner();
         let id = required(&r.volume_id, "volume_id")?.to_string();
-        let path = abs_path(&r.volume_path, "volume_path")?;
+        required(&r.volume_path, "volume_path")?;
+        // The volume first: an unknown volume is NOT_FOUND whatever the path says, and so
+        // is a path it is not staged or published at (a relative one included).
         let rec = self.volume_exists(&id)?;
+        let path = PathBuf::from(&r.volume_path);
         let (usage, local) = self.usage(&id, &path).await?;
         let mut condition = super::condition(&rec);
         if let Some(why) = local {
@@ -199,11 +202,15 @@ impl csi::node_server::Node for Node {
     ) -> Result<Response<csi::NodeExpandVolumeResponse>, Status> {
         let r = req.into_inner();
         let id = required(&r.volume_id, "volume_id")?.to_string();
-        abs_path(&r.volume_path, "volume_path")?;
+        required(&r.volume_path, "volume_path")?;
         if let Some(c) = &r.volume_capability {
             check_capability(c).map_err(Status::invalid_argument)?;
         }
         let rec = self.volume_exists(&id)?;
+        let path = PathBuf::from(&r.volume_path);
+        if !self.available_at(&id, &path).await? {
+            return Err(not_available_at(&id, &path));
+        }
         if let Some(range) = &r.capacity_range {
             if range.required_bytes < 0 || range.limit_bytes < 0 {
                 return Err(Status::invalid_argument(
@@ -362,6 +369,13 @@ impl Node {
 
     /// Usage of a path where this volume is staged or published here (NOT_FOUND for any
     /// other path, as the spec's table asks).
+    /// Whether `path` is where this node staged or published the volume.
+    async fn available_at(&self, id: &str, path: &Path) -> Result<bool, Status> {
+        let (vid, p) = (id.to_string(), path.to_path_buf());
+        self.os(move |a| Ok(staged_or_published_at(a, &vid, &p)?.is_some()))
+            .await
+    }
+
     async fn usage(
         &self,
         id: &str,
@@ -371,24 +385,14 @@ impl Node {
         let (vid, p) = (id.to_string(), path.to_path_buf());
         let looked = self
             .os(move |a| {
-                let Some(r) = a.recorded(&vid)? else {
-                    return Ok(None);
-                };
-                let n = crate::attach::blockdev::normalize;
-                let want = n(&p);
-                let known = n(&r.staging_path) == want
-                    || r.publishes.iter().any(|x| n(&x.target_path) == want);
-                if !known {
+                if staged_or_published_at(a, &vid, &p)?.is_none() {
                     return Ok(None);
                 }
                 Ok(Some((Attacher::stats(&p)?, a.condition(&vid))))
             })
             .await?;
         let Some((usage, local)) = looked else {
-            return Err(Status::not_found(format!(
-                "volume '{id}' is not staged or published at {}",
-                path.display()
-            )));
+            return Err(not_available_at(id, path));
         };
         use csi::volume_usage::Unit;
         let out = match usage {
@@ -420,6 +424,33 @@ impl Node {
         let vid = id.to_string();
         self.os(move |a| a.expand(&vid)).await
     }
+}
+
+/// The volume's attach record when `path` is its staging path or one of its publish targets
+/// on this node. A relative path is never one (the attacher records absolute ones).
+fn staged_or_published_at(
+    a: &Attacher,
+    id: &str,
+    path: &Path,
+) -> crate::attach::Result<Option<crate::attach::StaleVolume>> {
+    if !path.is_absolute() {
+        return Ok(None);
+    }
+    let Some(r) = a.recorded(id)? else {
+        return Ok(None);
+    };
+    let n = crate::attach::blockdev::normalize;
+    let want = n(path);
+    let known = n(&r.staging_path) == want || r.publishes.iter().any(|x| n(&x.target_path) == want);
+    Ok(known.then_some(r))
+}
+
+/// NOT_FOUND for a path the volume is not available at (CSI: "volume_path does not exist").
+fn not_available_at(id: &str, path: &Path) -> Status {
+    Status::not_found(format!(
+        "volume '{id}' is not staged or published at {}",
+        path.display()
+    ))
 }
 
 fn attach_status(e: crate::attach::AttachError) -> Status {

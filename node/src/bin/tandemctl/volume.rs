@@ -24,8 +24,13 @@ pub(super) struct VolumeOut {
 #[derive(Serialize)]
 pub(super) struct ReplicaOut {
     node_id: String,
+    domain: String,
+    zone: String,
+    rack: String,
     state: String,
-    allocated_bytes: u64,
+    /// As the replica's node reports it; `null` when that node did not answer (or, in
+    /// `volume list`, for replicas on other nodes, which list does not ask).
+    allocated_bytes: Option<u64>,
     resync_done_bytes: u64,
     resync_total_bytes: u64,
     generation: u64,
@@ -69,6 +74,9 @@ pub(super) fn volume_out(v: pb::Volume) -> VolumeOut {
             .into_iter()
             .map(|r| ReplicaOut {
                 node_id: r.node_id,
+                domain: r.domain,
+                zone: r.zone,
+                rack: r.rack,
                 state: r.state,
                 allocated_bytes: r.allocated_bytes,
                 resync_done_bytes: r.resync_done_bytes,
@@ -135,15 +143,28 @@ pub(super) fn print_volume(v: &VolumeOut) {
     let mut r = table();
     r.set_header(vec![
         "REPLICA NODE",
+        "DOMAIN",
+        "ZONE",
+        "RACK",
         "STATE",
         "GENERATION",
         "RESYNC",
         "ASYNC LAG",
-        "ALLOCATED (local)",
+        "ALLOCATED",
     ]);
+    let dash = |s: &str| {
+        if s.is_empty() {
+            "-".to_string()
+        } else {
+            s.to_string()
+        }
+    };
     for rep in &v.replicas {
         r.add_row(vec![
             rep.node_id.clone(),
+            dash(&rep.domain),
+            dash(&rep.zone),
+            dash(&rep.rack),
             rep.state.clone(),
             rep.generation.to_string(),
             if rep.resync_total_bytes > 0 {
@@ -164,7 +185,9 @@ pub(super) fn print_volume(v: &VolumeOut) {
             } else {
                 "-".into()
             },
-            format_size(rep.allocated_bytes),
+            rep.allocated_bytes
+                .map(format_size)
+                .unwrap_or_else(|| "unknown (node did not answer)".into()),
         ]);
     }
     println!("{r}");
