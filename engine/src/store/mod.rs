@@ -28,6 +28,7 @@
 
 mod activity_log;
 pub mod group_sync;
+mod layers;
 
 use std::collections::BTreeSet;
 use std::fs::{File, OpenOptions};
@@ -39,6 +40,7 @@ use std::sync::{Arc, OnceLock};
 use crate::io::IoEngine;
 use crate::range_lock::RangeLock;
 use activity_log::ActivityLog;
+pub use layers::SnapshotLayer;
 
 /// Checksum granularity. 4 KiB matches the page size and the block size that databases and
 /// filesystems write in, so a normal write needs no read-modify-write.
@@ -114,6 +116,14 @@ pub enum StoreError {
     },
     #[error("volume {volume}: activity log is corrupt: {reason}")]
     ActivityLogCorrupt { volume: String, reason: String },
+    #[error("volume {volume}: the layer manifest is corrupt: {reason}")]
+    ManifestCorrupt { volume: String, reason: String },
+    #[error("volume {volume}: no snapshot '{snapshot}' on this replica")]
+    NoSuchSnapshot { volume: String, snapshot: String },
+    #[error("volume {volume}: {max} snapshots is the most a replica holds")]
+    TooManySnapshots { volume: String, max: usize },
+    #[error("volume {volume}: a snapshot was sealed but the replica could not switch to its new head; it serves no I/O until it is reopened, which finishes the switch")]
+    Poisoned { volume: String },
 }
 
 impl StoreError {
@@ -125,7 +135,11 @@ impl StoreError {
             StoreError::PoolFull { .. } => libc::ENOSPC,
             StoreError::Shrink { .. } => libc::EINVAL,
             StoreError::Io { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
-            StoreError::ActivityLogCorrupt { .. } => libc::EIO,
+            StoreError::ActivityLogCorrupt { .. }
+            | StoreError::ManifestCorrupt { .. }
+            | StoreError::Poisoned { .. } => libc::EIO,
+            StoreError::NoSuchSnapshot { .. } => libc::ENOENT,
+            StoreError::TooManySnapshots { .. } => libc::ENOSPC,
         }
     }
 }
@@ -211,9 +225,15 @@ impl Pool {
         Replica::open(self.clone(), id, name, size_bytes).await
     }
 
-    /// Removes a replica's files. The replica must be closed; its space returns to the pool.
+    /// Removes a replica's files, its snapshots' included. The replica must be closed; its
+    /// space returns to the pool.
     pub fn delete_replica(&self, replica: &Replica) -> io::Result<()> {
-        for ext in ["data", "crc", "al", "suspect"] {
+        let layers = replica.layer_files();
+        for ext in layers
+            .iter()
+            .map(String::as_str)
+            .chain(["layers", "data", "crc", "al", "suspect"])
+        {
             match std::fs::remove_file(self.path(&replica.id, ext)) {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
@@ -222,6 +242,7 @@ impl Pool {
         }
         self.release(replica.allocated_bytes());
         replica.allocated_blocks.store(0, Ordering::Relaxed);
+        replica.layer_blocks.store(0, Ordering::Relaxed);
         Ok(())
     }
 }
@@ -270,6 +291,9 @@ impl RegionChunk {
 struct Tables {
     size_bytes: u64,
     regions: Vec<OnceLock<Box<RegionChunk>>>,
+    /// The replica's sealed layers (snapshots), oldest first; empty for a layer's own
+    /// tables. Reads of a block the head does not hold fall through them, newest first.
+    sealed: Vec<Arc<layers::Layer>>,
 }
 
 impl Tables {
@@ -278,11 +302,14 @@ impl Tables {
         Tables {
             size_bytes,
             regions: (0..n).map(|_| OnceLock::new()).collect(),
+            sealed: Vec::new(),
         }
     }
 
     fn chunk(&self, block: u64) -> Option<&RegionChunk> {
-        self.regions[(block / BLOCKS_PER_REGION) as usize]
+        // Checked: a sealed layer is as large as the volume was when it was sealed.
+        self.regions
+            .get((block / BLOCKS_PER_REGION) as usize)?
             .get()
             .map(|b| &**b)
     }
@@ -310,8 +337,9 @@ pub struct Replica {
     name: String,
     pool: Arc<Pool>,
     engine: IoEngine,
-    data: Arc<File>,
-    crc_file: Arc<File>,
+    /// The head layer's data and crc files. A seal swaps them (under the tables' write
+    /// lock, so no I/O is in flight); everything else clones the handle it needs.
+    head: std::sync::RwLock<HeadFiles>,
     tables: tokio::sync::RwLock<Tables>,
     range_lock: RangeLock,
     al: ActivityLog,
@@ -325,6 +353,21 @@ pub struct Replica {
     suspect_lock: std::sync::Mutex<()>,
     /// Concurrent flushes share one `fdatasync` of the data file.
     flushes: group_sync::SyncGroup,
+    /// Seals and merges, one at a time.
+    layer_op: tokio::sync::Mutex<()>,
+    /// The layer manifest as last committed (`<id>.layers`).
+    manifest: std::sync::Mutex<layers::Manifest>,
+    /// Blocks held by sealed layers (the head's are `allocated_blocks`).
+    layer_blocks: AtomicU64,
+    /// A seal committed its layer and could not switch to the new head: every I/O fails
+    /// until the replica is reopened (which finishes the switch), so nothing writes into
+    /// the sealed layer.
+    poisoned: AtomicBool,
+}
+
+struct HeadFiles {
+    data: Arc<File>,
+    crc: Arc<File>,
 }
 
 fn open_rw(path: &Path) -> io::Result<File> {
@@ -364,6 +407,61 @@ pub fn zero_block_digest() -> u64 {
     *D.get_or_init(|| block_digest(&[0u8; BLOCK_SIZE]))
 }
 
+/// Loads a layer's checksums (one crc page per region that has any) and its allocation
+/// (the data file's extents). Returns the tables and the number of allocated blocks, or
+/// the failed step and its error.
+async fn load_tables(
+    engine: &IoEngine,
+    data: &Arc<File>,
+    crc_file: &Arc<File>,
+    size_bytes: u64,
+) -> std::result::Result<(Tables, u64), (&'static str, io::Error)> {
+    let tables = Tables::new(size_bytes);
+    let crc_len = crc_file.metadata().map_err(|e| ("stat crc file", e))?.len();
+    let crc_extents = engine
+        .data_extents(crc_file, crc_len)
+        .map_err(|e| ("scan crc file", e))?;
+    for (start, end) in crc_extents {
+        let first = start / BLOCK_SIZE as u64;
+        let last = end.div_ceil(BLOCK_SIZE as u64);
+        for region in first..last {
+            if region as usize >= tables.regions.len() {
+                break;
+            }
+            let (res, page) = engine
+                .read_at(crc_file, vec![0; BLOCK_SIZE], region * BLOCK_SIZE as u64)
+                .await;
+            res.map_err(|e| ("read crc file", e))?;
+            let chunk = tables.regions[region as usize].get_or_init(RegionChunk::new);
+            for (i, c) in page.chunks_exact(4).enumerate() {
+                chunk.crc[i].store(
+                    u32::from_le_bytes([c[0], c[1], c[2], c[3]]),
+                    Ordering::Relaxed,
+                );
+            }
+        }
+    }
+    let mut allocated = 0u64;
+    let data_extents = engine
+        .data_extents(data, size_bytes)
+        .map_err(|e| ("scan data file", e))?;
+    for (start, end) in data_extents {
+        let first = start / BLOCK_SIZE as u64;
+        let last = end
+            .div_ceil(BLOCK_SIZE as u64)
+            .min(size_bytes.div_ceil(BLOCK_SIZE as u64));
+        for block in first..last {
+            let chunk = tables.chunk_or_init(block);
+            let idx = (block % BLOCKS_PER_REGION) as usize;
+            if !chunk.is_allocated(idx) {
+                chunk.set_allocated(idx, true);
+                allocated += 1;
+            }
+        }
+    }
+    Ok((tables, allocated))
+}
+
 impl Replica {
     async fn open(pool: Arc<Pool>, id: &str, name: &str, size_bytes: u64) -> Result<Arc<Replica>> {
         let io_err = |op: &'static str| {
@@ -374,6 +472,9 @@ impl Replica {
                 source,
             }
         };
+        // Layers first: a seal that crashed half-way is finished or undone before the head
+        // files are opened (`layers::recover`).
+        let (manifest, sealed) = layers::recover(&pool, id, name).await?;
         let created = !pool.path(id, "data").exists();
         let data = open_rw(&pool.path(id, "data")).map_err(io_err("open data file"))?;
         let crc_file = open_rw(&pool.path(id, "crc")).map_err(io_err("open crc file"))?;
@@ -387,53 +488,18 @@ impl Replica {
         }
         let data = Arc::new(data);
         let crc_file = Arc::new(crc_file);
-        let tables = Tables::new(size_bytes);
-
-        // Load persisted checksums: one page per region that has any.
-        let crc_len = crc_file.metadata().map_err(io_err("stat crc file"))?.len();
-        let crc_extents = engine
-            .data_extents(&crc_file, crc_len)
-            .map_err(io_err("scan crc file"))?;
-        for (start, end) in crc_extents {
-            let first = start / BLOCK_SIZE as u64;
-            let last = end.div_ceil(BLOCK_SIZE as u64);
-            for region in first..last {
-                if region as usize >= tables.regions.len() {
-                    break;
-                }
-                let (res, page) = engine
-                    .read_at(&crc_file, vec![0; BLOCK_SIZE], region * BLOCK_SIZE as u64)
-                    .await;
-                res.map_err(io_err("read crc file"))?;
-                let chunk = tables.regions[region as usize].get_or_init(RegionChunk::new);
-                for (i, c) in page.chunks_exact(4).enumerate() {
-                    chunk.crc[i].store(
-                        u32::from_le_bytes([c[0], c[1], c[2], c[3]]),
-                        Ordering::Relaxed,
-                    );
-                }
-            }
-        }
-
-        // Allocation, from the data file's extents.
-        let mut allocated = 0u64;
-        let data_extents = engine
-            .data_extents(&data, size_bytes)
-            .map_err(io_err("scan data file"))?;
-        for (start, end) in data_extents {
-            let first = start / BLOCK_SIZE as u64;
-            let last = end.div_ceil(BLOCK_SIZE as u64);
-            for block in first..last {
-                let chunk = tables.chunk_or_init(block);
-                let idx = (block % BLOCKS_PER_REGION) as usize;
-                if !chunk.is_allocated(idx) {
-                    chunk.set_allocated(idx, true);
-                    allocated += 1;
-                }
-            }
-        }
-        pool.allocated_bytes
-            .fetch_add(allocated * BLOCK_SIZE as u64, Ordering::AcqRel);
+        let (mut tables, allocated) = load_tables(&engine, &data, &crc_file, size_bytes)
+            .await
+            .map_err(|(op, e)| io_err(op)(e))?;
+        let layer_blocks: u64 = sealed
+            .iter()
+            .map(|l| l.allocated_blocks.load(Ordering::Relaxed))
+            .sum();
+        tables.sealed = sealed;
+        pool.allocated_bytes.fetch_add(
+            (allocated + layer_blocks) * BLOCK_SIZE as u64,
+            Ordering::AcqRel,
+        );
 
         let region_count = tables.regions.len() as u64;
         let (al, recovery) = ActivityLog::open(al_file, name, engine.clone())?;
@@ -446,8 +512,10 @@ impl Replica {
             name: name.to_string(),
             pool,
             engine,
-            data,
-            crc_file,
+            head: std::sync::RwLock::new(HeadFiles {
+                data,
+                crc: crc_file,
+            }),
             tables: tokio::sync::RwLock::new(tables),
             range_lock: RangeLock::default(),
             al,
@@ -458,6 +526,10 @@ impl Replica {
             suspect_epoch: AtomicU64::new(0),
             suspect_lock: std::sync::Mutex::new(()),
             flushes: group_sync::SyncGroup::default(),
+            layer_op: tokio::sync::Mutex::new(()),
+            manifest: std::sync::Mutex::new(manifest),
+            layer_blocks: AtomicU64::new(layer_blocks),
+            poisoned: AtomicBool::new(false),
         });
         let persisted = match std::fs::read(replica.pool.path(id, "suspect")) {
             Ok(b) if b.len() >= 8 => u64::from_le_bytes(b[..8].try_into().unwrap_or_default()),
@@ -495,7 +567,7 @@ impl Replica {
             }
             let start = region * REGION_SIZE;
             let len = REGION_SIZE.min(tables.size_bytes - start) as usize;
-            let (res, buf) = self.engine.read_at(&self.data, vec![0; len], start).await;
+            let (res, buf) = self.engine.read_at(&self.data(), vec![0; len], start).await;
             res.map_err(|source| self.io_err("read data for recovery", source))?;
             let chunk = tables.regions[region as usize].get_or_init(RegionChunk::new);
             for (i, block) in buf.chunks(BLOCK_SIZE).enumerate() {
@@ -535,8 +607,10 @@ impl Replica {
         self.tables.read().await.size_bytes
     }
 
+    /// Bytes this replica takes from the pool: the head's blocks and every sealed layer's.
     pub fn allocated_bytes(&self) -> u64 {
-        self.allocated_blocks.load(Ordering::Relaxed) * BLOCK_SIZE as u64
+        (self.allocated_blocks.load(Ordering::Relaxed) + self.layer_blocks.load(Ordering::Relaxed))
+            * BLOCK_SIZE as u64
     }
 
     /// Blocks that failed their checksum on read since open.
@@ -613,7 +687,35 @@ impl Replica {
         &self.engine
     }
 
+    /// The head's data file.
+    fn data(&self) -> Arc<File> {
+        self.head
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .data
+            .clone()
+    }
+
+    /// The head's crc file.
+    fn crc_file(&self) -> Arc<File> {
+        self.head
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .crc
+            .clone()
+    }
+
+    fn check_usable(&self) -> Result<()> {
+        if self.poisoned.load(Ordering::Acquire) {
+            return Err(StoreError::Poisoned {
+                volume: self.name.clone(),
+            });
+        }
+        Ok(())
+    }
+
     fn check_range(&self, tables: &Tables, offset: u64, len: u64) -> Result<()> {
+        self.check_usable()?;
         if len > MAX_IO_BYTES as u64 {
             return Err(StoreError::TooLarge {
                 volume: self.name.clone(),
@@ -647,22 +749,51 @@ impl Replica {
         let last = (offset + len as u64).div_ceil(bs);
         let aligned_off = first * bs;
         let aligned_len = ((last - first) * bs) as usize;
+        let mut buf = self.read_visible(&tables, first, last, true).await?;
+        let skip = (offset - aligned_off) as usize;
+        if skip == 0 && aligned_len == len {
+            return Ok(buf);
+        }
+        buf.drain(..skip);
+        buf.truncate(len);
+        Ok(buf)
+    }
+
+    /// The volume's bytes of blocks `[first, last)` as the head sees them: the head's own
+    /// blocks, then for every block the head does not hold, the newest sealed layer that
+    /// does, else zeros. Every block is checked against its layer's stored checksum. A head
+    /// block that fails is read again under its lock (a write may sit between its data and
+    /// its checksum); if it still fails, `strict` makes it an error, otherwise it is
+    /// counted, logged and returned as it is (for comparisons, which then find it).
+    async fn read_visible(
+        &self,
+        tables: &Tables,
+        first: u64,
+        last: u64,
+        strict: bool,
+    ) -> Result<Vec<u8>> {
+        let bs = BLOCK_SIZE as u64;
+        let aligned_off = first * bs;
+        let aligned_len = ((last - first) * bs) as usize;
         let any_allocated = (first..last).any(|b| tables.is_allocated(b));
         let mut buf = if any_allocated {
             let (res, buf) = self
                 .engine
-                .read_at(&self.data, vec![0; aligned_len], aligned_off)
+                .read_at(&self.data(), vec![0; aligned_len], aligned_off)
                 .await;
             res.map_err(|e| self.io_err("read data", e))?;
             buf
         } else {
             vec![0; aligned_len]
         };
+        // Blocks the head does not hold, to look up in the sealed layers.
+        let mut below = Vec::new();
         for (i, block) in buf.chunks_mut(BLOCK_SIZE).enumerate() {
             let b = first + i as u64;
             if !tables.is_allocated(b) {
                 // Never written, or trimmed: zeros, whatever the filesystem holds.
                 block.fill(0);
+                below.push(b);
                 continue;
             }
             if block_matches(block, tables.stored_crc(b)).is_ok() {
@@ -673,33 +804,34 @@ impl Replica {
             let _guard = self.range_lock.lock(b, b + 1).await;
             let (res, fresh) = self
                 .engine
-                .read_at(&self.data, vec![0; BLOCK_SIZE], b * bs)
+                .read_at(&self.data(), vec![0; BLOCK_SIZE], b * bs)
                 .await;
             res.map_err(|e| self.io_err("read data", e))?;
             if !tables.is_allocated(b) {
                 block.fill(0);
+                below.push(b);
                 continue;
             }
             let stored = tables.stored_crc(b);
             if let Err(actual) = block_matches(&fresh, stored) {
                 self.checksum_errors.fetch_add(1, Ordering::Relaxed);
                 tracing::error!(volume = %self.name, block = b, expected = stored, actual, "checksum mismatch on read");
-                return Err(StoreError::ChecksumMismatch {
-                    volume: self.name.clone(),
-                    block: b,
-                    offset: b * bs,
-                    expected: stored,
-                    actual,
-                });
+                if strict {
+                    return Err(StoreError::ChecksumMismatch {
+                        volume: self.name.clone(),
+                        block: b,
+                        offset: b * bs,
+                        expected: stored,
+                        actual,
+                    });
+                }
             }
             block.copy_from_slice(&fresh);
         }
-        let skip = (offset - aligned_off) as usize;
-        if skip == 0 && aligned_len == len {
-            return Ok(buf);
+        if !tables.sealed.is_empty() && !below.is_empty() {
+            self.fill_from_layers(&tables.sealed, first, &mut buf, &below, strict)
+                .await?;
         }
-        buf.drain(..skip);
-        buf.truncate(len);
         Ok(buf)
     }
 
@@ -726,48 +858,20 @@ impl Replica {
         let first = offset / bs;
         let last = (offset + len).div_ceil(bs);
         let zero = zero_block_digest();
-        if !(first..last).any(|b| tables.is_allocated(b)) {
+        if tables.sealed.is_empty() && !(first..last).any(|b| tables.is_allocated(b)) {
             return Ok(vec![zero; (last - first) as usize]);
         }
-        let (res, buf) = self
-            .engine
-            .read_at(
-                &self.data,
-                vec![0; ((last - first) * bs) as usize],
-                first * bs,
-            )
-            .await;
-        res.map_err(|e| self.io_err("read data", e))?;
-        let mut out = Vec::with_capacity((last - first) as usize);
-        for (i, block) in buf.chunks(BLOCK_SIZE).enumerate() {
-            let b = first + i as u64;
-            if !tables.is_allocated(b) {
-                out.push(zero);
-                continue;
-            }
-            if block_matches(block, tables.stored_crc(b)).is_ok() {
-                out.push(block_digest(block));
-                continue;
-            }
-            // As in `read`: a concurrent write may sit between its data and its checksum.
-            let _guard = self.range_lock.lock(b, b + 1).await;
-            let (res, fresh) = self
-                .engine
-                .read_at(&self.data, vec![0; BLOCK_SIZE], b * bs)
-                .await;
-            res.map_err(|e| self.io_err("read data", e))?;
-            if !tables.is_allocated(b) {
-                out.push(zero);
-                continue;
-            }
-            let stored = tables.stored_crc(b);
-            if let Err(actual) = block_matches(&fresh, stored) {
-                self.checksum_errors.fetch_add(1, Ordering::Relaxed);
-                tracing::error!(volume = %self.name, block = b, expected = stored, actual, "checksum mismatch while computing replica checksums");
-            }
-            out.push(block_digest(&fresh));
-        }
-        Ok(out)
+        let buf = self.read_visible(&tables, first, last, false).await?;
+        Ok(buf
+            .chunks(BLOCK_SIZE)
+            .map(|block| {
+                if block.iter().all(|x| *x == 0) {
+                    zero
+                } else {
+                    block_digest(block)
+                }
+            })
+            .collect())
     }
 
     /// Writes `data` at `offset`. With `fua` the write is durable when this returns.
@@ -785,14 +889,16 @@ impl Replica {
         let last = (offset + data.len() as u64).div_ceil(bs);
         let _guard = self.range_lock.lock(first, last).await;
         let _al = self.al_begin(&tables, first, last).await?;
-        self.reserve_blocks(&tables, first, last)?;
 
         let aligned_off = first * bs;
         let aligned_len = ((last - first) * bs) as usize;
         let buf = if aligned_off == offset && aligned_len == data.len() {
+            self.reserve_blocks(&tables, first, last)?;
             data
         } else {
-            // Read-modify-write of the partial head and tail blocks.
+            // Read-modify-write of the partial head and tail blocks, read before the
+            // blocks are reserved: a block the head does not hold yet is read from the
+            // sealed layers.
             let mut buf = vec![0u8; aligned_len];
             let head = (offset - aligned_off) as usize;
             for b in [first, last - 1] {
@@ -800,6 +906,7 @@ impl Replica {
                 let old = self.read_block_locked(&tables, b).await?;
                 buf[i..i + BLOCK_SIZE].copy_from_slice(&old);
             }
+            self.reserve_blocks(&tables, first, last)?;
             buf[head..head + data.len()].copy_from_slice(&data);
             bytes::Bytes::from(buf)
         };
@@ -814,6 +921,7 @@ impl Replica {
     /// Zeroes `len` bytes at `offset`. Whole blocks are deallocated (a hole is punched and
     /// their space returns to the pool); partial blocks at the edges are written with zeros.
     pub async fn write_zeroes(&self, offset: u64, len: u64, fua: bool) -> Result<()> {
+        self.check_usable()?;
         let tables = self.tables.read().await;
         // Zeroing sends no payload, so it may cover more than one I/O's worth.
         if offset
@@ -871,7 +979,7 @@ impl Replica {
         let _guard = self.range_lock.lock(first, last).await;
         let _al = self.al_begin(&tables, first, last).await?;
         self.engine
-            .punch_hole(&self.data, first * bs, (last - first) * bs)
+            .punch_hole(&self.data(), first * bs, (last - first) * bs)
             .map_err(|e| self.io_err("punch hole", e))?;
         let mut freed = 0u64;
         for b in first..last {
@@ -887,6 +995,27 @@ impl Replica {
         }
         self.allocated_blocks.fetch_sub(freed, Ordering::AcqRel);
         self.pool.release(freed * bs);
+        // A hole in the head shows the sealed layers below it: where one holds the block,
+        // the head holds zeros instead.
+        let mut b = first;
+        while b < last {
+            if !tables.sealed.iter().any(|l| l.tables.is_allocated(b)) {
+                b += 1;
+                continue;
+            }
+            let mut end = b + 1;
+            // At most 1 MiB of zeros per write.
+            while end < last
+                && end - b < 256
+                && tables.sealed.iter().any(|l| l.tables.is_allocated(end))
+            {
+                end += 1;
+            }
+            self.reserve_blocks(&tables, b, end)?;
+            let zeros = bytes::Bytes::from(vec![0u8; ((end - b) * bs) as usize]);
+            self.write_blocks_locked(&tables, b, zeros).await?;
+            b = end;
+        }
         Ok(())
     }
 
@@ -896,7 +1025,12 @@ impl Replica {
     /// one `fdatasync` ([`group_sync`]).
     pub async fn flush(&self) -> Result<()> {
         self.flushes
-            .sync(|| self.engine.fdatasync(&self.data))
+            .sync(|| async {
+                // The head as it is when this sync starts: a seal syncs the old head before
+                // it switches, so a flush that arrives after the switch needs only the new.
+                let data = self.data();
+                self.engine.fdatasync(&data).await
+            })
             .await
             .map_err(|e| self.sync_failed(e, "fdatasync data"))
     }
@@ -915,7 +1049,7 @@ impl Replica {
             return Ok(());
         }
         self.engine
-            .set_len(&self.data, new_size_bytes)
+            .set_len(&self.data(), new_size_bytes)
             .map_err(|e| self.io_err("grow data file", e))?;
         let n = new_size_bytes.div_ceil(REGION_SIZE) as usize;
         tables.regions.resize_with(n, OnceLock::new);
@@ -938,7 +1072,7 @@ impl Replica {
 
     async fn persist_crcs(&self, tables: &Tables) -> Result<()> {
         self.engine
-            .fdatasync(&self.data)
+            .fdatasync(&self.data())
             .await
             .map_err(|e| self.sync_failed(e, "fdatasync data"))?;
         let mut wrote = false;
@@ -950,7 +1084,7 @@ impl Replica {
             let page = chunk.crc_page();
             let (res, _) = self
                 .engine
-                .write_at(&self.crc_file, page, region as u64 * BLOCK_SIZE as u64)
+                .write_at(&self.crc_file(), page, region as u64 * BLOCK_SIZE as u64)
                 .await;
             if let Err(e) = res {
                 chunk.dirty.store(true, Ordering::Release);
@@ -960,7 +1094,7 @@ impl Replica {
         }
         if wrote {
             self.engine
-                .fdatasync(&self.crc_file)
+                .fdatasync(&self.crc_file())
                 .await
                 .map_err(|e| self.sync_failed(e, "fdatasync crc file"))?;
         }
@@ -995,9 +1129,15 @@ impl Replica {
 
     /// Reads and verifies one block; the caller holds the block's range lock.
     async fn read_block_locked(&self, tables: &Tables, b: u64) -> Result<Vec<u8>> {
+        if !tables.sealed.is_empty() && !tables.is_allocated(b) {
+            let mut buf = vec![0; BLOCK_SIZE];
+            self.fill_from_layers(&tables.sealed, b, &mut buf, &[b], true)
+                .await?;
+            return Ok(buf);
+        }
         let (res, buf) = self
             .engine
-            .read_at(&self.data, vec![0; BLOCK_SIZE], b * BLOCK_SIZE as u64)
+            .read_at(&self.data(), vec![0; BLOCK_SIZE], b * BLOCK_SIZE as u64)
             .await;
         res.map_err(|e| self.io_err("read data", e))?;
         let stored = tables.stored_crc(b);
@@ -1023,7 +1163,7 @@ impl Replica {
         let crcs: Vec<u32> = buf.chunks(BLOCK_SIZE).map(crc32fast::hash).collect();
         let res = self
             .engine
-            .write_bytes_at(&self.data, buf, first * BLOCK_SIZE as u64)
+            .write_bytes_at(&self.data(), buf, first * BLOCK_SIZE as u64)
             .await;
         res.map_err(|e| self.io_err("write data", e))?;
         for (i, crc) in crcs.into_iter().enumerate() {
@@ -1038,3 +1178,5 @@ impl Replica {
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_support;

@@ -1,27 +1,10 @@
 //! Store tests. Every test runs on both I/O engines.
 
+use super::tests_support::*;
 use super::*;
-use crate::io::{IoEngine, IoEngineChoice};
+use crate::io::IoEngine;
 use std::os::unix::fs::FileExt;
 use std::time::Duration;
-
-fn engines() -> Vec<IoEngine> {
-    vec![
-        IoEngine::Std,
-        IoEngine::new(IoEngineChoice::Uring).expect("io_uring must work on the test machines"),
-    ]
-}
-
-async fn open(dir: &Path, engine: &IoEngine, pool_bytes: u64, size: u64) -> Arc<Replica> {
-    let pool = Pool::open(dir, pool_bytes, engine.clone()).unwrap();
-    pool.open_replica("r1", "vol1", size).await.unwrap()
-}
-
-fn pattern(seed: u8, len: usize) -> Vec<u8> {
-    (0..len)
-        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
-        .collect()
-}
 
 #[tokio::test]
 async fn round_trips_aligned_and_unaligned_io_and_reads_zeros_where_unwritten() {
