@@ -348,6 +348,8 @@ mod tests {
             parked: Vec::new(),
             lease_wait: false,
             async_domains: ["dr".to_string()].into(),
+            snapshots: Vec::new(),
+            next_snapshot_seq: 0,
         };
         let changes = degrade_changes(&s, &v, 1, 10_000, 100);
         assert_eq!(

@@ -200,6 +200,26 @@ fn replicas_pb(
         .collect()
 }
 
+fn snapshot_pb(
+    vm: &VolumeManager,
+    state: &ClusterState,
+    s: &tandem_engine::volume::SnapshotInfo,
+) -> pb::Snapshot {
+    let r = &s.record;
+    pb::Snapshot {
+        id: r.id.clone(),
+        name: r.name.clone(),
+        volume: s.volume.clone(),
+        size_bytes: r.size_bytes,
+        created_unix_seconds: r.created_unix_seconds,
+        labels: r.labels.clone().into_iter().collect(),
+        state: r.state.to_string(),
+        nodes: r.nodes.iter().map(|n| vm.node_name(state, *n)).collect(),
+        local_bytes: s.local_bytes,
+        pause_seconds: s.pause.map(|p| p.as_secs_f64()),
+    }
+}
+
 fn prio_to_pb(p: IoPriority) -> pb::IoPriority {
     match p {
         IoPriority::Low => pb::IoPriority::Low,
@@ -225,9 +245,14 @@ pub fn status(e: VolumeError) -> Status {
     use tandem_engine::store::StoreError;
     match &e {
         VolumeError::InvalidArgument(_) => Status::invalid_argument(e.to_string()),
-        VolumeError::NotFound(_) => Status::not_found(e.to_string()),
-        VolumeError::AlreadyExists(_) => Status::already_exists(e.to_string()),
+        VolumeError::NotFound(_) | VolumeError::SnapshotNotFound { .. } => {
+            Status::not_found(e.to_string())
+        }
+        VolumeError::AlreadyExists(_) | VolumeError::SnapshotExists { .. } => {
+            Status::already_exists(e.to_string())
+        }
         VolumeError::FailedPrecondition(_)
+        | VolumeError::ReadOnly(_)
         | VolumeError::NoPlacement(_)
         | VolumeError::NotAttached(_) => Status::failed_precondition(e.to_string()),
         VolumeError::Unavailable(_) => Status::unavailable(e.to_string()),
@@ -415,6 +440,78 @@ impl VolumeService for AdminApi {
                 .map(|(n, e)| format!("{}: {e}", name(n)))
                 .collect(),
             repaired_blocks: r.repaired_blocks,
+        }))
+    }
+
+    async fn create_snapshot(
+        &self,
+        req: Request<pb::CreateSnapshotRequest>,
+    ) -> Result<Response<pb::SnapshotResponse>, Status> {
+        let vm = self.vm()?;
+        let r = req.into_inner();
+        let s = vm
+            .create_snapshot(&r.volume, &r.name, r.labels.into_iter().collect())
+            .await
+            .map_err(status)?;
+        Ok(Response::new(pb::SnapshotResponse {
+            snapshot: Some(snapshot_pb(vm, &vm.cluster().state(), &s)),
+        }))
+    }
+
+    async fn list_snapshots(
+        &self,
+        req: Request<pb::ListSnapshotsRequest>,
+    ) -> Result<Response<pb::ListSnapshotsResponse>, Status> {
+        let vm = self.vm()?;
+        let r = req.into_inner();
+        let state = vm.cluster().state();
+        let volumes: Vec<String> = if r.volume.is_empty() {
+            state.volumes.keys().cloned().collect()
+        } else {
+            vec![r.volume]
+        };
+        let mut snapshots = Vec::new();
+        for v in volumes {
+            for s in vm.list_snapshots(&v).await.map_err(status)? {
+                snapshots.push(snapshot_pb(vm, &state, &s));
+            }
+        }
+        Ok(Response::new(pb::ListSnapshotsResponse { snapshots }))
+    }
+
+    async fn inspect_snapshot(
+        &self,
+        req: Request<pb::InspectSnapshotRequest>,
+    ) -> Result<Response<pb::SnapshotResponse>, Status> {
+        let vm = self.vm()?;
+        let r = req.into_inner();
+        let s = vm
+            .inspect_snapshot(&r.volume, &r.name)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(pb::SnapshotResponse {
+            snapshot: Some(snapshot_pb(vm, &vm.cluster().state(), &s)),
+        }))
+    }
+
+    async fn delete_snapshot(
+        &self,
+        req: Request<pb::DeleteSnapshotRequest>,
+    ) -> Result<Response<pb::SnapshotResponse>, Status> {
+        let vm = self.vm()?;
+        let r = req.into_inner();
+        let rec = vm
+            .delete_snapshot(&r.volume, &r.name)
+            .await
+            .map_err(status)?;
+        let s = tandem_engine::volume::SnapshotInfo {
+            volume: r.volume,
+            record: rec,
+            local_bytes: None,
+            pause: None,
+        };
+        Ok(Response::new(pb::SnapshotResponse {
+            snapshot: Some(snapshot_pb(vm, &vm.cluster().state(), &s)),
         }))
     }
 

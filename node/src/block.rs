@@ -61,6 +61,7 @@ pub fn volume_error(e: VolumeError, is_write: bool) -> TargetError {
         VolumeError::Store(s) => s.errno(),
         VolumeError::Replication(r) => r.errno(),
         VolumeError::NotAttached(_) => libc::ESHUTDOWN,
+        VolumeError::ReadOnly(_) => libc::EPERM,
         _ => libc::EIO,
     };
     let bad_data = matches!(

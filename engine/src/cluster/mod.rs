@@ -21,7 +21,8 @@ pub use handle::{ClusterError, ClusterHandle, ForwardError, Forwarder, Proposal}
 pub use raft_node::{Bootstrap, RaftError, RaftNode, RaftStatus, RaftTransport};
 pub use state::{
     Alert, ApplyError, ApplyOutput, ClusterState, Command, LatencyReport, NodeRecord, NodeRole,
-    ReplicaRecord, ReplicaState, VolumeRecord,
+    ReplicaRecord, ReplicaState, SnapshotRecord, SnapshotState, VolumeRecord,
+    MAX_SNAPSHOTS_PER_VOLUME,
 };
 
 #[cfg(test)]

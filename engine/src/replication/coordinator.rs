@@ -687,6 +687,16 @@ impl Coordinator {
             .await
     }
 
+    /// Cuts snapshot `id` (its record must be committed pending): every in-sync replica
+    /// seals its head, under the whole-volume range lock, so each holds every write
+    /// acknowledged before the call and none that starts after it, and their copies are
+    /// byte-identical. All or nothing: if one fails, the others drop it again. Returns the
+    /// nodes that hold it.
+    pub async fn cut_snapshot(&self, id: String) -> Result<Vec<u64>> {
+        self.run(move |inner| async move { inner.cut_snapshot(&id).await })
+            .await
+    }
+
     /// Makes every acked write durable on every in-sync replica.
     pub async fn flush(&self) -> Result<()> {
         self.run(|inner| async move { inner.flush_all().await })
@@ -1184,17 +1194,25 @@ impl Inner {
         out
     }
 
-    /// In-sync replicas to read from, the local one first.
-    /// A suspect copy (recovered after a crash, a failed fdatasync) is the last choice, also
-    /// as the source when reconciling.
+    /// In-sync replicas to read from, the local one first. A suspect copy (recovered after
+    /// a crash, a failed fdatasync) comes after the trusted ones, and one created empty
+    /// last of all; the same order picks the source when reconciling.
     pub(super) fn read_sources(&self, except: Option<u64>) -> Vec<(u64, Target)> {
-        let mut out: Vec<(bool, u64, Target)> = self
+        let mut out: Vec<(u64, u64, Target)> = self
             .lock_members()
             .iter()
             .filter(|m| m.state == ReplicaState::InSync && Some(m.node) != except)
-            .filter_map(|m| m.target.clone().map(|t| (m.suspect.0 != 0, m.node, t)))
+            .filter_map(|m| m.target.clone().map(|t| (m.suspect.0, m.node, t)))
             .collect();
-        out.sort_by_key(|(suspect, _, t)| (*suspect, !t.is_local()));
+        // Trusted copies first, then those that may have lost unflushed writes, and last
+        // those created empty (which hold nothing); the local one first among equals.
+        out.sort_by_key(|(suspect, _, t)| {
+            (
+                *suspect & crate::store::SUSPECT_CREATED != 0,
+                *suspect != 0,
+                !t.is_local(),
+            )
+        });
         out.into_iter().map(|(_, n, t)| (n, t)).collect()
     }
 
@@ -1446,6 +1464,60 @@ impl Inner {
     }
 
     /// Flushes every in-sync (and resyncing) replica; the ack rule applies.
+    async fn cut_snapshot(&self, id: &str) -> Result<Vec<u64>> {
+        self.check_fenced()?;
+        let blocks = self.size_bytes.div_ceil(BLOCK_SIZE as u64);
+        // The pause: writes in flight finish, new ones wait until every copy is sealed.
+        let _lock = self.locks.lock(0, blocks).await;
+        let in_sync: Vec<(u64, Option<Target>)> = self
+            .lock_members()
+            .iter()
+            .filter(|m| m.state == ReplicaState::InSync)
+            .map(|m| (m.node, m.target.clone()))
+            .collect();
+        let ctx = self.ctx;
+        let seals = in_sync.iter().map(|(node, t)| {
+            let (node, t, id) = (*node, t.clone(), id.to_string());
+            async move {
+                let r = match &t {
+                    Some(t) => t.seal(ctx, &id).await,
+                    None => Err(TargetError::NotConnected),
+                };
+                (node, t, r)
+            }
+        });
+        let results = futures_util::future::join_all(seals).await;
+        let failed: Vec<String> = results
+            .iter()
+            .filter_map(|(n, _, r)| r.as_ref().err().map(|e| format!("node {n}: {e}")))
+            .collect();
+        if failed.is_empty() {
+            let nodes = results.iter().map(|(n, _, _)| *n).collect();
+            tracing::info!(volume = %self.name, snapshot = id, ?nodes, "snapshot cut");
+            return Ok(nodes);
+        }
+        // No half snapshot: the copies that sealed drop it again (what stays behind, the
+        // node's reconciler removes once the record is gone).
+        for (node, t, r) in &results {
+            if let (Ok(()), Some(t)) = (r, t) {
+                if let Err(e) = t.delete_snapshot(ctx, id).await {
+                    tracing::warn!(volume = %self.name, snapshot = id, node, error = %e, "dropping a half-made snapshot failed; the node's reconciler removes it");
+                }
+            }
+        }
+        if results
+            .iter()
+            .any(|(_, _, r)| r.as_ref().is_err_and(|e| e.is_stale()))
+        {
+            return Err(self.fence("a replica refused the snapshot's generation as stale".into()));
+        }
+        Err(ReplicationError::ReplicasFailed {
+            volume: self.name.clone(),
+            op: "snapshot",
+            detail: failed.join("; "),
+        })
+    }
+
     pub(super) async fn flush_all(&self) -> Result<()> {
         self.check_fenced()?;
         let seq = self.hot.write_seq();

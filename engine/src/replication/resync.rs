@@ -397,6 +397,10 @@ impl Inner {
             }
             return;
         }
+        // Reconnected with its files created empty (a wiped or replaced pool) while another
+        // in-sync copy may hold data: it holds nothing, and must neither serve nor be a
+        // reconciliation source (seed 37337: its zeros overwrote the other copy's data).
+        let mut empty = Vec::new();
         for node in dead {
             let (target, info) = match self.connect(node).await {
                 Ok(v) => v,
@@ -423,6 +427,15 @@ impl Inner {
             m.suspect = (info.suspect, info.suspect_epoch);
             m.last_error = None;
             tracing::warn!(volume = %self.name, node, restarted, "reconnected the last in-sync replica");
+            let created = |suspect: u64| suspect & crate::store::SUSPECT_CREATED != 0;
+            if created(info.suspect)
+                && members.iter().any(|o| {
+                    // An in-sync copy not reconnected yet counts as holding data.
+                    o.node != node && o.state == ReplicaState::InSync && !created(o.suspect.0)
+                })
+            {
+                empty.push(node);
+            }
             if lost {
                 tracing::error!(volume = %self.name, node, "the last in-sync replica restarted uncleanly: acknowledged writes that were not flushed may be lost; the other replicas get a full comparison");
                 for o in members
@@ -436,6 +449,13 @@ impl Inner {
                         o.end_session();
                     }
                 }
+            }
+        }
+        for node in empty {
+            tracing::warn!(volume = %self.name, node, "reconnected in-sync replica was created empty (missing files) while another in-sync copy holds data; it gets a full copy");
+            let e = TargetError::Transport("its files were created empty".into());
+            if let Err(err) = self.replica_failed(node, None, &e, "reconnect").await {
+                tracing::warn!(volume = %self.name, node, error = %err, "cannot eject a replica created empty");
             }
         }
     }

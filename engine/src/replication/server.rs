@@ -273,6 +273,8 @@ impl ReplicaServer {
                 | Kind::Flush
                 | Kind::Checksums
                 | Kind::ClearSuspect
+                | Kind::Seal
+                | Kind::DeleteSnapshot
         ) {
             return Err(libc::EOPNOTSUPP);
         }
@@ -395,6 +397,29 @@ impl ReplicaServer {
             }
             Kind::Flush => {
                 replica.flush().await.map_err(errno)?;
+                Ok(Bytes::new())
+            }
+            Kind::Seal | Kind::DeleteSnapshot => {
+                let id = std::str::from_utf8(&req.payload)
+                    .ok()
+                    .filter(|id| crate::volume::validate_name(id).is_ok())
+                    .ok_or(libc::EINVAL)?;
+                if req.kind == Kind::Seal {
+                    // This node's reconciler drops layers the metadata does not name: the
+                    // pending record must have reached it before the layer exists.
+                    let deadline = tokio::time::Instant::now() + GENERATION_WAIT;
+                    while !self.meta.state().volumes.values().any(|v| {
+                        v.wire_id() == req.volume_id && v.snapshots.iter().any(|s| s.id == id)
+                    }) {
+                        if tokio::time::Instant::now() >= deadline {
+                            return Err(libc::ENOENT);
+                        }
+                        tokio::time::sleep(GENERATION_POLL).await;
+                    }
+                    replica.seal(id).await.map_err(errno)?;
+                } else {
+                    replica.delete_snapshot(id).await.map_err(errno)?;
+                }
                 Ok(Bytes::new())
             }
             Kind::ClearSuspect => {

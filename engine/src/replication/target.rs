@@ -231,6 +231,38 @@ impl Target {
         self.call(f, ctx.timeout).await.map(|_| ())
     }
 
+    /// Seals the replica's head as snapshot `id` (`Replica::seal`). A seal checkpoints the
+    /// head (two fdatasyncs), so it gets four I/O timeouts.
+    pub(super) async fn seal(&self, ctx: Ctx, id: &str) -> Result<(), TargetError> {
+        self.snapshot_op(ctx, Kind::Seal, id, ctx.timeout * 4).await
+    }
+
+    /// Deletes snapshot `id` from the replica (`Replica::delete_snapshot`); a merge copies
+    /// data, so it gets sixteen I/O timeouts.
+    pub(super) async fn delete_snapshot(&self, ctx: Ctx, id: &str) -> Result<(), TargetError> {
+        self.snapshot_op(ctx, Kind::DeleteSnapshot, id, ctx.timeout * 16)
+            .await
+    }
+
+    async fn snapshot_op(
+        &self,
+        ctx: Ctx,
+        kind: Kind,
+        id: &str,
+        timeout: Duration,
+    ) -> Result<(), TargetError> {
+        let payload = Bytes::copy_from_slice(id.as_bytes());
+        let f = Frame::request(
+            kind,
+            ctx.wire_id,
+            self.generation(ctx),
+            0,
+            payload.len() as u32,
+            payload,
+        );
+        self.call(f, timeout).await.map(|_| ())
+    }
+
     /// A digest per 4 KiB block of `[offset, offset + len)` (see `Replica::checksums`).
     pub(super) async fn checksums(
         &self,

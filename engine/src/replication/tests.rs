@@ -372,6 +372,8 @@ impl TestCluster {
             parked: Vec::new(),
             lease_wait: false,
             async_domains: async_domains.iter().map(|d| d.to_string()).collect(),
+            snapshots: Vec::new(),
+            next_snapshot_seq: 0,
         };
         meta.apply(&Command::CreateVolume {
             volume: Box::new(volume),

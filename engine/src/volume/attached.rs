@@ -11,10 +11,15 @@ pub(super) enum Backend {
     Local(Arc<Replica>, LocalSession),
     /// Replicas on other nodes: the replication coordinator.
     Replicated(Arc<Coordinator>),
+    /// A read-only export of snapshot `.1` (its id) from this node's replica, `.2` bytes:
+    /// a snapshot is immutable and byte-identical on every node that holds it.
+    Snapshot(Arc<Replica>, String, u64),
 }
 
 /// A volume attached on this node: the coordinator that frontends send I/O to.
 pub struct AttachedVolume {
+    /// This node.
+    pub(super) node: u64,
     pub(super) name: String,
     pub(super) id: String,
     /// The raft node whose majority contact is this coordinator's lease (replicated
@@ -41,6 +46,7 @@ impl Backend {
         match self {
             Backend::Local(r, _) => r.close().await?,
             Backend::Replicated(c) => c.close().await?,
+            Backend::Snapshot(..) => {}
         }
         Ok(())
     }
@@ -77,6 +83,10 @@ impl AttachedVolume {
                 backend: Backend::Replicated(c),
                 ..
             }) => c.size_bytes(),
+            Some(Open {
+                backend: Backend::Snapshot(_, _, size),
+                ..
+            }) => *size,
             None => 0,
         }
     }
@@ -91,6 +101,10 @@ impl AttachedVolume {
                 backend: Backend::Replicated(c),
                 ..
             }) => c.stats().checksum_errors,
+            Some(Open {
+                backend: Backend::Snapshot(r, ..),
+                ..
+            }) => r.checksum_errors(),
             None => 0,
         }
     }
@@ -106,6 +120,21 @@ impl AttachedVolume {
                 ),
             })
         })
+    }
+
+    /// A snapshot export (`volume@snapshot`): read-only.
+    pub fn is_read_only(&self) -> bool {
+        matches!(
+            self.gate.try_read().ok().as_deref(),
+            Some(Some(Open {
+                backend: Backend::Snapshot(..),
+                ..
+            }))
+        )
+    }
+
+    pub(super) fn read_only(&self) -> VolumeError {
+        VolumeError::ReadOnly(self.name.clone())
     }
 
     pub(super) fn detached(&self) -> VolumeError {
@@ -141,6 +170,7 @@ impl AttachedVolume {
             None => Err(self.detached()),
             Some(Backend::Local(r, s)) => Ok(self.fenced(s.run(r.read(offset, len)).await)??),
             Some(Backend::Replicated(c)) => Ok(c.read(offset, len).await?),
+            Some(Backend::Snapshot(r, id, _)) => Ok(r.read_snapshot(id, offset, len).await?),
         }
     }
 
@@ -154,6 +184,7 @@ impl AttachedVolume {
                 Ok(self.fenced(s.run(r.write(offset, data, fua)).await)??)
             }
             Some(Backend::Replicated(c)) => Ok(c.write(offset, data, fua).await?),
+            Some(Backend::Snapshot(..)) => Err(self.read_only()),
         }
     }
 
@@ -167,6 +198,7 @@ impl AttachedVolume {
                 Ok(self.fenced(s.run(r.write_zeroes(offset, len, fua)).await)??)
             }
             Some(Backend::Replicated(c)) => Ok(c.write_zeroes(offset, len, fua).await?),
+            Some(Backend::Snapshot(..)) => Err(self.read_only()),
         }
     }
 
@@ -178,6 +210,8 @@ impl AttachedVolume {
             None => Err(self.detached()),
             Some(Backend::Local(r, s)) => Ok(self.fenced(s.run(r.flush()).await)??),
             Some(Backend::Replicated(c)) => Ok(c.flush().await?),
+            // Nothing to make durable: a snapshot's layer was made durable when sealed.
+            Some(Backend::Snapshot(..)) => Ok(()),
         }
     }
 
@@ -208,6 +242,10 @@ impl AttachedVolume {
                 backend: Backend::Replicated(c),
                 ..
             }) => Ok(c.verify_with(repair).await?),
+            Some(Open {
+                backend: Backend::Snapshot(..),
+                ..
+            }) => Err(self.read_only()),
         }
     }
 

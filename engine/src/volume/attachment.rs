@@ -44,7 +44,9 @@ impl VolumeManager {
         let open = self.open_backend(rec).await?;
         let lease =
             matches!(open.backend, Backend::Replicated(_)).then(|| self.cluster.raft().clone());
+        let generation = open.record.generation;
         let vol = Arc::new(AttachedVolume {
+            node: self.node_id,
             lease,
             name: name.to_string(),
             id: open.record.id.clone(),
@@ -60,6 +62,7 @@ impl VolumeManager {
             .unwrap_or_else(|e| e.into_inner())
             .insert(name.to_string(), vol.clone());
         tracing::info!(volume = %name, generation = vol.generation(), "volume attached");
+        self.drop_stale_pending(name, generation).await;
         Ok(vol)
     }
 

@@ -127,6 +127,8 @@ impl VolumeManager {
             parked: Vec::new(),
             lease_wait: false,
             async_domains,
+            snapshots: Vec::new(),
+            next_snapshot_seq: 0,
         };
         self.cluster
             .propose(Command::CreateVolume {

@@ -73,6 +73,12 @@ pub enum VolumeError {
     Unavailable(String),
     #[error(transparent)]
     Replication(#[from] ReplicationError),
+    #[error("volume '{volume}' already has a snapshot named '{name}'")]
+    SnapshotExists { volume: String, name: String },
+    #[error("'{0}' is a snapshot export: read-only")]
+    ReadOnly(String),
+    #[error("volume '{volume}' has no snapshot '{snapshot}'")]
+    SnapshotNotFound { volume: String, snapshot: String },
 }
 
 impl From<ClusterError> for VolumeError {
@@ -170,9 +176,11 @@ pub struct VolumeInfo {
 mod attached;
 mod attachment;
 mod control;
+mod snapshots;
 
 pub use attached::AttachedVolume;
 use attached::{Backend, Open};
+pub use snapshots::SnapshotInfo;
 
 /// Owns this node's volumes: its replicas and its attachments.
 pub struct VolumeManager {
@@ -249,6 +257,7 @@ impl VolumeManager {
                 let _ = tokio::time::timeout(RECONCILE_INTERVAL, applied.changed()).await;
                 let Some(mgr) = weak.upgrade() else { return };
                 mgr.reconcile().await;
+                mgr.reconcile_snapshots().await;
                 // Not while an attach, detach or re-open is in progress (they change the
                 // generation and the local attachment together, under `ops`).
                 let op = mgr.ops.try_lock();

@@ -87,11 +87,17 @@ pub enum Kind {
     /// Clear the replica's suspect flags (offset = the suspect epoch its `Open` reported)
     /// after a full comparison.
     ClearSuspect = 11,
+    /// Seal the replica's head as a snapshot (the payload is the snapshot id, UTF-8): every
+    /// write acknowledged before is in it, none that comes after.
+    Seal = 12,
+    /// Delete a snapshot from the replica (the payload is its id); deleting one it does not
+    /// hold succeeds.
+    DeleteSnapshot = 13,
 }
 
 impl Kind {
     /// Every kind, in wire-value order.
-    pub const ALL: [Kind; 11] = [
+    pub const ALL: [Kind; 13] = [
         Kind::Ping,
         Kind::Pong,
         Kind::Open,
@@ -103,6 +109,8 @@ impl Kind {
         Kind::HotRegions,
         Kind::Reply,
         Kind::ClearSuspect,
+        Kind::Seal,
+        Kind::DeleteSnapshot,
     ];
 
     /// The wire value.
@@ -400,9 +408,9 @@ mod tests {
     fn kind_values_are_stable() {
         // The numbers are the protocol: a renumbering would break mixed-version clusters.
         let values: Vec<u8> = Kind::ALL.iter().map(|k| k.as_u8()).collect();
-        assert_eq!(values, (1..=11).collect::<Vec<u8>>());
+        assert_eq!(values, (1..=13).collect::<Vec<u8>>());
         assert_eq!(Kind::from_u8(0), None);
-        assert_eq!(Kind::from_u8(12), None);
+        assert_eq!(Kind::from_u8(14), None);
     }
 
     #[test]

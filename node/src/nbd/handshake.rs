@@ -49,7 +49,7 @@ impl Connection {
             match opt {
                 OPT_EXPORT_NAME => {
                     let name = String::from_utf8_lossy(&data).into_owned();
-                    let vol = match self.volumes.attached(&name) {
+                    let vol = match self.volumes.export(&name).await {
                         Ok(v) => v,
                         // EXPORT_NAME has no error reply: the spec says close.
                         Err(e) => {
@@ -60,7 +60,7 @@ impl Connection {
                     };
                     let mut reply = Vec::with_capacity(134);
                     reply.extend_from_slice(&self.export_size(&vol).await.to_be_bytes());
-                    reply.extend_from_slice(&TRANSMISSION_FLAGS.to_be_bytes());
+                    reply.extend_from_slice(&export_flags(&vol).to_be_bytes());
                     if !no_zeroes {
                         reply.extend_from_slice(&[0u8; 124]);
                     }
@@ -90,7 +90,7 @@ impl Connection {
                             .await?;
                         continue;
                     };
-                    let vol = match self.volumes.attached(&name) {
+                    let vol = match self.volumes.export(&name).await {
                         Ok(v) => v,
                         Err(e) => {
                             let msg = match &e {
@@ -107,7 +107,7 @@ impl Connection {
                     let mut export = Vec::with_capacity(12);
                     export.extend_from_slice(&INFO_EXPORT.to_be_bytes());
                     export.extend_from_slice(&size.to_be_bytes());
-                    export.extend_from_slice(&TRANSMISSION_FLAGS.to_be_bytes());
+                    export.extend_from_slice(&export_flags(&vol).to_be_bytes());
                     write_opt_reply(wr, opt, REP_INFO, &export).await?;
                     let mut bs = Vec::with_capacity(14);
                     bs.extend_from_slice(&INFO_BLOCK_SIZE.to_be_bytes());
@@ -144,5 +144,14 @@ impl Connection {
         Err(ConnError::Protocol(format!(
             "more than {MAX_OPTIONS} options without choosing an export"
         )))
+    }
+}
+
+/// The transmission flags of one export: a snapshot export is read-only.
+fn export_flags(vol: &AttachedVolume) -> u16 {
+    if vol.is_read_only() {
+        TRANSMISSION_FLAGS | TFLAG_READ_ONLY
+    } else {
+        TRANSMISSION_FLAGS
     }
 }

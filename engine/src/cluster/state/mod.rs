@@ -25,6 +25,22 @@ mod tests;
 
 pub use records::*;
 
+/// Most snapshots a volume keeps (pending ones included). The store allows more layers
+/// (`store::layers::MAX_LAYERS`): deleted snapshots may wait as hidden layers.
+pub const MAX_SNAPSHOTS_PER_VOLUME: usize = 64;
+
+/// Refuses a decision made at a generation the volume has moved on from.
+fn check_generation(v: &VolumeRecord, generation: u64) -> Result<(), ApplyError> {
+    if v.generation != generation {
+        return Err(ApplyError::Fenced {
+            name: v.name.clone(),
+            current: v.generation,
+            stale: generation,
+        });
+    }
+    Ok(())
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct ClusterState {
     pub cluster_id: String,
@@ -244,13 +260,7 @@ impl ClusterState {
                 if v.attached_node != Some(*node) {
                     return Ok(ApplyOutput::None);
                 }
-                if v.generation != *generation {
-                    return Err(ApplyError::Fenced {
-                        name: name.clone(),
-                        current: v.generation,
-                        stale: *generation,
-                    });
-                }
+                check_generation(v, *generation)?;
                 v.attached_node = None;
                 Ok(ApplyOutput::None)
             }
@@ -261,13 +271,7 @@ impl ClusterState {
                 generation,
             } => {
                 let v = self.volume_mut(name)?;
-                if v.generation != *generation {
-                    return Err(ApplyError::Fenced {
-                        name: name.clone(),
-                        current: v.generation,
-                        stale: *generation,
-                    });
-                }
+                check_generation(v, *generation)?;
                 let in_sync_left = v
                     .replicas
                     .iter()
@@ -314,13 +318,7 @@ impl ClusterState {
                     }
                 }
                 let v = self.volume_mut(name)?;
-                if v.generation != *generation {
-                    return Err(ApplyError::Fenced {
-                        name: name.clone(),
-                        current: v.generation,
-                        stale: *generation,
-                    });
-                }
+                check_generation(v, *generation)?;
                 // Membership only: a replica that stays keeps its record as the metadata
                 // has it (the list may have been read before an ejection), and a new one
                 // joins out of sync. Only a resync or a promotion makes a replica in sync.
@@ -354,13 +352,7 @@ impl ClusterState {
                 total_bytes,
             } => {
                 let v = self.volume_mut(name)?;
-                if v.generation != *generation {
-                    return Err(ApplyError::Fenced {
-                        name: name.clone(),
-                        current: v.generation,
-                        stale: *generation,
-                    });
-                }
+                check_generation(v, *generation)?;
                 if let Some(r) = v.replicas.iter_mut().find(|r| r.node == *node) {
                     r.resync_done_bytes = *done_bytes;
                     r.resync_total_bytes = *total_bytes;
@@ -374,17 +366,66 @@ impl ClusterState {
                 remove,
             } => {
                 let v = self.volume_mut(name)?;
-                if v.generation != *generation {
-                    return Err(ApplyError::Fenced {
-                        name: name.clone(),
-                        current: v.generation,
-                        stale: *generation,
-                    });
-                }
+                check_generation(v, *generation)?;
                 for r in remove {
                     v.hot_regions.remove(r);
                 }
                 v.hot_regions.extend(add.iter().copied());
+                Ok(ApplyOutput::None)
+            }
+            Command::CreateSnapshot {
+                name,
+                generation,
+                snapshot,
+            } => {
+                let v = self.volume_mut(name)?;
+                check_generation(v, *generation)?;
+                if v.snapshots.iter().any(|s| s.name == snapshot.name) {
+                    return Err(ApplyError::SnapshotExists {
+                        volume: name.clone(),
+                        name: snapshot.name.clone(),
+                    });
+                }
+                if v.snapshots.len() >= MAX_SNAPSHOTS_PER_VOLUME {
+                    return Err(ApplyError::FailedPrecondition(format!(
+                        "volume '{name}' has {MAX_SNAPSHOTS_PER_VOLUME} snapshots, the most a volume keeps; delete one first"
+                    )));
+                }
+                let mut s = snapshot.clone();
+                v.next_snapshot_seq = v.next_snapshot_seq.max(1);
+                s.id = format!("{}-{}", v.id, v.next_snapshot_seq);
+                v.next_snapshot_seq += 1;
+                s.state = SnapshotState::Pending;
+                s.generation = *generation;
+                s.nodes.clear();
+                let id = s.id.clone();
+                v.snapshots.push(s);
+                Ok(ApplyOutput::Id(id))
+            }
+            Command::SnapshotReady {
+                name,
+                generation,
+                id,
+                nodes,
+            } => {
+                let v = self.volume_mut(name)?;
+                check_generation(v, *generation)?;
+                let s = v
+                    .snapshots
+                    .iter_mut()
+                    .find(|s| s.id == *id)
+                    .ok_or_else(|| {
+                        ApplyError::FailedPrecondition(format!(
+                            "snapshot {id} of '{name}' is gone (deleted while it was cut)"
+                        ))
+                    })?;
+                s.state = SnapshotState::Ready;
+                s.nodes = nodes.clone();
+                Ok(ApplyOutput::None)
+            }
+            Command::DeleteSnapshot { name, id } => {
+                let v = self.volume_mut(name)?;
+                v.snapshots.retain(|s| s.id != *id);
                 Ok(ApplyOutput::None)
             }
             Command::SetDomainActive {

@@ -109,9 +109,63 @@ pub struct VolumeRecord {
     /// --promote-async`) swaps the roles: the lost domain becomes the async one.
     #[serde(default)]
     pub async_domains: BTreeSet<String>,
+    /// The volume's snapshots, oldest first.
+    #[serde(default)]
+    pub snapshots: Vec<SnapshotRecord>,
+    /// The sequence number of the next snapshot id (never reused).
+    #[serde(default)]
+    pub next_snapshot_seq: u64,
+}
+
+/// Where a snapshot is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SnapshotState {
+    /// Its cut is being made: replicas may or may not hold it yet. A coordinator that dies
+    /// here leaves it pending; the next attach deletes it.
+    Pending,
+    /// Every node in `nodes` sealed its replica at the cut.
+    Ready,
+}
+
+impl std::fmt::Display for SnapshotState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            SnapshotState::Pending => "pending",
+            SnapshotState::Ready => "ready",
+        })
+    }
+}
+
+/// One snapshot of a volume: a crash-consistent cut, sealed as a layer on the replicas of
+/// `nodes` (`store::layers`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SnapshotRecord {
+    /// Assigned by the state machine: the volume id, `-`, a sequence number. What the
+    /// replicas' layers are named by.
+    pub id: String,
+    /// The user's name, unique within the volume.
+    pub name: String,
+    pub created_unix_seconds: u64,
+    /// The volume's size at the cut.
+    pub size_bytes: u64,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    pub state: SnapshotState,
+    /// The coordinator generation that took it.
+    pub generation: u64,
+    /// Nodes whose replica holds it.
+    #[serde(default)]
+    pub nodes: Vec<u64>,
 }
 
 impl VolumeRecord {
+    pub fn snapshot(&self, name_or_id: &str) -> Option<&SnapshotRecord> {
+        self.snapshots
+            .iter()
+            .find(|s| s.name == name_or_id || s.id == name_or_id)
+    }
+
     /// The volume id as the data path carries it.
     pub fn wire_id(&self) -> u64 {
         u64::from_str_radix(&self.id, 16).unwrap_or(0)
@@ -235,6 +289,26 @@ pub enum Command {
         node: u64,
         report: LatencyReport,
     },
+    /// Starts a snapshot of volume `name` (state pending) at the coordinator's
+    /// `generation`; returns its id. The cut follows, then [`Command::SnapshotReady`].
+    CreateSnapshot {
+        name: String,
+        generation: u64,
+        snapshot: SnapshotRecord,
+    },
+    /// The cut of snapshot `id` is sealed on every node of `nodes`.
+    SnapshotReady {
+        name: String,
+        generation: u64,
+        id: String,
+        nodes: Vec<u64>,
+    },
+    /// Removes snapshot `id` (pending or ready) from volume `name`; every node drops its
+    /// layer when it sees the record gone. Removing one that is gone is a no-op.
+    DeleteSnapshot {
+        name: String,
+        id: String,
+    },
     /// Deactivates (takes every replica in it out of every replica set, fences
     /// coordinators running in it) or activates (returns the replicas, out of sync) a
     /// cluster domain.
@@ -265,6 +339,8 @@ pub enum ApplyError {
     FailedPrecondition(String),
     #[error("node name '{name}' is taken by cluster member {id}. A node that restarts keeps its state and needs no --join; if this node lost its state (a wiped or replaced disk), remove the old member first (`tandemctl cluster remove {name}`), then join again")]
     NodeNameTaken { name: String, id: u64 },
+    #[error("volume '{volume}' already has a snapshot named '{name}'")]
+    SnapshotExists { volume: String, name: String },
     #[error("volume '{name}' is at generation {current}; a decision made at generation {stale} is refused (fenced)")]
     Fenced {
         name: String,
@@ -279,4 +355,6 @@ pub enum ApplyOutput {
     None,
     NodeId(u64),
     Generation(u64),
+    /// The id the state machine assigned (a snapshot's).
+    Id(String),
 }

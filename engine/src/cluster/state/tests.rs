@@ -42,6 +42,8 @@ fn volume(name: &str, nodes: &[u64]) -> VolumeRecord {
         parked: Vec::new(),
         lease_wait: false,
         async_domains: Default::default(),
+        snapshots: Vec::new(),
+        next_snapshot_seq: 0,
     }
 }
 
@@ -410,6 +412,89 @@ fn a_replica_set_change_never_raises_a_replica_state() {
             repl: 1,
             generation: 1,
         }),
+        Err(ApplyError::FailedPrecondition(_))
+    ));
+}
+
+fn snapshot(name: &str) -> SnapshotRecord {
+    SnapshotRecord {
+        id: "ignored".into(),
+        name: name.into(),
+        created_unix_seconds: 7,
+        size_bytes: 1 << 20,
+        labels: BTreeMap::new(),
+        state: SnapshotState::Ready,
+        generation: 0,
+        nodes: vec![9],
+    }
+}
+
+/// Snapshot records: ids come from the state and are never reused, names are unique per
+/// volume, a stale coordinator is fenced, and deleting is idempotent.
+#[test]
+fn snapshot_records_are_named_fenced_and_deleted_idempotently() {
+    let mut s = ClusterState::new("c");
+    s.apply(&Command::AddNode { node: node("a") }).unwrap();
+    let mut v = volume("v", &[1]);
+    v.generation = 3;
+    s.volumes.insert("v".into(), v);
+    let create = |name: &str, generation: u64| Command::CreateSnapshot {
+        name: "v".into(),
+        generation,
+        snapshot: snapshot(name),
+    };
+    let id1 = s.apply(&create("s1", 3)).unwrap();
+    assert_eq!(id1, ApplyOutput::Id("0000000100000001-1".into()));
+    let rec = &s.volumes["v"].snapshots[0];
+    assert_eq!(
+        rec.state,
+        SnapshotState::Pending,
+        "a snapshot starts pending"
+    );
+    assert!(rec.nodes.is_empty());
+    assert_eq!(rec.generation, 3);
+    assert!(matches!(
+        s.apply(&create("s1", 3)),
+        Err(ApplyError::SnapshotExists { .. })
+    ));
+    assert!(matches!(
+        s.apply(&create("s2", 2)),
+        Err(ApplyError::Fenced { .. })
+    ));
+    let ready = |generation: u64| Command::SnapshotReady {
+        name: "v".into(),
+        generation,
+        id: "0000000100000001-1".into(),
+        nodes: vec![1],
+    };
+    assert!(matches!(s.apply(&ready(2)), Err(ApplyError::Fenced { .. })));
+    s.apply(&ready(3)).unwrap();
+    let rec = &s.volumes["v"].snapshots[0];
+    assert_eq!(
+        (rec.state, rec.nodes.clone()),
+        (SnapshotState::Ready, vec![1])
+    );
+    let del = Command::DeleteSnapshot {
+        name: "v".into(),
+        id: "0000000100000001-1".into(),
+    };
+    s.apply(&del).unwrap();
+    s.apply(&del).unwrap();
+    assert!(s.volumes["v"].snapshots.is_empty());
+    // Ids are never reused, and a ready on a deleted snapshot is refused.
+    assert_eq!(
+        s.apply(&create("s1", 3)).unwrap(),
+        ApplyOutput::Id("0000000100000001-2".into())
+    );
+    assert!(matches!(
+        s.apply(&ready(3)),
+        Err(ApplyError::FailedPrecondition(_))
+    ));
+    for i in 1..MAX_SNAPSHOTS_PER_VOLUME {
+        s.apply(&create(&format!("n{i}"), 3)).unwrap();
+    }
+    assert!(matches!(
+        s.apply(&create("one-too-many", 3)),
         Err(ApplyError::FailedPrecondition(_))
     ));
 }

@@ -1877,6 +1877,7 @@ const REGRESSION_SEEDS: &[(u64, Profile)] = &[
     (9823, V7),
     (18753, V7),
     (21230, V7),
+    (37337, V7),
 ];
 
 #[test]

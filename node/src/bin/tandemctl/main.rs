@@ -135,6 +135,9 @@ enum VolumeCmd {
     },
     /// Detach a volume (drains and flushes its I/O)
     Detach { name: String },
+    /// Snapshots: crash-consistent cuts of a volume, sealed on every in-sync replica
+    #[command(subcommand, alias = "snap")]
+    Snapshot(SnapshotCmd),
     /// Compare the replicas block by block (run against the attach node)
     Verify {
         name: String,
@@ -143,6 +146,27 @@ enum VolumeCmd {
         #[arg(long)]
         repair: bool,
     },
+}
+
+#[derive(Subcommand)]
+enum SnapshotCmd {
+    /// Take a snapshot (run on the node where the volume is attached); taking one that
+    /// exists returns it
+    Create {
+        volume: String,
+        name: String,
+        /// Label as key=value; repeatable
+        #[arg(long = "label", short = 'l')]
+        labels: Vec<String>,
+    },
+    /// List the snapshots of a volume, or of every volume
+    #[command(alias = "ls")]
+    List { volume: Option<String> },
+    /// Show one snapshot
+    Inspect { volume: String, name: String },
+    /// Delete a snapshot (its replicas' layers are merged away in the background)
+    #[command(alias = "rm")]
+    Delete { volume: String, name: String },
 }
 
 #[derive(Args)]
@@ -228,6 +252,7 @@ impl From<tonic::Status> for Failure {
 
 mod cluster;
 mod output;
+mod snapshot;
 mod volume;
 
 use cluster::{run_alerts, run_cluster};

@@ -58,6 +58,22 @@ pub(super) fn prio_to_pb(s: &str) -> Result<pb::IoPriority, Failure> {
     })
 }
 
+/// `key=value` labels.
+pub(super) fn parse_labels(
+    labels: &[String],
+) -> Result<std::collections::HashMap<String, String>, Failure> {
+    let mut out = std::collections::HashMap::new();
+    for l in labels {
+        let Some((k, v)) = l.split_once('=') else {
+            return Err(Failure::usage(format!(
+                "invalid label '{l}': expected key=value"
+            )));
+        };
+        out.insert(k.to_string(), v.to_string());
+    }
+    Ok(out)
+}
+
 pub(super) fn non_empty(s: String) -> Option<String> {
     (!s.is_empty()).then_some(s)
 }
@@ -198,15 +214,7 @@ pub(super) async fn run_volume(ch: Channel, json: bool, vc: VolumeCmd) -> Result
     match vc {
         VolumeCmd::Create(a) => {
             let size_bytes = parse_size(&a.size).map_err(Failure::usage)?;
-            let mut labels = std::collections::HashMap::new();
-            for l in &a.labels {
-                let Some((k, v)) = l.split_once('=') else {
-                    return Err(Failure::usage(format!(
-                        "invalid label '{l}': expected key=value"
-                    )));
-                };
-                labels.insert(k.to_string(), v.to_string());
-            }
+            let labels = parse_labels(&a.labels)?;
             let v = c
                 .create_volume(pb::CreateVolumeRequest {
                     name: a.name,
@@ -359,6 +367,7 @@ pub(super) async fn run_volume(ch: Channel, json: bool, vc: VolumeCmd) -> Result
                 println!("NBD URI: {}", r.nbd_uri);
             }
         }
+        VolumeCmd::Snapshot(cmd) => return super::snapshot::run_snapshot(c, json, cmd).await,
         VolumeCmd::Verify { name, repair } => {
             let r = c
                 .verify_volume(pb::VerifyVolumeRequest {
