@@ -449,6 +449,32 @@ impl VolumeService for AdminApi {
     ) -> Result<Response<pb::SnapshotResponse>, Status> {
         let vm = self.vm()?;
         let r = req.into_inner();
+        // The cut is made where the volume is attached: a request to another node is
+        // passed on to that node's admin API.
+        let state = vm.cluster().state();
+        let elsewhere = state
+            .volumes
+            .get(&r.volume)
+            .and_then(|v| v.attached_node)
+            .filter(|&n| n != vm.node_id())
+            .and_then(|n| Some((n, state.nodes.get(&n)?.admin_addr.clone())));
+        if let Some((node, addr)) = elsewhere {
+            let name = vm.node_name(&state, node);
+            let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+                .map_err(|e| Status::internal(format!("bad admin address of node {name}: {e}")))?
+                .connect_timeout(std::time::Duration::from_secs(5))
+                .connect()
+                .await
+                .map_err(|e| {
+                    Status::unavailable(format!(
+                        "volume '{}' is attached on node {name}, which cannot be reached to take the snapshot: {e}",
+                        r.volume
+                    ))
+                })?;
+            return tandem_proto::admin::volume_service_client::VolumeServiceClient::new(ch)
+                .create_snapshot(r)
+                .await;
+        }
         let s = vm
             .create_snapshot(&r.volume, &r.name, r.labels.into_iter().collect())
             .await

@@ -12,7 +12,9 @@
 //!   file's last `fdatasync` goes back to what it held after some prefix of its writes (the
 //!   page cache wrote it back at some moment, or never), and a page may be *torn*: its
 //!   first sectors from one write, the rest from the one before, as when the device lost
-//!   power in the middle of a page. Which prefix, and where a tear falls, the caller's
+//!   power in the middle of a page; except a write into a hole, which the filesystem
+//!   records only once its data is written (ext4 ordered data, xfs), so such a page is
+//!   either still a hole or the whole write. Which prefix, and where a tear falls, the caller's
 //!   random source decides, so a seed replays exactly.
 //!
 //! File order is the order in which the engine first touched each file, never an inode
@@ -175,8 +177,13 @@ impl SimDisk {
                 }
                 out.rolled_back += 1;
                 let older = images[k as usize].clone();
-                // A tear: the page's first sectors from the write after, the rest older.
-                let torn = below(4) == 1;
+                // A tear: the page's first sectors from the write after, the rest older. Not
+                // over a hole: a write into a hole allocates the block, and ext4 (ordered
+                // data) and xfs record the allocation only once the block's data is on the
+                // device, so after a power loss the block is either still a hole or holds
+                // the whole write. (A snapshot layer below a head's hole relies on it: a
+                // tear there would mix zeros into the old block it shadows.)
+                let torn = below(4) == 1 && older != Image::Hole;
                 if !torn {
                     write_image(&t.file, page, &older)?;
                     continue;

@@ -1467,8 +1467,27 @@ impl Inner {
     async fn cut_snapshot(&self, id: &str) -> Result<Vec<u64>> {
         self.check_fenced()?;
         let blocks = self.size_bytes.div_ceil(BLOCK_SIZE as u64);
-        // The pause: writes in flight finish, new ones wait until every copy is sealed.
-        let _lock = self.locks.lock(0, blocks).await;
+        // A region where a write failed on every in-sync copy may differ between them
+        // until it is reconciled: the copies of a cut must be identical, so it is
+        // reconciled first (its own region locks), then checked under the pause.
+        let mut tries = 0;
+        let _lock = loop {
+            self.reconcile_unclean().await;
+            // The pause: writes in flight finish, new ones wait until every copy is sealed.
+            let lock = self.locks.lock(0, blocks).await;
+            if self.hot.unclean().is_empty() {
+                break lock;
+            }
+            drop(lock);
+            tries += 1;
+            if tries >= 3 {
+                return Err(ReplicationError::ReplicasFailed {
+                    volume: self.name.clone(),
+                    op: "snapshot",
+                    detail: "regions where a write failed on every in-sync replica are not reconciled yet; retry".into(),
+                });
+            }
+        };
         let in_sync: Vec<(u64, Option<Target>)> = self
             .lock_members()
             .iter()

@@ -978,6 +978,34 @@ impl Replica {
         let tables = self.tables.read().await;
         let _guard = self.range_lock.lock(first, last).await;
         let _al = self.al_begin(&tables, first, last).await?;
+        // Runs of blocks a sealed layer holds, and runs no layer does. A hole in the head
+        // would show the layer's block: those get zeros written in place, never a hole
+        // first (a power loss between the two would bring the old block back).
+        let shadowed = |b: u64| tables.sealed.iter().any(|l| l.tables.is_allocated(b));
+        let mut b = first;
+        while b < last {
+            let kind = shadowed(b);
+            let mut end = b + 1;
+            // At most 1 MiB of zeros per write.
+            while end < last && shadowed(end) == kind && (!kind || end - b < 256) {
+                end += 1;
+            }
+            if kind {
+                self.reserve_blocks(&tables, b, end)?;
+                let zeros = bytes::Bytes::from(vec![0u8; ((end - b) * bs) as usize]);
+                self.write_blocks_locked(&tables, b, zeros).await?;
+            } else {
+                self.punch_run(&tables, b, end)?;
+            }
+            b = end;
+        }
+        Ok(())
+    }
+
+    /// Punches a hole over blocks `[first, last)` of the head and frees them; the caller
+    /// holds their range lock and activity-log entry.
+    fn punch_run(&self, tables: &Tables, first: u64, last: u64) -> Result<()> {
+        let bs = BLOCK_SIZE as u64;
         self.engine
             .punch_hole(&self.data(), first * bs, (last - first) * bs)
             .map_err(|e| self.io_err("punch hole", e))?;
@@ -995,27 +1023,6 @@ impl Replica {
         }
         self.allocated_blocks.fetch_sub(freed, Ordering::AcqRel);
         self.pool.release(freed * bs);
-        // A hole in the head shows the sealed layers below it: where one holds the block,
-        // the head holds zeros instead.
-        let mut b = first;
-        while b < last {
-            if !tables.sealed.iter().any(|l| l.tables.is_allocated(b)) {
-                b += 1;
-                continue;
-            }
-            let mut end = b + 1;
-            // At most 1 MiB of zeros per write.
-            while end < last
-                && end - b < 256
-                && tables.sealed.iter().any(|l| l.tables.is_allocated(end))
-            {
-                end += 1;
-            }
-            self.reserve_blocks(&tables, b, end)?;
-            let zeros = bytes::Bytes::from(vec![0u8; ((end - b) * bs) as usize]);
-            self.write_blocks_locked(&tables, b, zeros).await?;
-            b = end;
-        }
         Ok(())
     }
 
