@@ -690,8 +690,9 @@ impl Coordinator {
     /// Cuts snapshot `id` (its record must be committed pending): every in-sync replica
     /// seals its head, under the whole-volume range lock, so each holds every write
     /// acknowledged before the call and none that starts after it, and their copies are
-    /// byte-identical. All or nothing: if one fails, the others drop it again. Returns the
-    /// nodes that hold it.
+    /// byte-identical. A copy whose seal fails is ejected, as for a failed write; if that
+    /// cannot be committed (or every seal failed), the copies that sealed drop it again.
+    /// Returns the nodes that hold it: every copy in sync once it returns.
     pub async fn cut_snapshot(&self, id: String) -> Result<Vec<u64>> {
         self.run(move |inner| async move { inner.cut_snapshot(&id).await })
             .await
@@ -1481,9 +1482,8 @@ impl Inner {
             drop(lock);
             tries += 1;
             if tries >= 3 {
-                return Err(ReplicationError::ReplicasFailed {
+                return Err(ReplicationError::SnapshotFailed {
                     volume: self.name.clone(),
-                    op: "snapshot",
                     detail: "regions where a write failed on every in-sync replica are not reconciled yet; retry".into(),
                 });
             }
@@ -1510,10 +1510,32 @@ impl Inner {
             .iter()
             .filter_map(|(n, _, r)| r.as_ref().err().map(|e| format!("node {n}: {e}")))
             .collect();
-        if failed.is_empty() {
-            let nodes = results.iter().map(|(n, _, _)| *n).collect();
-            tracing::info!(volume = %self.name, snapshot = id, ?nodes, "snapshot cut");
-            return Ok(nodes);
+        let sealed: Vec<u64> = results
+            .iter()
+            .filter(|(_, _, r)| r.is_ok())
+            .map(|(n, _, _)| *n)
+            .collect();
+        let stale = results
+            .iter()
+            .any(|(_, _, r)| r.as_ref().is_err_and(|e| e.is_stale()));
+        // A copy that failed its seal is treated as one that failed a write: it is ejected
+        // (committed), and the snapshot holds on the copies still in sync, which are all of
+        // them. If it cannot be ejected, the whole snapshot is undone.
+        let mut undo = stale || sealed.is_empty();
+        if !undo {
+            for (node, _, r) in &results {
+                if let Err(e) = r {
+                    if let Err(err) = self.replica_failed(*node, Some((0, 0)), e, "seal").await {
+                        tracing::warn!(volume = %self.name, snapshot = id, node, error = %err, "a replica that failed its seal cannot be ejected; the snapshot is undone");
+                        undo = true;
+                        break;
+                    }
+                }
+            }
+        }
+        if !undo {
+            tracing::info!(volume = %self.name, snapshot = id, nodes = ?sealed, failed = ?failed, "snapshot cut");
+            return Ok(sealed);
         }
         // No half snapshot: the copies that sealed drop it again (what stays behind, the
         // node's reconciler removes once the record is gone).
@@ -1524,15 +1546,11 @@ impl Inner {
                 }
             }
         }
-        if results
-            .iter()
-            .any(|(_, _, r)| r.as_ref().is_err_and(|e| e.is_stale()))
-        {
+        if stale {
             return Err(self.fence("a replica refused the snapshot's generation as stale".into()));
         }
-        Err(ReplicationError::ReplicasFailed {
+        Err(ReplicationError::SnapshotFailed {
             volume: self.name.clone(),
-            op: "snapshot",
             detail: failed.join("; "),
         })
     }

@@ -247,6 +247,8 @@ pub enum ReplicationError {
     },
     #[error("volume '{volume}': no space (ENOSPC) on every in-sync replica")]
     NoSpace { volume: String },
+    #[error("volume '{volume}': snapshot not taken (a cut must be sealed on every in-sync replica; the copies that sealed dropped it): {detail}")]
+    SnapshotFailed { volume: String, detail: String },
     #[error("volume '{volume}': {op} failed on every in-sync replica: {detail}")]
     ReplicasFailed {
         volume: String,
@@ -282,6 +284,7 @@ impl ReplicationError {
             | ReplicationError::InvalidSetup { .. } => libc::EINVAL,
             ReplicationError::NoSpace { .. } => libc::ENOSPC,
             ReplicationError::ReplicasFailed { .. }
+            | ReplicationError::SnapshotFailed { .. }
             | ReplicationError::NoGoodCopy { .. }
             | ReplicationError::EjectRefused { .. }
             | ReplicationError::OpenFailed { .. } => libc::EIO,
