@@ -34,6 +34,8 @@ pub struct Metrics {
     ejections: IntCounterVec,
     read_repairs: IntCounterVec,
     replicas: prometheus::IntGaugeVec,
+    snapshots: prometheus::IntGaugeVec,
+    snapshot_bytes: prometheus::IntGaugeVec,
     resync_done: prometheus::IntGaugeVec,
     resync_total: prometheus::IntGaugeVec,
     hot_regions: prometheus::IntGaugeVec,
@@ -193,6 +195,18 @@ impl Metrics {
                 "tandem_volume_replicas",
                 "Replicas of each volume by state",
                 &["volume", "state"],
+            ),
+            snapshots: gauge_vec(
+                &r,
+                "tandem_volume_snapshots",
+                "Snapshots of each volume (pending and ready)",
+                &["volume"],
+            ),
+            snapshot_bytes: gauge_vec(
+                &r,
+                "tandem_volume_snapshot_bytes",
+                "Bytes the snapshot layers of each volume hold in this node's replica",
+                &["volume"],
             ),
             resync_done: gauge_vec(
                 &r,
@@ -357,6 +371,19 @@ impl Metrics {
                 self.replicas
                     .with_label_values(&[&v.name, st])
                     .set(n as i64);
+            }
+        }
+        self.snapshots.reset();
+        self.snapshot_bytes.reset();
+        for v in state.volumes.values() {
+            self.snapshots
+                .with_label_values(&[&v.name])
+                .set(v.snapshots.len() as i64);
+            if let Ok(list) = volumes.list_snapshots(&v.name).await {
+                let bytes: u64 = list.iter().filter_map(|s| s.local_bytes).sum();
+                self.snapshot_bytes
+                    .with_label_values(&[&v.name])
+                    .set(bytes as i64);
             }
         }
         self.resync_done.reset();

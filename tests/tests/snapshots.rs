@@ -302,6 +302,11 @@ fn an_rf1_snapshot_survives_kill_9_and_exports_read_only() {
     let list = d.ctl_json(&["volume", "snapshot", "list"]);
     assert_eq!(list[0]["name"], "before-upgrade", "{list}");
     assert_eq!(list[0]["local_bytes"], 1 << 20, "{list}");
+    assert_eq!(d.metric("tandem_volume_snapshots{volume=\"pg\"}"), 1.0);
+    assert_eq!(
+        d.metric("tandem_volume_snapshot_bytes{volume=\"pg\"}"),
+        (1 << 20) as f64
+    );
     d.ctl_ok(&["volume", "snapshot", "delete", "pg", "before-upgrade"]);
     let (ok, _) = qemu_io_ro(&d.nbd_uri("pg@before-upgrade"), &["read 0 4k"]);
     assert!(!ok, "a deleted snapshot is no longer exported");
