@@ -153,17 +153,35 @@ impl VolumeManager {
         let vol = match self.attached(volume) {
             Ok(v) => v,
             Err(_) => {
-                return Err(VolumeError::FailedPrecondition(match rec.attached_node {
-                    Some(n) => format!(
+                if let Some(n) = rec.attached_node {
+                    return Err(VolumeError::FailedPrecondition(format!(
                         "volume '{volume}' is attached on node {}; take the snapshot there",
                         self.node_name(&self.cluster.state(), n)
-                    ),
-                    None => format!(
-                        "volume '{volume}' is detached; attach it to take a snapshot (snapshots of detached volumes are not supported yet)"
-                    ),
-                }))
+                    )));
+                }
+                // Detached: attach it here for the cut and detach it again, under `ops`,
+                // so no attach or detach on this node runs in between.
+                let _op = self.ops.lock().await;
+                let vol = self.attach_locked(volume, false).await?;
+                let taken = self.take_snapshot(&vol, &rec, name, labels).await;
+                if let Err(e) = self.detach_locked(volume).await {
+                    tracing::warn!(volume, error = %e, "detaching after a snapshot of a detached volume failed; detach it by hand");
+                }
+                return taken;
             }
         };
+        self.take_snapshot(&vol, &rec, name, labels).await
+    }
+
+    /// The three steps (module docs) on an attachment of this node.
+    async fn take_snapshot(
+        &self,
+        vol: &AttachedVolume,
+        rec: &VolumeRecord,
+        name: &str,
+        labels: BTreeMap<String, String>,
+    ) -> Result<SnapshotInfo> {
+        let volume = rec.name.as_str();
         vol.check_lease().await?;
         let generation = vol.generation();
         let snapshot = SnapshotRecord {
