@@ -200,6 +200,47 @@ fn replicas_pb(
         .collect()
 }
 
+/// Takes a snapshot where the cut is made: on this node when the volume is attached here
+/// (or detached), else through the attach node's admin API. For `CreateSnapshot` of the
+/// admin API and of CSI alike.
+pub async fn create_snapshot_anywhere(
+    vm: &VolumeManager,
+    r: pb::CreateSnapshotRequest,
+) -> Result<pb::Snapshot, Status> {
+    let state = vm.cluster().state();
+    let elsewhere = state
+        .volumes
+        .get(&r.volume)
+        .and_then(|v| v.attached_node)
+        .filter(|&n| n != vm.node_id())
+        .and_then(|n| Some((n, state.nodes.get(&n)?.admin_addr.clone())));
+    if let Some((node, addr)) = elsewhere {
+        let name = vm.node_name(&state, node);
+        let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .map_err(|e| Status::internal(format!("bad admin address of node {name}: {e}")))?
+            .connect_timeout(std::time::Duration::from_secs(5))
+            .connect()
+            .await
+            .map_err(|e| {
+                Status::unavailable(format!(
+                    "volume '{}' is attached on node {name}, which cannot be reached to take the snapshot: {e}",
+                    r.volume
+                ))
+            })?;
+        return tandem_proto::admin::volume_service_client::VolumeServiceClient::new(ch)
+            .create_snapshot(r)
+            .await?
+            .into_inner()
+            .snapshot
+            .ok_or_else(|| Status::internal(format!("node {name} returned no snapshot")));
+    }
+    let s = vm
+        .create_snapshot(&r.volume, &r.name, r.labels.into_iter().collect())
+        .await
+        .map_err(status)?;
+    Ok(snapshot_pb(vm, &vm.cluster().state(), &s))
+}
+
 fn snapshot_pb(
     vm: &VolumeManager,
     state: &ClusterState,
@@ -448,39 +489,9 @@ impl VolumeService for AdminApi {
         req: Request<pb::CreateSnapshotRequest>,
     ) -> Result<Response<pb::SnapshotResponse>, Status> {
         let vm = self.vm()?;
-        let r = req.into_inner();
-        // The cut is made where the volume is attached: a request to another node is
-        // passed on to that node's admin API.
-        let state = vm.cluster().state();
-        let elsewhere = state
-            .volumes
-            .get(&r.volume)
-            .and_then(|v| v.attached_node)
-            .filter(|&n| n != vm.node_id())
-            .and_then(|n| Some((n, state.nodes.get(&n)?.admin_addr.clone())));
-        if let Some((node, addr)) = elsewhere {
-            let name = vm.node_name(&state, node);
-            let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-                .map_err(|e| Status::internal(format!("bad admin address of node {name}: {e}")))?
-                .connect_timeout(std::time::Duration::from_secs(5))
-                .connect()
-                .await
-                .map_err(|e| {
-                    Status::unavailable(format!(
-                        "volume '{}' is attached on node {name}, which cannot be reached to take the snapshot: {e}",
-                        r.volume
-                    ))
-                })?;
-            return tandem_proto::admin::volume_service_client::VolumeServiceClient::new(ch)
-                .create_snapshot(r)
-                .await;
-        }
-        let s = vm
-            .create_snapshot(&r.volume, &r.name, r.labels.into_iter().collect())
-            .await
-            .map_err(status)?;
+        let snapshot = create_snapshot_anywhere(vm, req.into_inner()).await?;
         Ok(Response::new(pb::SnapshotResponse {
-            snapshot: Some(snapshot_pb(vm, &vm.cluster().state(), &s)),
+            snapshot: Some(snapshot),
         }))
     }
 

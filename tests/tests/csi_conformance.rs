@@ -287,24 +287,18 @@ fn controller_lists_pages_validates_expands_and_reports() {
         R::GetCapacity,
         R::ExpandVolume,
         R::GetVolume,
+        R::CreateDeleteSnapshot,
+        R::ListSnapshots,
     ] {
         assert!(have.contains(&(want as i32)), "missing {want:?}");
     }
-    for absent in [
-        R::PublishUnpublishVolume,
-        R::CreateDeleteSnapshot,
-        R::CloneVolume,
-    ] {
+    for absent in [R::PublishUnpublishVolume, R::CloneVolume] {
         assert!(
             !have.contains(&(absent as i32)),
             "{absent:?} is not implemented"
         );
     }
     // What is not advertised answers UNIMPLEMENTED.
-    assert_eq!(
-        code(c.call(ctl.create_snapshot(csi::CreateSnapshotRequest::default()))),
-        Code::Unimplemented
-    );
     assert_eq!(
         code(c.call(ctl.controller_publish_volume(csi::ControllerPublishVolumeRequest::default()))),
         Code::Unimplemented
@@ -661,4 +655,164 @@ fn node_reports_topology_and_checks_arguments() {
             "expand {id} {path}"
         );
     }
+}
+
+/// CreateSnapshot, DeleteSnapshot and ListSnapshots as the spec (and csi-sanity) has them:
+/// required fields, NOT_FOUND for a missing source, idempotency by name, ALREADY_EXISTS
+/// for the name on another source, ready when CreateSnapshot returns, an empty list (not
+/// an error) for an unknown id, paging, ABORTED for a bad token, and a delete of an
+/// unknown id that succeeds.
+#[test]
+fn controller_snapshots_follow_the_spec() {
+    let (_d, c) = daemon();
+    let mut ctl = c.controller.clone();
+    c.call(ctl.create_volume(create_req("pvc-a", 16 << 20)))
+        .unwrap();
+    c.call(ctl.create_volume(create_req("pvc-b", 16 << 20)))
+        .unwrap();
+    let snap = |name: &str, source: &str| csi::CreateSnapshotRequest {
+        source_volume_id: source.into(),
+        name: name.into(),
+        ..Default::default()
+    };
+    assert_eq!(
+        code(c.call(ctl.create_snapshot(snap("", "pvc-a")))),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(c.call(ctl.create_snapshot(snap("s", "")))),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(c.call(ctl.create_snapshot(snap("s", "nope")))),
+        Code::NotFound
+    );
+    let mut bad_param = snap("s", "pvc-a");
+    bad_param.parameters.insert("color".into(), "blue".into());
+    assert_eq!(
+        code(c.call(ctl.create_snapshot(bad_param))),
+        Code::InvalidArgument
+    );
+
+    // A detached source: the cut is made (the volume attached for it), ready at once.
+    let s1 = c
+        .call(ctl.create_snapshot(snap("snapshot-1", "pvc-a")))
+        .unwrap()
+        .snapshot
+        .unwrap();
+    assert!(s1.ready_to_use, "{s1:?}");
+    assert_eq!(s1.source_volume_id, "pvc-a");
+    assert_eq!(s1.size_bytes, 16 << 20);
+    assert!(!s1.snapshot_id.is_empty());
+    assert!(s1.creation_time.as_ref().unwrap().seconds > 0);
+    let again = c
+        .call(ctl.create_snapshot(snap("snapshot-1", "pvc-a")))
+        .unwrap()
+        .snapshot
+        .unwrap();
+    assert_eq!(again.snapshot_id, s1.snapshot_id, "idempotent by name");
+    assert_eq!(
+        code(c.call(ctl.create_snapshot(snap("snapshot-1", "pvc-b")))),
+        Code::AlreadyExists
+    );
+    // A name longer than a Tandem name is mapped, and still idempotent.
+    let long = format!("snapshot-{}", "x".repeat(200));
+    let l1 = c
+        .call(ctl.create_snapshot(snap(&long, "pvc-b")))
+        .unwrap()
+        .snapshot
+        .unwrap();
+    let l2 = c
+        .call(ctl.create_snapshot(snap(&long, "pvc-b")))
+        .unwrap()
+        .snapshot
+        .unwrap();
+    assert_eq!(l1.snapshot_id, l2.snapshot_id);
+
+    let list = |r: csi::ListSnapshotsRequest| {
+        let mut ctl = c.controller.clone();
+        c.call(ctl.list_snapshots(r))
+    };
+    let all = list(Default::default()).unwrap();
+    assert_eq!(all.entries.len(), 2, "{all:?}");
+    let by_id = list(csi::ListSnapshotsRequest {
+        snapshot_id: s1.snapshot_id.clone(),
+        ..Default::default()
+    })
+    .unwrap();
+    assert_eq!(by_id.entries.len(), 1);
+    assert_eq!(
+        by_id.entries[0].snapshot.as_ref().unwrap().snapshot_id,
+        s1.snapshot_id
+    );
+    let by_source = list(csi::ListSnapshotsRequest {
+        source_volume_id: "pvc-b".into(),
+        ..Default::default()
+    })
+    .unwrap();
+    assert_eq!(by_source.entries.len(), 1);
+    for unknown in [
+        csi::ListSnapshotsRequest {
+            snapshot_id: "no-such-snapshot".into(),
+            ..Default::default()
+        },
+        csi::ListSnapshotsRequest {
+            source_volume_id: "no-such-volume".into(),
+            ..Default::default()
+        },
+    ] {
+        assert!(
+            list(unknown).unwrap().entries.is_empty(),
+            "an empty list, not an error"
+        );
+    }
+    let page1 = list(csi::ListSnapshotsRequest {
+        max_entries: 1,
+        ..Default::default()
+    })
+    .unwrap();
+    assert_eq!(page1.entries.len(), 1);
+    assert!(!page1.next_token.is_empty());
+    let page2 = list(csi::ListSnapshotsRequest {
+        max_entries: 1,
+        starting_token: page1.next_token.clone(),
+        ..Default::default()
+    })
+    .unwrap();
+    assert_eq!(page2.entries.len(), 1);
+    assert!(page2.next_token.is_empty());
+    assert_ne!(page1.entries[0], page2.entries[0]);
+    assert_eq!(
+        code(list(csi::ListSnapshotsRequest {
+            starting_token: "not-a-token".into(),
+            ..Default::default()
+        })),
+        Code::Aborted
+    );
+    assert_eq!(
+        code(list(csi::ListSnapshotsRequest {
+            max_entries: -1,
+            ..Default::default()
+        })),
+        Code::InvalidArgument
+    );
+
+    let del = |id: &str| csi::DeleteSnapshotRequest {
+        snapshot_id: id.into(),
+        ..Default::default()
+    };
+    assert_eq!(
+        code(c.call(ctl.delete_snapshot(del("")))),
+        Code::InvalidArgument
+    );
+    c.call(ctl.delete_snapshot(del("no-such-snapshot")))
+        .unwrap();
+    c.call(ctl.delete_snapshot(del(&s1.snapshot_id))).unwrap();
+    c.call(ctl.delete_snapshot(del(&s1.snapshot_id))).unwrap();
+    let left = list(Default::default()).unwrap();
+    assert_eq!(left.entries.len(), 1, "{left:?}");
+    assert_eq!(
+        left.entries[0].snapshot.as_ref().unwrap().snapshot_id,
+        l1.snapshot_id
+    );
 }

@@ -27,6 +27,53 @@ use super::{
     TOPOLOGY_ZONE,
 };
 
+/// One page of `all`: the token is the index of the next entry; a token that is not one
+/// a call could have returned is ABORTED, as the spec asks. Returns the page and the next
+/// token (empty after the last page).
+fn page<T>(all: Vec<T>, token: &str, max_entries: i32) -> Result<(Vec<T>, String), Status> {
+    let start = if token.is_empty() {
+        0
+    } else {
+        token
+            .parse::<usize>()
+            .ok()
+            .filter(|&i| i <= all.len())
+            .ok_or_else(|| {
+                Status::aborted(format!(
+                    "invalid starting_token '{token}': start again without one"
+                ))
+            })?
+    };
+    let take = if max_entries <= 0 {
+        usize::MAX
+    } else {
+        max_entries as usize
+    };
+    let end = start.saturating_add(take).min(all.len());
+    let next = if end < all.len() {
+        end.to_string()
+    } else {
+        String::new()
+    };
+    Ok((
+        all.into_iter().skip(start).take(end - start).collect(),
+        next,
+    ))
+}
+
+/// The volume and snapshot record with snapshot name `name`, in any volume.
+fn find_snapshot_by_name<'a>(
+    state: &'a ClusterState,
+    name: &str,
+) -> Option<(&'a str, &'a tandem_engine::cluster::SnapshotRecord)> {
+    state.volumes.values().find_map(|v| {
+        v.snapshots
+            .iter()
+            .find(|s| s.name == name)
+            .map(|s| (v.name.as_str(), s))
+    })
+}
+
 const BLOCK: u64 = tandem_engine::store::BLOCK_SIZE as u64;
 /// mkfs.xfs refuses smaller devices.
 const XFS_MIN_BYTES: u64 = 300 << 20;
@@ -203,7 +250,7 @@ impl csi::controller_server::Controller for Controller {
         let cap_fs = check_capabilities(&r.volume_capabilities)?;
         if r.volume_content_source.is_some() {
             return Err(Status::invalid_argument(
-                "volume_content_source is not supported: Tandem has no clones or snapshots yet (CLONE_VOLUME and CREATE_DELETE_SNAPSHOT are not advertised)",
+                "volume_content_source is not supported yet: Tandem cannot create a volume from a snapshot or a clone of a volume (CLONE_VOLUME is not advertised)",
             ));
         }
         let p = parse_params(&r.parameters)?;
@@ -364,28 +411,9 @@ impl csi::controller_server::Controller for Controller {
         }
         let state = self.ctx.volumes.cluster().state();
         let all: Vec<&VolumeRecord> = state.volumes.values().collect();
-        let start = if r.starting_token.is_empty() {
-            0
-        } else {
-            r.starting_token
-                .parse::<usize>()
-                .ok()
-                .filter(|&i| i <= all.len())
-                .ok_or_else(|| {
-                    Status::aborted(format!(
-                        "invalid starting_token '{}': start again without one",
-                        r.starting_token
-                    ))
-                })?
-        };
-        let take = if r.max_entries == 0 {
-            usize::MAX
-        } else {
-            r.max_entries as usize
-        };
-        let end = start.saturating_add(take).min(all.len());
-        let entries = all[start..end]
-            .iter()
+        let (page, next_token) = page(all, &r.starting_token, r.max_entries)?;
+        let entries = page
+            .into_iter()
             .map(|rec| csi::list_volumes_response::Entry {
                 volume: Some(to_csi_volume(&state, rec)),
                 status: Some(csi::list_volumes_response::VolumeStatus {
@@ -396,11 +424,7 @@ impl csi::controller_server::Controller for Controller {
             .collect();
         Ok(Response::new(csi::ListVolumesResponse {
             entries,
-            next_token: if end < all.len() {
-                end.to_string()
-            } else {
-                String::new()
-            },
+            next_token,
         }))
     }
 
@@ -463,6 +487,8 @@ impl csi::controller_server::Controller for Controller {
                 Type::VolumeCondition,
                 Type::GetVolume,
                 Type::SingleNodeMultiWriter,
+                Type::CreateDeleteSnapshot,
+                Type::ListSnapshots,
             ]
             .into_iter()
             .map(rpc_cap)
@@ -470,25 +496,127 @@ impl csi::controller_server::Controller for Controller {
         }))
     }
 
+    /// Blocks until the cut is made (on the volume's attach node; a detached volume is
+    /// attached for it), so the snapshot is ready to use when this returns. The name is the
+    /// idempotency key across every volume: the same name with another source is
+    /// ALREADY_EXISTS.
     async fn create_snapshot(
         &self,
-        _req: Request<csi::CreateSnapshotRequest>,
+        req: Request<csi::CreateSnapshotRequest>,
     ) -> Result<Response<csi::CreateSnapshotResponse>, Status> {
-        Err(Status::unimplemented("snapshots are not supported"))
+        let r = req.into_inner();
+        let csi_name = required(&r.name, "name")?.to_string();
+        let source = required(&r.source_volume_id, "source_volume_id")?.to_string();
+        if let Some(k) = r.parameters.keys().next() {
+            return Err(Status::invalid_argument(format!(
+                "unknown snapshot parameter '{k}' (VolumeSnapshotClass parameters: none are supported)"
+            )));
+        }
+        let name = volume_name_for(&csi_name);
+        let vm = &self.ctx.volumes;
+        let state = vm.cluster().state();
+        if !state.volumes.contains_key(&source) {
+            return Err(Status::not_found(format!("volume '{source}' not found")));
+        }
+        if let Some((other, _)) = find_snapshot_by_name(&state, &name).filter(|(v, _)| *v != source)
+        {
+            return Err(Status::already_exists(format!(
+                "snapshot '{csi_name}' exists for volume '{other}', not '{source}'"
+            )));
+        }
+        let _g = self.ctx.lock(&source).await;
+        let s = crate::admin::create_snapshot_anywhere(
+            vm,
+            tandem_proto::admin::CreateSnapshotRequest {
+                volume: source.clone(),
+                name,
+                labels: [("csi.storage.k8s.io/snapshot-name".to_string(), csi_name)].into(),
+            },
+        )
+        .await?;
+        Ok(Response::new(csi::CreateSnapshotResponse {
+            snapshot: Some(csi::Snapshot {
+                size_bytes: s.size_bytes as i64,
+                snapshot_id: s.id,
+                source_volume_id: source,
+                creation_time: Some(prost_types::Timestamp {
+                    seconds: s.created_unix_seconds as i64,
+                    nanos: 0,
+                }),
+                ready_to_use: s.state == "ready",
+            }),
+        }))
     }
 
+    /// Idempotent: an unknown id succeeds. The replicas drop the snapshot's layers in the
+    /// background.
     async fn delete_snapshot(
         &self,
-        _req: Request<csi::DeleteSnapshotRequest>,
+        req: Request<csi::DeleteSnapshotRequest>,
     ) -> Result<Response<csi::DeleteSnapshotResponse>, Status> {
-        Err(Status::unimplemented("snapshots are not supported"))
+        let r = req.into_inner();
+        let id = required(&r.snapshot_id, "snapshot_id")?.to_string();
+        let vm = &self.ctx.volumes;
+        let state = vm.cluster().state();
+        let Some(volume) = state
+            .volumes
+            .values()
+            .find(|v| v.snapshots.iter().any(|s| s.id == id))
+            .map(|v| v.name.clone())
+        else {
+            return Ok(Response::new(csi::DeleteSnapshotResponse {}));
+        };
+        match vm.delete_snapshot(&volume, &id).await {
+            Ok(_) | Err(VolumeError::SnapshotNotFound { .. } | VolumeError::NotFound(_)) => {
+                Ok(Response::new(csi::DeleteSnapshotResponse {}))
+            }
+            Err(e) => Err(status(e)),
+        }
     }
 
+    /// Ready snapshots only (the spec: never one whose cut is not made), in id order,
+    /// paged like ListVolumes. An unknown `snapshot_id` or `source_volume_id` gives an empty
+    /// list, not an error.
     async fn list_snapshots(
         &self,
-        _req: Request<csi::ListSnapshotsRequest>,
+        req: Request<csi::ListSnapshotsRequest>,
     ) -> Result<Response<csi::ListSnapshotsResponse>, Status> {
-        Err(Status::unimplemented("snapshots are not supported"))
+        let r = req.into_inner();
+        if r.max_entries < 0 {
+            return Err(Status::invalid_argument("max_entries must not be negative"));
+        }
+        let state = self.ctx.volumes.cluster().state();
+        let mut all: Vec<csi::Snapshot> = state
+            .volumes
+            .values()
+            .filter(|v| r.source_volume_id.is_empty() || v.name == r.source_volume_id)
+            .flat_map(|v| {
+                v.snapshots
+                    .iter()
+                    .filter(|s| s.state == tandem_engine::cluster::SnapshotState::Ready)
+                    .filter(|s| r.snapshot_id.is_empty() || s.id == r.snapshot_id)
+                    .map(|s| csi::Snapshot {
+                        size_bytes: s.size_bytes as i64,
+                        snapshot_id: s.id.clone(),
+                        source_volume_id: v.name.clone(),
+                        creation_time: Some(prost_types::Timestamp {
+                            seconds: s.created_unix_seconds as i64,
+                            nanos: 0,
+                        }),
+                        ready_to_use: true,
+                    })
+            })
+            .collect();
+        all.sort_by(|a, b| a.snapshot_id.cmp(&b.snapshot_id));
+        let (page, next_token) = page(all, &r.starting_token, r.max_entries)?;
+        let entries = page
+            .into_iter()
+            .map(|s| csi::list_snapshots_response::Entry { snapshot: Some(s) })
+            .collect();
+        Ok(Response::new(csi::ListSnapshotsResponse {
+            entries,
+            next_token,
+        }))
     }
 
     /// Grows the Tandem volume (online: an attached volume grows in place). Node expansion
