@@ -35,6 +35,9 @@ pub struct SnapshotInfo {
 impl AttachedVolume {
     /// The cut (module docs, step 2). Returns the nodes that sealed, and the pause.
     pub(super) async fn cut_snapshot(&self, id: &str) -> Result<(Vec<u64>, Duration)> {
+        // Flush first, outside the pause: the seal's checkpoint then syncs only what was
+        // written since, not every dirty page of the volume.
+        self.flush().await?;
         let started = Instant::now();
         let g = self.gate.write().await;
         let Some(Open { backend, .. }) = g.as_ref() else {
