@@ -100,6 +100,12 @@ pub struct SnapshotLayer {
     pub allocated_bytes: u64,
 }
 
+/// Maps an I/O error of step `op` on volume `name` to the store's error.
+fn io_err(name: &str, op: &'static str) -> impl FnOnce(io::Error) -> StoreError {
+    let volume = name.to_string();
+    move |source| StoreError::Io { volume, op, source }
+}
+
 fn ext(seq: u64, what: &str) -> String {
     format!("s{seq}.{what}")
 }
@@ -156,20 +162,12 @@ pub(super) async fn recover(
     id: &str,
     name: &str,
 ) -> Result<(Manifest, Vec<Arc<Layer>>)> {
-    let io_err = |op: &'static str| {
-        let name = name.to_string();
-        move |source: io::Error| StoreError::Io {
-            volume: name.clone(),
-            op,
-            source,
-        }
-    };
     let mut m = read_manifest(pool, id, name)?;
     // Links of a seal that crashed before its commit.
     let prefix = format!("{id}.s");
-    let dir = std::fs::read_dir(&pool.dir).map_err(io_err("list pool directory"))?;
+    let dir = std::fs::read_dir(&pool.dir).map_err(io_err(name, "list pool directory"))?;
     for entry in dir {
-        let entry = entry.map_err(io_err("list pool directory"))?;
+        let entry = entry.map_err(io_err(name, "list pool directory"))?;
         let fname = entry.file_name();
         let Some(rest) = fname.to_str().and_then(|f| f.strip_prefix(&prefix)) else {
             continue;
@@ -186,7 +184,7 @@ pub(super) async fn recover(
                 seq,
                 "removing the files of a seal that did not commit"
             );
-            remove_if_present(&entry.path()).map_err(io_err("remove uncommitted layer"))?;
+            remove_if_present(&entry.path()).map_err(io_err(name, "remove uncommitted layer"))?;
         }
     }
     // A seal that committed and crashed before its switch: the head is still the layer.
@@ -194,7 +192,7 @@ pub(super) async fn recover(
         for what in ["data", "crc"] {
             let head = pool.path(id, what);
             let layer = pool.path(id, &ext(newest.seq, what));
-            if head.exists() && same_inode(&head, &layer).map_err(io_err("stat layer"))? {
+            if head.exists() && same_inode(&head, &layer).map_err(io_err(name, "stat layer"))? {
                 tracing::info!(
                     volume = name,
                     seq = newest.seq,
@@ -204,14 +202,14 @@ pub(super) async fn recover(
                 let fresh = pool.path(id, &format!("{what}.new"));
                 File::create(&fresh)
                     .and_then(|f| f.sync_all())
-                    .map_err(io_err("create head file"))?;
-                std::fs::rename(&fresh, &head).map_err(io_err("switch head file"))?;
-                sync_dir(pool).map_err(io_err("sync pool directory"))?;
+                    .map_err(io_err(name, "create head file"))?;
+                std::fs::rename(&fresh, &head).map_err(io_err(name, "switch head file"))?;
+                sync_dir(pool).map_err(io_err(name, "sync pool directory"))?;
             }
         }
     }
     for what in ["data.new", "crc.new", "layers.tmp"] {
-        remove_if_present(&pool.path(id, what)).map_err(io_err("remove leftover file"))?;
+        remove_if_present(&pool.path(id, what)).map_err(io_err(name, "remove leftover file"))?;
     }
     let mut layers = Vec::with_capacity(m.layers.len());
     for e in &m.layers {
@@ -232,11 +230,11 @@ pub(super) async fn recover(
                 into.allocated_blocks.fetch_add(added, Ordering::AcqRel);
                 m.layers.retain(|l| l.seq != mg.from);
                 m.merging = None;
-                write_manifest(pool, id, &m).map_err(io_err("write layer manifest"))?;
+                write_manifest(pool, id, &m).map_err(io_err(name, "write layer manifest"))?;
                 layers.retain(|l| l.seq != mg.from);
                 for what in ["data", "crc"] {
                     remove_if_present(&pool.path(id, &ext(mg.from, what)))
-                        .map_err(io_err("remove merged layer"))?;
+                        .map_err(io_err(name, "remove merged layer"))?;
                 }
             }
             _ => {
@@ -254,25 +252,17 @@ pub(super) async fn recover(
 }
 
 async fn open_layer(pool: &Pool, id: &str, name: &str, e: &LayerEntry) -> Result<Layer> {
-    let io_err = |op: &'static str| {
-        let name = name.to_string();
-        move |source: io::Error| StoreError::Io {
-            volume: name.clone(),
-            op,
-            source,
-        }
-    };
     let open = |what: &str| {
         OpenOptions::new()
             .read(true)
             .write(true)
             .open(pool.path(id, &ext(e.seq, what)))
     };
-    let data = Arc::new(open("data").map_err(io_err("open layer data file"))?);
-    let crc_file = Arc::new(open("crc").map_err(io_err("open layer crc file"))?);
+    let data = Arc::new(open("data").map_err(io_err(name, "open layer data file"))?);
+    let crc_file = Arc::new(open("crc").map_err(io_err(name, "open layer crc file"))?);
     let (tables, allocated) = load_tables(&pool.engine, &data, &crc_file, e.size_bytes)
         .await
-        .map_err(|(op, err)| io_err(op)(err))?;
+        .map_err(|(op, err)| io_err(name, op)(err))?;
     Ok(Layer {
         seq: e.seq,
         snapshot: e.snapshot.clone(),
@@ -292,14 +282,6 @@ async fn open_layer(pool: &Pool, id: &str, name: &str, e: &LayerEntry) -> Result
 /// accounting (the caller's business).
 async fn merge_blocks(engine: &IoEngine, name: &str, from: &Layer, into: &Layer) -> Result<u64> {
     let bs = BLOCK_SIZE as u64;
-    let io_err = |op: &'static str| {
-        let name = name.to_string();
-        move |source: io::Error| StoreError::Io {
-            volume: name.clone(),
-            op,
-            source,
-        }
-    };
     let mut copied: Vec<(u64, u32)> = Vec::new();
     for (r, slot) in from.tables.regions.iter().enumerate() {
         let Some(chunk) = slot.get() else { continue };
@@ -315,7 +297,7 @@ async fn merge_blocks(engine: &IoEngine, name: &str, from: &Layer, into: &Layer)
                 let (res, block) = engine
                     .read_at(&into.data, vec![0; BLOCK_SIZE], b * bs)
                     .await;
-                res.map_err(io_err("read layer data"))?;
+                res.map_err(io_err(name, "read layer data"))?;
                 if crc32fast::hash(&block) != 0 && block.iter().any(|x| *x != 0) {
                     needed.push(b);
                 }
@@ -334,7 +316,7 @@ async fn merge_blocks(engine: &IoEngine, name: &str, from: &Layer, into: &Layer)
             let (res, buf) = engine
                 .read_at(&from.data, vec![0; (n * bs) as usize], start * bs)
                 .await;
-            res.map_err(io_err("read layer data"))?;
+            res.map_err(io_err(name, "read layer data"))?;
             for (j, block) in buf.chunks(BLOCK_SIZE).enumerate() {
                 let b = start + j as u64;
                 let stored = from.tables.stored_crc(b);
@@ -350,7 +332,7 @@ async fn merge_blocks(engine: &IoEngine, name: &str, from: &Layer, into: &Layer)
                 copied.push((b, stored));
             }
             let (res, _) = engine.write_at(&into.data, buf, start * bs).await;
-            res.map_err(io_err("write layer data"))?;
+            res.map_err(io_err(name, "write layer data"))?;
             i += n as usize;
         }
     }
@@ -360,7 +342,7 @@ async fn merge_blocks(engine: &IoEngine, name: &str, from: &Layer, into: &Layer)
     engine
         .fdatasync(&into.data)
         .await
-        .map_err(io_err("fdatasync layer data"))?;
+        .map_err(io_err(name, "fdatasync layer data"))?;
     let mut added = 0;
     let mut regions = BTreeSet::new();
     for &(b, crc) in &copied {
@@ -381,12 +363,12 @@ async fn merge_blocks(engine: &IoEngine, name: &str, from: &Layer, into: &Layer)
         let (res, _) = engine
             .write_at(&into.crc_file, page, r * BLOCK_SIZE as u64)
             .await;
-        res.map_err(io_err("write layer crc file"))?;
+        res.map_err(io_err(name, "write layer crc file"))?;
     }
     engine
         .fdatasync(&into.crc_file)
         .await
-        .map_err(io_err("fdatasync layer crc file"))?;
+        .map_err(io_err(name, "fdatasync layer crc file"))?;
     Ok(added)
 }
 
