@@ -410,17 +410,7 @@ impl Replica {
                 let b = start + j as u64;
                 let stored = layer.tables.stored_crc(b);
                 if let Err(actual) = block_matches(block, stored) {
-                    self.checksum_errors.fetch_add(1, Ordering::Relaxed);
-                    tracing::error!(volume = %self.name, snapshot = %layer.snapshot, block = b, expected = stored, actual, "checksum mismatch in a snapshot layer");
-                    if strict {
-                        return Err(StoreError::ChecksumMismatch {
-                            volume: self.name.clone(),
-                            block: b,
-                            offset: b * bs,
-                            expected: stored,
-                            actual,
-                        });
-                    }
+                    self.bad_block(b, stored, actual, Some(&layer.snapshot), strict)?;
                 }
                 let at = ((b - first) * bs) as usize;
                 buf[at..at + BLOCK_SIZE].copy_from_slice(block);

@@ -759,6 +759,30 @@ impl Replica {
         Ok(buf)
     }
 
+    /// A block that failed its checksum (in the head, or in `layer`): counted and logged;
+    /// with `strict`, the read's error.
+    fn bad_block(
+        &self,
+        b: u64,
+        expected: u32,
+        actual: u32,
+        layer: Option<&str>,
+        strict: bool,
+    ) -> Result<()> {
+        self.checksum_errors.fetch_add(1, Ordering::Relaxed);
+        tracing::error!(volume = %self.name, block = b, expected, actual, snapshot = layer.unwrap_or("-"), "checksum mismatch on read");
+        if !strict {
+            return Ok(());
+        }
+        Err(StoreError::ChecksumMismatch {
+            volume: self.name.clone(),
+            block: b,
+            offset: b * BLOCK_SIZE as u64,
+            expected,
+            actual,
+        })
+    }
+
     /// The volume's bytes of blocks `[first, last)` as the head sees them: the head's own
     /// blocks, then for every block the head does not hold, the newest sealed layer that
     /// does, else zeros. Every block is checked against its layer's stored checksum. A head
@@ -814,17 +838,7 @@ impl Replica {
             }
             let stored = tables.stored_crc(b);
             if let Err(actual) = block_matches(&fresh, stored) {
-                self.checksum_errors.fetch_add(1, Ordering::Relaxed);
-                tracing::error!(volume = %self.name, block = b, expected = stored, actual, "checksum mismatch on read");
-                if strict {
-                    return Err(StoreError::ChecksumMismatch {
-                        volume: self.name.clone(),
-                        block: b,
-                        offset: b * bs,
-                        expected: stored,
-                        actual,
-                    });
-                }
+                self.bad_block(b, stored, actual, None, strict)?;
             }
             block.copy_from_slice(&fresh);
         }
